@@ -76,7 +76,14 @@ class MicroBatch:
 
     @property
     def response_mask(self) -> torch.Tensor:
-        return (torch.arange(self.response_width)[None, :] < self.response_lengths[:, None]).float()
+        positions = torch.arange(self.response_width, device=self.response_lengths.device)
+        return (positions[None, :] < self.response_lengths[:, None]).float()
+
+    def to(self, device: torch.device) -> MicroBatch:
+        if self.input_ids.device == device:
+            return self
+        tensors = (self.input_ids, self.attention_mask, self.prompt_lengths, self.response_lengths)
+        return MicroBatch(self.rows, *(t.to(device, non_blocking=True) for t in tensors))
 
 
 def collate(batch: TurnBatch, rows: list[int], pad_id: int) -> MicroBatch:

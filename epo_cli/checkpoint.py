@@ -35,15 +35,17 @@ def save_checkpoint(
     meta: dict[str, Any],
     spec_yaml: str,
     keep: int,
+    policy_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``root/step_NNNNNN`` (policy in transformers format, everything else in one
-    torch file, a JSON summary, the spec) and keep the newest ``keep`` checkpoints. A crash
+    torch file, a JSON summary, the spec; ``policy_state`` replaces the policy's own weights,
+    e.g. gathered from shards) and keep the newest ``keep`` checkpoints. A crash
     mid-write leaves only a hidden temporary folder; earlier checkpoints are untouched."""
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step_{step:06d}"
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
     try:
-        policy.save_pretrained(staging / "policy")
+        policy.save_pretrained(staging / "policy", state_dict=policy_state)
         tokenizer.save_pretrained(staging / "policy")
         torch.save(trainer_state, staging / STATE_FILE)
         (staging / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))

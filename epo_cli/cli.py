@@ -34,6 +34,7 @@ Model = Annotated[Optional[str], typer.Option(help="model.name: smollm2-135m, ti
 RunName = Annotated[Optional[str], typer.Option(help="tracking.run_name.")]
 TrackingUri = Annotated[Optional[str], typer.Option(help="tracking.uri (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")]
 Scale = Annotated[Optional[str], typer.Option(help="scale: cpu or paper (default: paper with a GPU, else cpu).")]
+Strategy = Annotated[Optional[str], typer.Option(help="distributed.strategy under torchrun: ddp or fsdp2.")]
 
 
 def _flags(**fields: Any) -> dict[str, Any]:
@@ -48,6 +49,7 @@ def _flags(**fields: Any) -> dict[str, Any]:
         "run_name": ("tracking", "run_name"),
         "tracking_uri": ("tracking", "uri"),
         "scale": ("scale",),
+        "strategy": ("distributed", "strategy"),
     }
     out: dict[str, Any] = {}
     for name, value in fields.items():
@@ -100,10 +102,14 @@ def train(
     run_name: RunName = None,
     tracking_uri: TrackingUri = None,
     scale: Scale = None,
+    strategy: Strategy = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue a run: its MLflow run id or a checkpoint folder.")] = None,
 ) -> None:
-    """Train an agent (PPO or GRPO, with or without EPO) and log the run to MLflow."""
+    """Train an agent (PPO or GRPO, with or without EPO) and log the run to MLflow.
+
+    Data-parallel: torchrun --nproc_per_node N -m epo_cli train ... (docs/scaling.md)."""
     from epo_cli.checkpoint import find_checkpoint
+    from epo_cli.distributed import init_distributed, shutdown_distributed
     from epo_cli.envs.registry import DataError
     from epo_cli.envs.pool import EnvWorkerError
     from epo_cli.models import ModelError
@@ -113,7 +119,7 @@ def train(
 
     checkpoint = None
     if resume is not None:
-        if any(v is not None for v in (spec, set_, env, algo, variant, steps, seed, model, run_name, scale)):
+        if any(v is not None for v in (spec, set_, env, algo, variant, steps, seed, model, run_name, scale, strategy)):
             _fail("--resume continues a run with its saved spec; pass only --tracking-uri with it")
         try:
             checkpoint = find_checkpoint(resume, tracking_uri)
@@ -121,22 +127,22 @@ def train(
             _fail(str(err))
         spec = checkpoint / "spec.yaml"
     resolved = _resolve(spec, set_, env=env, algo=algo, variant=variant, steps=steps, seed=seed, model=model,
-                        run_name=run_name, tracking_uri=tracking_uri, scale=scale)
+                        run_name=run_name, tracking_uri=tracking_uri, scale=scale, strategy=strategy)
     _quiet_libraries()
-    console.print(
+    dist = init_distributed(resolved.distributed.timeout_minutes)
+    out = console if dist.is_main else Console(quiet=True)  # rank 0 speaks for the job
+    out.print(
         f"[bold]epo train[/] {resolved.env.name} / {resolved.algo.name} ({resolved.algo.variant}) "
         f"scale={resolved.scale}: {resolved.train.steps} steps x {resolved.episodes_per_step} episodes, "
         f"<= {resolved.env.max_turns} turns, model {resolved.model.name}"
+        + (f", {dist.world_size} processes ({resolved.distributed.strategy})" if dist.enabled else "")
     )
-    if resolved.scale == "paper":
-        import torch
-
-        if not torch.cuda.is_available():
-            console.print("[yellow]warning:[/] paper scale without a GPU will take a very long time")
+    if resolved.scale == "paper" and dist.device.type != "cuda":
+        out.print("[yellow]warning:[/] paper scale without a GPU will take a very long time")
     try:
-        run_id, last, checkpoint_root = run_training(resolved, console, resume_from=checkpoint)
+        run_id, last, checkpoint_root = run_training(resolved, out, resume_from=checkpoint, dist=dist)
     except TrainingFinished as err:
-        console.print(str(err))
+        out.print(str(err))
         return
     except TrainingStopped as err:
         _fail(f"{err}; checkpoint {err.checkpoint}; the MLflow run is marked KILLED; continue: epo train --resume {err.checkpoint}")
@@ -144,6 +150,10 @@ def train(
         _fail(str(err))
     except KeyboardInterrupt:
         _fail("aborted mid-step; the MLflow run is marked KILLED; resume from its last checkpoint with --resume")
+    finally:
+        shutdown_distributed(dist)
+    if not dist.is_main:
+        return
     table = Table(title=f"run {run_id} (last step)")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from epo_cli.distributed import DistContext
 from epo_cli.envs.base import TaskInstance, stratified_order
 from epo_cli.envs.registry import load_split
 from epo_cli.rollout import EnvBatch, RolloutSettings, TransformersSampler, play_episodes
@@ -75,17 +76,22 @@ def evaluate(
     settings: RolloutSettings,
     batch_size: int,
     on_batch: Callable[[int], None] | None = None,
+    dist: DistContext | None = None,
 ) -> EvalResult:
     """Play every task once, ``batch_size`` episodes at a time, with a sampler seeded by
-    ``EVAL_SEED`` so that the same checkpoint always gives the same episodes."""
-    generator = torch.Generator().manual_seed(EVAL_SEED)
+    ``EVAL_SEED`` so that the same checkpoint always gives the same episodes (for a given
+    number of processes: under torchrun each rank plays every world_size-th task)."""
+    dist = dist or DistContext()
+    generator = torch.Generator().manual_seed(EVAL_SEED + dist.rank)
     sampler = TransformersSampler(policy, tokenizer, batch_size, generator)
-    episodes = []
-    for start in range(0, len(tasks), batch_size):
-        chunk = tasks[start : start + batch_size]
-        episodes.extend(play_episodes(sampler, tokenizer, envs, chunk, list(range(len(chunk))), settings))
+    mine = tasks[dist.rank :: dist.world_size]
+    played = []
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        played.extend(play_episodes(sampler, tokenizer, envs, chunk, list(range(len(chunk))), settings))
         if on_batch is not None:
-            on_batch(len(chunk))
+            on_batch(len(chunk) * dist.world_size)
+    episodes = [episode for part in dist.all_gather_objects(played) for episode in part]
     per_type: dict[str, tuple[int, int]] = {}
     for episode in episodes:
         wins, n = per_type.get(episode.task.task_type, (0, 0))
@@ -101,7 +107,7 @@ def evaluate(
     )
 
 
-def evaluate_splits(policy, tokenizer, envs: EnvBatch, spec, splits, progress=None) -> list[EvalResult]:
+def evaluate_splits(policy, tokenizer, envs: EnvBatch, spec, splits, progress=None, dist: DistContext | None = None) -> list[EvalResult]:
     """The fixed evaluation episodes of each split, at the spec's eval temperature."""
     settings = RolloutSettings.from_spec(spec, temperature=spec.eval.temperature)
     batch_size = min(spec.eval.episodes, spec.rollout.generation_batch_size)
@@ -110,7 +116,7 @@ def evaluate_splits(policy, tokenizer, envs: EnvBatch, spec, splits, progress=No
         tasks = eval_tasks(spec.env.name, spec.env.data_dir, split, spec.eval.episodes)
         task = progress.add_task(f"eval {split}", total=len(tasks), info="") if progress is not None else None
         advance = (lambda n, t=task: progress.update(t, advance=n)) if progress is not None else None
-        results.append(evaluate(policy, tokenizer, envs, tasks, split, settings, batch_size, advance))
+        results.append(evaluate(policy, tokenizer, envs, tasks, split, settings, batch_size, advance, dist))
         if progress is not None:
             progress.remove_task(task)
     return results

@@ -49,9 +49,24 @@ def forward_turns(
             chunk_tokens,
         )
         shape = (len(micro.rows), micro.response_width)
-        logp = torch.zeros(shape, dtype=flat_logp.dtype).index_put((rows, resp_cols), flat_logp)
-        entropy = torch.zeros(shape, dtype=flat_entropy.dtype).index_put((rows, resp_cols), flat_entropy)
+        logp = torch.zeros(shape, dtype=flat_logp.dtype, device=hidden.device).index_put((rows, resp_cols), flat_logp)
+        entropy = torch.zeros(shape, dtype=flat_entropy.dtype, device=hidden.device).index_put((rows, resp_cols), flat_entropy)
     if value_head is not None:
-        last_prompt = hidden[torch.arange(len(micro.rows)), micro.prompt_lengths - 1]
+        last_prompt = hidden[torch.arange(len(micro.rows), device=hidden.device), micro.prompt_lengths - 1]
         values = value_head(last_prompt)
     return TurnOutputs(logp, entropy, values)
+
+
+class TurnScorer(nn.Module):
+    """A backbone and, optionally, its value head as one module, so that DDP and FSDP2
+    see one ``forward`` per micro-batch (their hooks run on ``__call__``)."""
+
+    def __init__(self, model: nn.Module, value_head: nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self.value_head = value_head
+
+    def forward(
+        self, micro: MicroBatch, temperature: float = 1.0, chunk_tokens: int = 1024, with_logprobs: bool = True
+    ) -> TurnOutputs:
+        return forward_turns(self.model, micro, temperature, chunk_tokens, self.value_head, with_logprobs)

@@ -204,6 +204,14 @@ class CheckpointSpec(_Section):
     keep: int = Field(2, gt=0)
 
 
+class DistributedSpec(_Section):
+    strategy: Literal["ddp", "fsdp2"] = Field(
+        "ddp",
+        description="Data-parallel update under torchrun: DDP (replicated) or FSDP2 fully_shard (sharded).",
+    )
+    timeout_minutes: float = Field(60.0, gt=0, description="How long a rank waits for the others in a collective.")
+
+
 class ExperimentSpec(_Section):
     scale: Literal["cpu", "paper"] = "paper"
     model: ModelSpec = ModelSpec()
@@ -216,6 +224,7 @@ class ExperimentSpec(_Section):
     eval: EvalSpec = EvalSpec()
     tracking: TrackingSpec = TrackingSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    distributed: DistributedSpec = DistributedSpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:

@@ -12,11 +12,12 @@ from typer.testing import CliRunner
 from epo_cli import checkpoint as ckpt
 from epo_cli.cli import app
 from epo_cli.envs.base import MAX_ACTION_CHARS, parse_action
-from epo_cli.trainer import MAX_CONSECUTIVE_SKIPS, Trainer
+from epo_cli.learner import Learner
+from epo_cli.trainer import MAX_CONSECUTIVE_SKIPS
 
 
 class FakePolicy:
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, state_dict=None):
         path.mkdir(parents=True, exist_ok=True)
         (path / "model.bin").write_text("weights")
 
@@ -41,17 +42,17 @@ def test_keep_the_last_n_checkpoints(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003", "step_000004"]
 
 
-def _bare_trainer(param):
-    trainer = Trainer.__new__(Trainer)
-    trainer.spec = SimpleNamespace(optim=SimpleNamespace(max_grad_norm=1.0))
-    trainer.optimizers = [torch.optim.SGD([param], lr=0.1)]
-    trainer.skipped_steps = trainer.consecutive_skips = 0
-    return trainer
+def _bare_learner(param):
+    learner = Learner.__new__(Learner)
+    learner.spec = SimpleNamespace(optim=SimpleNamespace(max_grad_norm=1.0))
+    learner.optimizers = [torch.optim.SGD([param], lr=0.1)]
+    learner.skipped_steps = learner.consecutive_skips = 0
+    return learner
 
 
 def test_non_finite_gradients_skip_the_step_and_are_counted():
     param = torch.nn.Parameter(torch.ones(2))
-    trainer = _bare_trainer(param)
+    trainer = _bare_learner(param)
     stats = SimpleNamespace(add=lambda *a: None)
     for _ in range(MAX_CONSECUTIVE_SKIPS):
         param.grad = torch.tensor([math.nan, 1.0])

@@ -1,0 +1,422 @@
+"""The update of one RL step on a batch of turn samples: score -> advantages -> PPO/GRPO
+loss with the EPO terms -> optimizer step -> entropy history (EPO_SPEC.md §2-3).
+
+Under ``torchrun`` every rank holds the same global batch and runs the passes of the rows
+it owns; loss weights are normalized over the global mini-batch, so the gradient summed
+over ranks is exactly the one-process gradient of the same batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from epo_cli.algos.advantages import entropy_shaped_advantages, gae_over_turns, grpo_advantages, whiten
+from epo_cli.algos.history import EntropyHistory
+from epo_cli.algos.losses import (
+    beta_schedule,
+    entropy_coef_schedule,
+    entropy_corridor_penalty,
+    epo_objective,
+    low_var_kl,
+    ppo_clip_loss,
+    token_weights,
+    trajectory_entropy,
+    turn_decay_coef,
+    value_loss,
+)
+from epo_cli.batch import MicroBatch, TurnBatch, collate, length_sorted_chunks
+from epo_cli.distributed import (
+    DistContext,
+    balanced_chunks,
+    full_tensor,
+    no_gradient_sync,
+    unwrap,
+    wrap_for_training,
+)
+from epo_cli.forward import TurnScorer
+from epo_cli.models import ValueHead, load_causal_lm
+from epo_cli.rollout import autocast_context
+from epo_cli.spec import ExperimentSpec
+
+
+@dataclass
+class UpdateStats:
+    """Sums over micro-batches of weighted quantities; each mini-batch's weights sum to 1."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    minibatches: int = 0
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + float(value)
+
+    def all_reduce(self, dist: DistContext) -> None:
+        """Sum each quantity over ranks (every rank adds the same keys)."""
+        names = sorted(self.sums)
+        totals = dist.all_reduce_sum(torch.tensor([self.sums[n] for n in names], dtype=torch.float64))
+        self.sums = dict(zip(names, totals.tolist()))
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.minibatches, 1) for k, v in self.sums.items()}
+
+
+class Learner:
+    """The policy, critic, reference model, optimizers and EPO state of one run."""
+
+    def __init__(self, spec: ExperimentSpec, pad_id: int, dist: DistContext | None = None):
+        self.spec = spec
+        self.dist = dist or DistContext()
+        self.device = self.dist.device
+        self.pad_id = pad_id
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.history = EntropyHistory()
+        # The same seed on every rank: all ranks draw the same mini-batch permutation.
+        self.generator = torch.Generator().manual_seed(spec.train.seed)
+
+        self.policy = load_causal_lm(spec.model.name, spec.model.dtype, spec.train.seed).to(self.device)
+        if spec.model.gradient_checkpointing:
+            self.policy.activation_checkpointing_enable()
+        self.is_ppo = spec.algo.base == "ppo"
+        self.shared_critic = self.is_ppo and spec.model.critic == "shared"
+        self.value_head = ValueHead(self.policy.config.hidden_size).to(self.device) if self.is_ppo else None
+        critic_model = None
+        if self.is_ppo and not self.shared_critic:
+            critic_model = load_causal_lm(spec.model.name, spec.model.dtype, spec.train.seed).to(self.device)
+        self.reference = None
+        if spec.algo.kl_coef > 0:
+            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        sharded = self.dist.enabled and spec.distributed.strategy == "fsdp2"
+        # FSDP2 shards the policy in place; rollouts then sample from a full copy that is
+        # refreshed after every update (sync_rollout_policy).
+        self.rollout_policy = copy.deepcopy(self.policy).requires_grad_(False) if sharded else self.policy
+
+        strategy = spec.distributed.strategy
+        self.actor = wrap_for_training(TurnScorer(self.policy, self.value_head if self.shared_critic else None), strategy, self.dist)
+        self.critic = None
+        if critic_model is not None:
+            self.critic = wrap_for_training(TurnScorer(critic_model, self.value_head), strategy, self.dist)
+        # Optimizers come after wrapping: FSDP2 replaces the parameters by sharded ones.
+        actor_module = unwrap(self.actor)
+        actor_groups = [{"params": list(actor_module.model.parameters()), "lr": spec.optim.lr}]
+        if self.shared_critic:
+            actor_groups.append({"params": list(actor_module.value_head.parameters()), "lr": spec.optim.critic_lr})
+        self.optimizers = [torch.optim.AdamW(actor_groups, weight_decay=spec.optim.weight_decay)]
+        if self.critic is not None:
+            self.optimizers.append(
+                torch.optim.AdamW(unwrap(self.critic).parameters(), lr=spec.optim.critic_lr, weight_decay=spec.optim.weight_decay)
+            )
+        self.schedulers = [self._cosine_schedule(opt) for opt in self.optimizers]
+
+    def _cosine_schedule(self, optimizer):
+        from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+        optim = self.spec.optim
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer,
+            num_warmup_steps=int(optim.warmup_ratio * self.spec.train.steps),
+            num_training_steps=self.spec.train.steps,
+            num_cycles=optim.num_cycles,
+            min_lr_rate=optim.min_lr_ratio,
+        )
+
+    @property
+    def scorers(self) -> list[torch.nn.Module]:
+        """The trained modules, one per optimizer."""
+        return [self.actor] + ([self.critic] if self.critic is not None else [])
+
+    # ------------------------------------------------------------------ step
+    def learn(self, batch: TurnBatch, owner: torch.Tensor, step: int) -> dict[str, float]:
+        """Score, compute advantages, update and record the entropy history of one RL
+        step. ``owner[row]`` is the rank that runs the passes of each turn sample."""
+        self._score(batch, owner)
+        self._advantages(batch)
+        metrics = self._update(batch, owner, step)
+        for scheduler in self.schedulers:
+            scheduler.step()
+        self.sync_rollout_policy()
+        return metrics
+
+    def _my_chunks(self, batch: TurnBatch, rows: list[int], owner: torch.Tensor, size: int) -> list[list[int] | None]:
+        """This rank's length-sorted micro-batches of ``rows``, padded to the same count
+        on every rank."""
+        by_rank = [
+            length_sorted_chunks(batch, [r for r in rows if int(owner[r]) == rank], size)
+            for rank in range(self.dist.world_size)
+        ]
+        return balanced_chunks(by_rank, self.dist.rank)
+
+    def _collate(self, batch: TurnBatch, rows: list[int] | None) -> MicroBatch:
+        """A micro-batch on the device; ``None`` (padding) becomes row 0, weighted zero."""
+        return collate(batch, rows if rows is not None else [0], self.pad_id).to(self.device)
+
+    def _needs_old_logp(self, batch: TurnBatch) -> bool:
+        """Old log-probs need their own pass only if the policy changes within the step;
+        otherwise the first forward of the update yields them exactly (ratio = 1)."""
+        minibatches = math.ceil(len(batch) / self.spec.optim.mini_batch_size)
+        return self.spec.algo.ppo_epochs > 1 or minibatches > 1
+
+    @torch.no_grad()
+    def _score(self, batch: TurnBatch, owner: torch.Tensor) -> None:
+        """No-grad passes for what the update needs before it starts: V(s_t) (PPO), the
+        old log-probs (when the policy moves within the step) and reference log-probs.
+        Values are summed over ranks: every rank gets all of them, for GAE and whitening."""
+        spec = self.spec
+        need_old = self._needs_old_logp(batch)
+        old_logp, ref_logp = [None] * len(batch), [None] * len(batch)
+        values = torch.zeros(len(batch), dtype=torch.float64)
+        for rows in self._my_chunks(batch, list(range(len(batch))), owner, spec.optim.micro_batch_size):
+            micro = self._collate(batch, rows)
+            with autocast_context(spec.model.autocast, self.policy):
+                if need_old or self.shared_critic:
+                    out = self.actor(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens, with_logprobs=need_old)
+                    self._keep(rows, out.values, values, out.logp if need_old else None, old_logp, micro)
+                if self.critic is not None:
+                    out = self.critic(micro, 1.0, with_logprobs=False)
+                    self._keep(rows, out.values, values, None, None, micro)
+                if self.reference is not None:
+                    out = TurnScorer(self.reference)(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens)
+                    self._keep(rows, None, None, out.logp, ref_logp, micro)
+        batch.old_logp = old_logp if need_old else None
+        batch.ref_logp = ref_logp if self.reference is not None else None
+        batch.values = self.dist.all_reduce_sum(values).float() if self.is_ppo else None
+
+    @staticmethod
+    def _keep(rows, out_values, values, out_logp, logp, micro: MicroBatch) -> None:
+        """Write a micro-batch's outputs into the per-row results (padding is dropped)."""
+        if rows is None:
+            return
+        if out_values is not None:
+            values[rows] = out_values.double().cpu()
+        if out_logp is not None:
+            for i, row in enumerate(rows):
+                logp[row] = out_logp[i, : int(micro.response_lengths[i])].float().cpu().clone()
+
+    def _advantages(self, batch: TurnBatch) -> None:
+        algo = self.spec.algo
+        if self.is_ppo:
+            advantages, returns = gae_over_turns(batch.rewards, batch.values, batch.episode_ids, algo.gamma, algo.lam)
+            batch.returns = returns
+            batch.advantages = whiten(advantages) if algo.whiten_advantages else advantages
+            return
+        episodes, episode_of_row = torch.unique(batch.episode_ids, return_inverse=True)
+        episode_returns = torch.zeros(len(episodes)).index_add(0, episode_of_row, batch.rewards)
+        episode_groups = torch.zeros(len(episodes), dtype=torch.long).scatter(0, episode_of_row, batch.group_ids)
+        batch.advantages = grpo_advantages(episode_returns, episode_groups)[episode_of_row]
+
+    # ---------------------------------------------------------------- update
+    def _update(self, batch: TurnBatch, owner: torch.Tensor, step: int) -> dict[str, float]:
+        spec = self.spec
+        epo = spec.epo
+        total_steps = spec.train.steps
+        beta = beta_schedule(step, total_steps, epo.weighting.gamma) if epo.weighting.dynamic else epo.weighting.constant_beta
+        coef = entropy_coef_schedule(epo.entropy_coef, step, total_steps, epo.decay.step_schedule, epo.decay.step_rate)
+        reference = self._entropy_reference(batch)
+        stats, norms = UpdateStats(), UpdateStats()
+        turn_sums: dict[int, list[float]] = {}  # turn index -> [sum of turn means, count]
+        step_entropy = step_logprob_diff = 0.0
+        n_minibatches = math.ceil(len(batch) / spec.optim.mini_batch_size)
+        for module in self.scorers:
+            module.train()
+        for epoch in range(spec.algo.ppo_epochs):
+            order = torch.randperm(len(batch), generator=self.generator).tolist()
+            for start in range(0, len(order), spec.optim.mini_batch_size):
+                rows = order[start : start + spec.optim.mini_batch_size]
+                # Weights of the whole (global) mini-batch: they sum to 1 over all ranks.
+                weights = token_weights(batch.response_mask(rows), batch.episode_ids[rows], spec.algo.loss_agg)
+                weight_of = {row: weights[i] for i, row in enumerate(rows)}
+                for optimizer in self.optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                chunks = self._my_chunks(batch, rows, owner, spec.optim.micro_batch_size)
+                for i, micro_rows in enumerate(chunks):
+                    micro = self._collate(batch, micro_rows)
+                    width = micro.response_width
+                    if micro_rows is None:
+                        w = torch.zeros(1, width)
+                    else:
+                        w = torch.stack([weight_of[r][:width] for r in micro_rows])
+                    last = i == len(chunks) - 1
+                    with self._gradient_sync(last), autocast_context(spec.model.autocast, self.policy):
+                        entropy_per_turn, logprob_diff = self._micro_step(batch, micro, w.to(self.device), coef, beta, reference, stats)
+                    if epoch == 0 and micro_rows is not None:
+                        step_entropy += float((entropy_per_turn * w).sum()) / n_minibatches
+                        step_logprob_diff += logprob_diff / n_minibatches
+                        mask = micro.response_mask.cpu()
+                        means = (entropy_per_turn * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+                        for row, value in zip(micro_rows, means.tolist()):
+                            entry = turn_sums.setdefault(int(batch.turn_index[row]), [0.0, 0])
+                            entry[0] += value
+                            entry[1] += 1
+                self._optimizer_step(norms)
+                stats.minibatches += 1
+                norms.minibatches += 1
+        stats.all_reduce(self.dist)
+        step_entropy, step_logprob_diff = self.dist.all_reduce_sum(torch.tensor([step_entropy, step_logprob_diff], dtype=torch.float64)).tolist()
+        turn_means = self._global_turn_means(turn_sums)
+        self.history.append(step_entropy, turn_means)
+
+        metrics = {**stats.means(), **norms.means()}
+        metrics["actor/entropy"] = step_entropy
+        metrics["rollout/logprob_diff"] = step_logprob_diff
+        for turn, value in sorted(turn_means.items()):
+            metrics[f"actor/entropy_turn_{turn}"] = value
+        metrics["epo/beta"] = beta
+        metrics["epo/entropy_coef"] = coef
+        if reference is not None:
+            metrics["epo/entropy_ref"] = float(reference.mean()) if torch.is_tensor(reference) else reference
+        metrics["actor/lr"] = self.schedulers[0].get_last_lr()[0]
+        metrics["actor/skipped_steps"] = self.skipped_steps
+        if self.is_ppo:
+            metrics["critic/values_mean"] = float(batch.values.mean())
+            metrics["critic/returns_mean"] = float(batch.returns.mean())
+        return metrics
+
+    def _global_turn_means(self, turn_sums: dict[int, list[float]]) -> dict[int, float]:
+        """Mean entropy per turn index over the turn samples of all ranks."""
+        merged: dict[int, list[float]] = {}
+        for part in self.dist.all_gather_objects(turn_sums):
+            for turn, (total, count) in part.items():
+                entry = merged.setdefault(turn, [0.0, 0])
+                entry[0] += total
+                entry[1] += count
+        return {turn: total / count for turn, (total, count) in sorted(merged.items())}
+
+    def _entropy_reference(self, batch: TurnBatch):
+        """``Hbar_W`` for this step: a scalar (step history) or one value per turn sample
+        (turn history); None at the first step, where ``L_smooth = 0``."""
+        smoothing = self.spec.epo.smoothing
+        if smoothing.history == "turn":
+            return self.history.turn_reference(batch.turn_index, smoothing.window)
+        return self.history.reference(smoothing.window)
+
+    def _gradient_sync(self, last: bool) -> contextlib.ExitStack:
+        """Gradients are reduced over ranks only at the last micro-batch of a mini-batch."""
+        stack = contextlib.ExitStack()
+        for module in self.scorers:
+            stack.enter_context(no_gradient_sync(module, last))
+        return stack
+
+    def _micro_step(self, batch, micro, w, coef, beta, reference, stats: UpdateStats) -> tuple[torch.Tensor, float]:
+        """Forward, loss (Eq. 6 on top of the base objective) and backward for one
+        micro-batch; returns its per-token entropy (detached, on the CPU) and its weighted
+        sampler vs trainer log-prob difference."""
+        spec = self.spec
+        epo = spec.epo
+        device = self.device
+        out = self.actor(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens)
+        rows = micro.rows
+        width = micro.response_width
+        old_logp = out.logp.detach() if batch.old_logp is None else batch.padded(batch.old_logp, rows, width).to(device)
+        # Sampler vs trainer log-probs of the same tokens under the pre-update policy: large
+        # values mean stale sampler weights or a numerics mismatch.
+        logprob_diff = float(((batch.padded(batch.sample_logp, rows, width).to(device) - old_logp).abs() * w).sum())
+        advantages = batch.advantages[rows][:, None].expand(-1, width).to(device)
+        if epo.entropy_advantage.enabled:
+            advantages = entropy_shaped_advantages(advantages, out.entropy, epo.entropy_advantage.psi, epo.entropy_advantage.kappa)
+        pg_loss, pg_stats = ppo_clip_loss(out.logp, old_logp, advantages, w, spec.algo.clip_eps_low, spec.algo.clip_eps_high)
+        base_loss = pg_loss
+        if batch.ref_logp is not None:
+            kl = low_var_kl(out.logp, batch.padded(batch.ref_logp, rows, width).to(device), w)
+            base_loss = base_loss + spec.algo.kl_coef * kl
+            stats.add("actor/kl_ref", kl.detach())
+
+        penalty = None
+        if epo.smoothing.enabled and reference is not None:
+            ref = reference[rows][:, None].to(device) if torch.is_tensor(reference) else reference
+            penalty = entropy_corridor_penalty(
+                out.entropy, ref, epo.smoothing.kappa_l, epo.smoothing.kappa_r, epo.smoothing.alpha, epo.smoothing.form
+            )
+            low, high = epo.smoothing.kappa_l * ref, epo.smoothing.kappa_r * ref
+            outside = ((out.entropy < low) | (out.entropy > high)).float()
+            stats.add("epo/smooth_penalty", (penalty.detach() * w).sum())
+            stats.add("epo/out_of_corridor_frac", (outside * w).sum())
+        token_coef = turn_decay_coef(coef, batch.turn_index[rows], epo.decay.turn_decay)[:, None].to(device)
+        loss = epo_objective(base_loss, out.entropy, penalty, w, token_coef, beta)
+
+        if self.is_ppo:
+            values = out.values if self.shared_critic else self.critic(micro, 1.0, with_logprobs=False).values
+            returns, old_values = batch.returns[rows].to(device), batch.values[rows].to(device)
+            v_loss = value_loss(values, old_values, returns, w.sum(-1), spec.algo.value_clip)
+            stats.add("critic/value_loss", v_loss.detach())
+            loss = loss + spec.algo.vf_coef * v_loss
+        # DDP and FSDP2 average gradients over ranks; the weights already normalize over
+        # the global mini-batch, so scale back up to the sum.
+        (loss * self.dist.world_size).backward()
+        stats.add("actor/pg_loss", pg_loss.detach())
+        stats.add("actor/clipfrac", pg_stats["clipfrac"])
+        stats.add("actor/approx_kl", pg_stats["approx_kl"])
+        stats.add("actor/entropy_loss_term", trajectory_entropy(out.entropy.detach(), w))
+        stats.add("actor/loss", loss.detach())
+        return out.entropy.detach().float().cpu(), logprob_diff
+
+    def _optimizer_step(self, norms: UpdateStats) -> None:
+        """Clip each optimizer's gradients and step; a non-finite gradient anywhere skips
+        the whole step, and is counted. Gradients are already global here, so every rank
+        takes the same decision."""
+        grad_norms = []
+        for name, optimizer in zip(("actor", "critic"), self.optimizers):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, self.spec.optim.max_grad_norm))
+            norms.add(f"{name}/grad_norm", norm)
+            grad_norms.append(norm)
+        if not all(torch.isfinite(norm) for norm in grad_norms):
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            return
+        self.consecutive_skips = 0
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def sync_rollout_policy(self) -> None:
+        """Refresh the rollout copy from the sharded policy (FSDP2 only; a collective)."""
+        if self.rollout_policy is self.policy:
+            return
+        options = StateDictOptions(full_state_dict=True)
+        self.rollout_policy.load_state_dict(get_model_state_dict(self.policy, options=options))
+
+    # ------------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        """Full (unsharded) states on rank 0, whatever the strategy and world size; every
+        rank must call it. Policy weights are returned apart, under ``"policy"``."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        actor = get_model_state_dict(self.actor, options=options)
+        return {
+            "policy": {k.removeprefix("model."): v for k, v in actor.items() if k.startswith("model.")},
+            "actor_value_head": {k.removeprefix("value_head."): v for k, v in actor.items() if k.startswith("value_head.")},
+            "critic": get_model_state_dict(self.critic, options=options) if self.critic is not None else None,
+            "optimizers": [get_optimizer_state_dict(m, o, options=options) for m, o in zip(self.scorers, self.optimizers)],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "history": self.history.state_dict(),
+            "skipped_steps": self.skipped_steps,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict, policy_state: dict) -> None:
+        """Restore :meth:`state_dict` output on every rank (any world size)."""
+        options = StateDictOptions(full_state_dict=self.dist.enabled)
+        actor = {f"model.{k}": v for k, v in policy_state.items()}
+        actor.update({f"value_head.{k}": v for k, v in (state["actor_value_head"] or {}).items()})
+        set_model_state_dict(self.actor, actor, options=options)
+        if self.critic is not None:
+            set_model_state_dict(self.critic, state["critic"], options=options)
+        for module, optimizer, saved in zip(self.scorers, self.optimizers, state["optimizers"]):
+            set_optimizer_state_dict(module, optimizer, saved, options=options)
+        for scheduler, saved in zip(self.schedulers, state["schedulers"]):
+            scheduler.load_state_dict(saved)
+        self.history = EntropyHistory.from_state_dict(state["history"])
+        self.skipped_steps = state["skipped_steps"]
+        self.generator.set_state(state["generator"])
+        self.sync_rollout_policy()
