@@ -99,7 +99,8 @@ def _synthetic_batch(vocab: int, samples: int, prompt: int, response: int, seed:
     prompts = [torch.randint(3, vocab, (prompt - 16 * (i % 4),), generator=g).tolist() for i in range(samples)]
     responses = [torch.randint(3, vocab, (response - 6 * (i % 5),), generator=g).tolist() for i in range(samples)]
     n = samples
-    return TurnBatch(prompts, responses, torch.arange(n) // 2, torch.arange(n) // 2, torch.arange(n) % 2, torch.zeros(n))
+    sample_logp = [torch.zeros(len(r)) for r in responses]
+    return TurnBatch(prompts, responses, torch.arange(n) // 2, torch.arange(n) // 4, torch.arange(n) % 2, torch.zeros(n), sample_logp)
 
 
 def _update_case(case: str, model_name: str, samples: int, micro: int, repeats: int) -> dict:
@@ -281,15 +282,99 @@ def rollout_rows(model_name: str, prompts: int, new_tokens: int):
     return raw, ours
 
 
-def render(rows) -> str:
+# ------------------------------------------------------------ data-parallel scaling
+def _scaling_rank(rank: int, world: int, port: int, strategy: str, model_name: str, samples: int, repeats: int, out: str) -> None:
+    """One rank of a data-parallel update benchmark: ``Learner.learn`` (scoring passes,
+    GRPO+EPO loss, backward, gradient reduction, AdamW) on a fixed global batch."""
+    import os
+
     import torch
 
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    from epo_cli.distributed import init_distributed, shutdown_distributed
+    from epo_cli.learner import Learner
+    from epo_cli.models import load_tokenizer
+    from epo_cli.spec import resolve_spec
+
+    dist = init_distributed()
+    spec = resolve_spec(None, {"algo": {"name": "grpo+epo"}, "model": {"name": model_name}, "distributed": {"strategy": strategy}},
+                        ["scale=cpu", f"optim.mini_batch_size={samples}", "optim.micro_batch_size=2"])
+    tokenizer = load_tokenizer(model_name)
+    learner = Learner(spec, tokenizer.pad_token_id, dist)
+    batch = _synthetic_batch(len(tokenizer), samples, 480, 40)
+    episodes_per_rank = (samples // 2) // world
+    times = []
+    for step in range(repeats + 1):
+        dist.barrier()
+        started = time.perf_counter()
+        learner.learn(batch, batch.episode_ids // episodes_per_rank, step)
+        dist.barrier()
+        times.append(time.perf_counter() - started)
+    if dist.is_main:
+        tokens = sum(batch.sequence_length(r) for r in range(len(batch)))
+        torch.save({"seconds": sum(times[1:]) / repeats, "tokens": tokens}, out)
+    shutdown_distributed(dist)
+
+
+def scaling_rows(model_name: str, samples: int, repeats: int) -> list[tuple[str, int, dict]]:
+    """Seconds per global update for 1 process and for 2 processes (DDP, FSDP2)."""
+    import socket
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    rows = []
+    for world, strategy in ((1, "ddp"), (2, "ddp"), (2, "fsdp2")):
+        with socket.socket() as s, tempfile.TemporaryDirectory() as tmp:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            s.close()
+            out = f"{tmp}/result.pt"
+            mp.spawn(_scaling_rank, args=(world, port, strategy, model_name, samples, repeats, out), nprocs=world, join=True)
+            rows.append((strategy if world > 1 else "one process", world, torch.load(out)))
+    return rows
+
+
+def render_scaling(model_name: str, samples: int, rows) -> str:
+    base = rows[0][2]
     lines = [
+        "",
+        "## Data parallel: 2 processes vs 1 (gloo, CPU)",
+        "",
+        f"{model_name}, one GRPO+EPO `Learner.learn` (scoring pass, loss, backward, gradient reduction, AdamW) on a "
+        f"fixed global batch of {samples} turn samples ({base['tokens']} tokens), fp32, micro-batches of 2. "
+        f"The machine's {__import__('os').cpu_count()} cores are split between the processes (threads per process = "
+        "cores / processes), so the ideal ratio here is 1.0x: this measures the cost of the data-parallel machinery, "
+        "not a speed-up, which needs more devices.",
+        "",
+        "| setting | processes | s / update | tokens/s | ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, world, result in rows:
+        rate = result["tokens"] / result["seconds"]
+        lines.append(f"| {label} | {world} | {result['seconds']:.1f} | {rate:.0f} | {base['seconds'] / result['seconds']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def render_header() -> str:
+    import os
+
+    import torch
+
+    return "\n".join([
         "# Benchmarks",
         "",
         f"Measured {date.today().isoformat()} on {platform.machine()}, {platform.processor() or 'cpu'}, "
-        f"{__import__('os').cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}. "
-        "Each ratio is against the baseline measured in the same run.",
+        f"{os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}. "
+        "Each ratio is against the baseline measured in the same run; `python -m epo_cli.bench --only PART` "
+        "re-measures one part and leaves the others as they were.",
+    ]) + "\n"
+
+
+def render_envs(rows) -> str:
+    lines = [
         "",
         "## Environments: steps per second",
         "",
@@ -299,7 +384,22 @@ def render(rows) -> str:
         "|---|---|---:|---:|",
     ]
     lines += [f"| {env} | {label} | {rate:.1f} | {ratio:.2f}x |" for env, label, rate, ratio in rows]
+    lines += [
+        "",
+        "The ScienceWorld rows share one JVM per process (several simulators in it); the ALFWorld rows use the "
+        "TextWorld grammar-parse cache.",
+    ]
     return "\n".join(lines) + "\n"
+
+
+def merge_part(document: str, part: str, body: str) -> str:
+    """``document`` with the block of ``part`` replaced by ``body`` (appended if new)."""
+    start, end = f"<!-- bench:{part} -->", f"<!-- /bench:{part} -->"
+    block = f"{start}\n{body.strip()}\n{end}\n"
+    if start in document and end in document:
+        head, rest = document.split(start, 1)
+        return head + block + rest.split(end, 1)[1].lstrip("\n")
+    return document.rstrip("\n") + "\n\n" + block
 
 
 def render_update(
@@ -364,6 +464,9 @@ def render_rollout(model_name: str, prompts: int, new_tokens: int, raw: dict, ou
     return "\n".join(lines) + "\n"
 
 
+PARTS = ("envs", "update", "rollout", "scaling")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
@@ -372,16 +475,24 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--only", choices=["envs", "update", "rollout"], default=None)
+    parser.add_argument("--only", choices=PARTS, action="append", help="Measure only these parts (repeatable).")
     args = parser.parse_args()
-    text = render(env_rows(args.steps)) if args.only in (None, "envs") else "# Benchmarks\n"
-    if args.only in (None, "update"):
-        text += render_update(args.model, args.samples, args.micro, *update_rows(args.model, args.samples, args.micro, args.repeats))
-    if args.only in (None, "rollout"):
-        text += render_rollout(args.model, 8, 32, *rollout_rows(args.model, 8, 32))
+    measure = {
+        "envs": lambda: render_envs(env_rows(args.steps)),
+        "update": lambda: render_update(args.model, args.samples, args.micro, *update_rows(args.model, args.samples, args.micro, args.repeats)),
+        "rollout": lambda: render_rollout(args.model, 8, 32, *rollout_rows(args.model, 8, 32)),
+        "scaling": lambda: render_scaling(args.model, args.samples, scaling_rows(args.model, args.samples, args.repeats)),
+    }
+    kept = ""  # the parts not re-measured, from the existing file
+    if args.only and args.out.exists():
+        text = args.out.read_text()
+        kept = text[text.index("<!-- bench:") :] if "<!-- bench:" in text else ""
+    document = render_header() + "\n" + kept
+    for part in args.only or PARTS:
+        document = merge_part(document, part, measure[part]())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    args.out.write_text(document)
+    print(document)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def wrap_for_training(module: nn.Module, strategy: str, ctx: DistContext) -> nn.
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+        return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)
     if strategy != "fsdp2":
         raise ValueError(f"distributed.strategy: expected one of {STRATEGIES}, got {strategy!r}")
     from torch.distributed.device_mesh import init_device_mesh
