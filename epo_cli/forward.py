@@ -33,6 +33,7 @@ def forward_turns(
     chunk_tokens: int = 1024,
     value_head: nn.Module | None = None,
     with_logprobs: bool = True,
+    compiled_head: bool = False,
 ) -> TurnOutputs:
     """Run the backbone once; apply the LM head only at the response positions (the
     logits of prompt tokens are never formed) and the value head at each turn's last
@@ -47,6 +48,7 @@ def forward_turns(
             micro.input_ids[rows, seq_cols],
             temperature,
             chunk_tokens,
+            compiled_head,
         )
         shape = (len(micro.rows), micro.response_width)
         logp = torch.zeros(shape, dtype=flat_logp.dtype, device=hidden.device).index_put((rows, resp_cols), flat_logp)
@@ -61,12 +63,13 @@ class TurnScorer(nn.Module):
     """A backbone and, optionally, its value head as one module, so that DDP and FSDP2
     see one ``forward`` per micro-batch (their hooks run on ``__call__``)."""
 
-    def __init__(self, model: nn.Module, value_head: nn.Module | None = None):
+    def __init__(self, model: nn.Module, value_head: nn.Module | None = None, compiled_head: bool = False):
         super().__init__()
         self.model = model
         self.value_head = value_head
+        self.compiled_head = compiled_head
 
     def forward(
         self, micro: MicroBatch, temperature: float = 1.0, chunk_tokens: int = 1024, with_logprobs: bool = True
     ) -> TurnOutputs:
-        return forward_turns(self.model, micro, temperature, chunk_tokens, self.value_head, with_logprobs)
+        return forward_turns(self.model, micro, temperature, chunk_tokens, self.value_head, with_logprobs, self.compiled_head)

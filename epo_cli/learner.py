@@ -46,7 +46,7 @@ from epo_cli.distributed import (
     wrap_for_training,
 )
 from epo_cli.forward import TurnScorer
-from epo_cli.models import ValueHead, load_causal_lm
+from epo_cli.models import ValueHead, enable_activation_checkpointing, load_causal_lm
 from epo_cli.rollout import autocast_context
 from epo_cli.spec import ExperimentSpec
 
@@ -87,7 +87,7 @@ class Learner:
 
         self.policy = load_causal_lm(spec.model.name, spec.model.dtype, spec.train.seed).to(self.device)
         if spec.model.gradient_checkpointing:
-            self.policy.activation_checkpointing_enable()
+            enable_activation_checkpointing(self.policy)
         self.is_ppo = spec.algo.base == "ppo"
         self.shared_critic = self.is_ppo and spec.model.critic == "shared"
         self.value_head = ValueHead(self.policy.config.hidden_size).to(self.device) if self.is_ppo else None
@@ -97,26 +97,25 @@ class Learner:
         self.reference = None
         if spec.algo.kl_coef > 0:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        sharded = self.dist.enabled and spec.distributed.strategy == "fsdp2"
-        # FSDP2 shards the policy in place; rollouts then sample from a full copy that is
-        # refreshed after every update (sync_rollout_policy).
-        self.rollout_policy = copy.deepcopy(self.policy).requires_grad_(False) if sharded else self.policy
 
         strategy = spec.distributed.strategy
-        self.actor = wrap_for_training(TurnScorer(self.policy, self.value_head if self.shared_critic else None), strategy, self.dist)
+        compiled = spec.model.compile_lm_head
+        self.actor = wrap_for_training(
+            TurnScorer(self.policy, self.value_head if self.shared_critic else None, compiled), strategy, self.dist
+        )
         self.critic = None
         if critic_model is not None:
             self.critic = wrap_for_training(TurnScorer(critic_model, self.value_head), strategy, self.dist)
         # Optimizers come after wrapping: FSDP2 replaces the parameters by sharded ones.
+        # Fused AdamW (one kernel over all tensors) where the parameters are plain tensors.
+        adamw = {"weight_decay": spec.optim.weight_decay, "fused": not self.sharded}
         actor_module = unwrap(self.actor)
         actor_groups = [{"params": list(actor_module.model.parameters()), "lr": spec.optim.lr}]
         if self.shared_critic:
             actor_groups.append({"params": list(actor_module.value_head.parameters()), "lr": spec.optim.critic_lr})
-        self.optimizers = [torch.optim.AdamW(actor_groups, weight_decay=spec.optim.weight_decay)]
+        self.optimizers = [torch.optim.AdamW(actor_groups, **adamw)]
         if self.critic is not None:
-            self.optimizers.append(
-                torch.optim.AdamW(unwrap(self.critic).parameters(), lr=spec.optim.critic_lr, weight_decay=spec.optim.weight_decay)
-            )
+            self.optimizers.append(torch.optim.AdamW(unwrap(self.critic).parameters(), lr=spec.optim.critic_lr, **adamw))
         self.schedulers = [self._cosine_schedule(opt) for opt in self.optimizers]
 
     def _cosine_schedule(self, optimizer):
@@ -132,6 +131,18 @@ class Learner:
         )
 
     @property
+    def sharded(self) -> bool:
+        """FSDP2 across processes: the policy's parameters are shards."""
+        return self.dist.enabled and self.spec.distributed.strategy == "fsdp2"
+
+    def policy_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The full policy weights for a sampler with its own copy (every rank must call
+        it under FSDP2, where it gathers the shards)."""
+        if self.sharded:
+            return list(get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True)).items())
+        return list(self.policy.state_dict().items())
+
+    @property
     def scorers(self) -> list[torch.nn.Module]:
         """The trained modules, one per optimizer."""
         return [self.actor] + ([self.critic] if self.critic is not None else [])
@@ -145,7 +156,6 @@ class Learner:
         metrics = self._update(batch, owner, step)
         for scheduler in self.schedulers:
             scheduler.step()
-        self.sync_rollout_policy()
         return metrics
 
     def _my_chunks(self, batch: TurnBatch, rows: list[int], owner: torch.Tensor, size: int) -> list[list[int] | None]:
@@ -186,7 +196,9 @@ class Learner:
                     out = self.critic(micro, 1.0, with_logprobs=False)
                     self._keep(rows, out.values, values, None, None, micro)
                 if self.reference is not None:
-                    out = TurnScorer(self.reference)(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens)
+                    out = TurnScorer(self.reference, compiled_head=spec.model.compile_lm_head)(
+                        micro, spec.rollout.temperature, spec.model.logit_chunk_tokens
+                    )
                     self._keep(rows, None, None, out.logp, ref_logp, micro)
         batch.old_logp = old_logp if need_old else None
         batch.ref_logp = ref_logp if self.reference is not None else None
@@ -380,13 +392,6 @@ class Learner:
         for optimizer in self.optimizers:
             optimizer.step()
 
-    def sync_rollout_policy(self) -> None:
-        """Refresh the rollout copy from the sharded policy (FSDP2 only; a collective)."""
-        if self.rollout_policy is self.policy:
-            return
-        options = StateDictOptions(full_state_dict=True)
-        self.rollout_policy.load_state_dict(get_model_state_dict(self.policy, options=options))
-
     # ------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
         """Full (unsharded) states on rank 0, whatever the strategy and world size; every
@@ -419,4 +424,3 @@ class Learner:
         self.history = EntropyHistory.from_state_dict(state["history"])
         self.skipped_steps = state["skipped_steps"]
         self.generator.set_state(state["generator"])
-        self.sync_rollout_policy()

@@ -174,6 +174,24 @@ def load_causal_lm(name: str, dtype: str = "float32", seed: int = 0) -> nn.Modul
         ) from None
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (named so from transformers 5.20 on)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
+def model_directory(name: str, tokenizer, scratch: Path, dtype: str = "float32") -> Path:
+    """A transformers folder with the architecture of ``name``: its own folder, or one
+    saved under ``scratch`` when it has none (the tiny test model, a cached hub id)."""
+    source = resolve_model_dir(name) if name != TINY_MODEL else None
+    if isinstance(source, Path):
+        return source
+    target = scratch / "model"
+    load_causal_lm(name, dtype).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
 class ValueHead(nn.Module):
     """``V(s_t)`` from the hidden state of the last prompt token of a turn."""
 

@@ -7,7 +7,8 @@ samples (one per turn, EPO_SPEC.md §1).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,9 +31,17 @@ class Generation:
 
 
 class Sampler(Protocol):
-    """A rollout backend: token prompts in, sampled responses out."""
+    """A rollout backend: token prompts in, sampled responses (tokens, their log-probs under
+    the tempered distribution, text) out. Backends: :class:`TransformersSampler`, and
+    ``epo_cli.vllm_sampler.VLLMSampler``."""
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float) -> list[Generation]: ...
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Sample with these policy weights from now on (full, unsharded tensors)."""
+
+    def with_generator(self, generator: torch.Generator) -> Sampler:
+        """The same sampler (same weights) drawing from another random stream."""
 
 
 class TransformersSampler:
@@ -47,6 +56,14 @@ class TransformersSampler:
         self.batch_size = batch_size
         self.generator = generator
         self.eos_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.model.load_state_dict(dict(weights))
+
+    def with_generator(self, generator: torch.Generator) -> TransformersSampler:
+        twin = copy.copy(self)
+        twin.generator = generator
+        return twin
 
     def generate(self, prompts, max_new_tokens, temperature, top_p):
         results: list[Generation] = []
@@ -66,6 +83,8 @@ class TransformersSampler:
         for row, prompt in enumerate(prompts):
             input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             attention[row, width - len(prompt) :] = 1
+        device = next(self.model.parameters()).device
+        input_ids, attention = input_ids.to(device), attention.to(device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
         next_position = positions[:, -1:] + 1
@@ -73,7 +92,8 @@ class TransformersSampler:
         tokens: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
         for _ in range(max_new_tokens):
-            token, token_logp = sample_token(out.logits[:, -1], temperature, top_p, self.generator)
+            # Sampled on the CPU, where the generator lives (one [batch, vocab] copy per token).
+            token, token_logp = sample_token(out.logits[:, -1].cpu(), temperature, top_p, self.generator)
             for row in torch.nonzero(~finished).flatten().tolist():
                 tokens[row].append(int(token[row]))
                 logprobs[row].append(float(token_logp[row]))
@@ -83,9 +103,9 @@ class TransformersSampler:
             if finished.all():
                 break
             token = torch.where(finished, torch.full_like(token, pad), token)
-            attention = torch.cat([attention, torch.ones((len(prompts), 1), dtype=torch.long)], dim=1)
+            attention = torch.cat([attention, torch.ones((len(prompts), 1), dtype=torch.long, device=device)], dim=1)
             out = self.model(
-                input_ids=token.unsqueeze(-1),
+                input_ids=token.unsqueeze(-1).to(device),
                 attention_mask=attention,
                 position_ids=next_position,
                 past_key_values=out.past_key_values,
@@ -94,6 +114,22 @@ class TransformersSampler:
             next_position = next_position + 1
         self.model.train(was_training)
         return [Generation(t, lp, self.tokenizer.decode(t, skip_special_tokens=True)) for t, lp in zip(tokens, logprobs)]
+
+
+def build_sampler(spec, policy, tokenizer, generator: torch.Generator, model_dir=None) -> Sampler:
+    """The sampler ``rollout.backend`` names: transformers on ``policy``, or a vLLM engine
+    started from ``model_dir`` (a transformers folder; its weights are replaced through
+    ``update_weights``)."""
+    if spec.rollout.backend == "vllm":
+        from epo_cli.vllm_sampler import VLLMSampler
+
+        options = spec.rollout.vllm
+        return VLLMSampler(
+            model_dir, generator, spec.rollout.max_prompt_tokens + spec.rollout.max_response_tokens,
+            "bfloat16" if spec.model.autocast == "bf16" else spec.model.dtype,
+            options.gpu_memory_utilization, options.cpu_kv_cache_gb, options.enforce_eager, spec.train.seed,
+        )
+    return TransformersSampler(policy, tokenizer, spec.rollout.generation_batch_size, generator, spec.model.autocast)
 
 
 def autocast_context(mode: str, model):

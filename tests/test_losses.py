@@ -96,13 +96,13 @@ def test_entropy_from_logits_hand_values():
     assert entropy_from_logits(two).item() == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 1000])
-def test_chunked_logprobs_match_full_computation(chunk):
+@pytest.mark.parametrize("chunk,compiled", [(1, False), (3, False), (1000, False), (3, True)])
+def test_chunked_logprobs_match_full_computation(chunk, compiled):
     torch.manual_seed(0)
     hidden = torch.randn(7, 5, requires_grad=True)
     weight = torch.randn(11, 5, requires_grad=True)
     targets = torch.randint(0, 11, (7,))
-    logp, ent = logprobs_and_entropy(hidden, weight, targets, temperature=0.7, chunk_tokens=chunk)
+    logp, ent = logprobs_and_entropy(hidden, weight, targets, temperature=0.7, chunk_tokens=chunk, compiled=compiled)
     logits = hidden @ weight.T / 0.7
     ref_logp = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
     assert torch.allclose(logp, ref_logp, atol=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -23,28 +25,38 @@ def _chunk_logprobs_entropy(
     return logp, entropy
 
 
+@functools.cache
+def _compiled_chunk():
+    """The chunk under ``torch.compile``: logsumexp, softmax-weighted sum and gather fuse,
+    so the ``[chunk, vocab]`` softmax is never stored (compiled once, dynamic shapes)."""
+    return torch.compile(_chunk_logprobs_entropy, dynamic=True)
+
+
 def logprobs_and_entropy(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
     targets: torch.Tensor,
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each target token and the entropy of its distribution, in one pass.
 
     ``hidden`` is ``[N, d]``: the final hidden states at the N positions that predict the
     N response tokens ``targets``. The LM head runs on ``chunk_tokens`` rows at a time and,
     when gradients are needed, each chunk is recomputed in the backward pass, so no
-    ``[N, vocab]`` logits tensor is ever held for the whole batch.
+    ``[N, vocab]`` logits tensor is ever held for the whole batch. ``compiled`` runs each
+    chunk through ``torch.compile``.
     """
+    chunk = _compiled_chunk() if compiled else _chunk_logprobs_entropy
     logps, entropies = [], []
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
     for start in range(0, hidden.shape[0], chunk_tokens):
         args = (hidden[start : start + chunk_tokens], lm_head_weight, targets[start : start + chunk_tokens], temperature)
         if needs_grad:
-            logp, entropy = checkpoint(_chunk_logprobs_entropy, *args, use_reentrant=False)
+            logp, entropy = checkpoint(chunk, *args, use_reentrant=False)
         else:
-            logp, entropy = _chunk_logprobs_entropy(*args)
+            logp, entropy = chunk(*args)
         logps.append(logp)
         entropies.append(entropy)
     if not logps:
