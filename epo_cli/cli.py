@@ -80,8 +80,18 @@ def _quiet_libraries() -> None:
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _one_process(command: str) -> None:
+    """Only `epo train` runs under torchrun; the other commands would repeat their work per rank."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _fail(f"epo {command} runs in one process; only `epo train` runs under torchrun (docs/scaling.md)")
 
 
 def _resolve(spec_file, sets, **flags):
@@ -266,6 +276,8 @@ def eval_(
     """Success on the fixed, seeded IID / OOD / L2 episodes, with 95% Wilson intervals."""
     from rich.progress import Progress
 
+    _one_process("eval")
+
     from epo_cli.checkpoint import find_checkpoint
     from epo_cli.evaluate import evaluate_checkpoint
     from epo_cli.models import ModelError
@@ -318,6 +330,7 @@ def ablate(
     scale: Scale = None,
 ) -> None:
     """The paper's ablations: one MLflow parent run, a child per (variant, seed), a summary."""
+    _one_process("ablate")
     from epo_cli.ablate import print_summary, run_ablation
     from epo_cli.envs.pool import EnvWorkerError
     from epo_cli.envs.registry import DataError

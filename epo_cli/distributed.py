@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import socket
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +75,13 @@ def init_distributed(timeout_minutes: float = 60.0) -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistContext(rank, world_size, local_rank, device)
+
+
+def free_local_port() -> int:
+    """A TCP port free on this machine, for a one-machine rendezvous (tests, benchmarks)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def shutdown_distributed(ctx: DistContext) -> None:

@@ -154,6 +154,7 @@ def evaluate_checkpoint(
     try:
         results = evaluate_splits(sampler, tokenizer, envs, spec, splits, progress)
     finally:
+        sampler.close()
         envs.close()
     run_id = meta.get("mlflow_run_id")
     if run_id:

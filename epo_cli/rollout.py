@@ -43,6 +43,9 @@ class Sampler(Protocol):
     def with_generator(self, generator: torch.Generator) -> Sampler:
         """The same sampler (same weights) drawing from another random stream."""
 
+    def close(self) -> None:
+        """Release the backend's engine, if it has one."""
+
 
 class TransformersSampler:
     """Sampling with a transformers causal LM: left-padded batch, KV cache, stop on EOS or
@@ -64,6 +67,9 @@ class TransformersSampler:
         twin = copy.copy(self)
         twin.generator = generator
         return twin
+
+    def close(self) -> None:
+        """The model belongs to the caller: nothing to release."""
 
     def generate(self, prompts, max_new_tokens, temperature, top_p):
         results: list[Generation] = []

@@ -59,11 +59,11 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(spec.model.name)
         self.learner = Learner(spec, self.tokenizer.pad_token_id, self.dist)
-        self.episodes_per_rank = len(self.my_groups) * spec.rollout.group_size
-        self.envs = env_batch_for(spec.env, self.episodes_per_rank)
         self.scratch = tempfile.TemporaryDirectory(prefix="epo-sampler-")
         self.sampler, self.sampler_has_own_weights = self._build_sampler()
         self._sync_sampler()
+        self.episodes_per_rank = len(self.my_groups) * spec.rollout.group_size
+        self.envs = env_batch_for(spec.env, self.episodes_per_rank)  # last: worker processes to close
 
     def _build_sampler(self) -> tuple[Sampler, bool]:
         """The rollout sampler, and whether it holds its own copy of the weights (vLLM, or
@@ -251,6 +251,7 @@ class Trainer:
         return json.loads((checkpoint_dir / ckpt.META_FILE).read_text())["mlflow_run_id"]
 
     def close(self) -> None:
+        self.sampler.close()
         self.envs.close()
         self.scratch.cleanup()
 

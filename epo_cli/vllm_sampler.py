@@ -101,3 +101,8 @@ class VLLMSampler:
         twin = copy.copy(self)
         twin.generator = generator
         return twin
+
+    def close(self) -> None:
+        """Shut the engine down now, while the process group it joined still exists
+        (vLLM's own exit hook would run after torchrun's group is destroyed)."""
+        self.llm.llm_engine.engine_core.shutdown()

@@ -35,3 +35,10 @@ def test_a_partial_run_replaces_only_its_part():
     document = bench.merge_part(document, "envs", "envs v2")
     assert document.index("envs v2") < document.index("update v1") and "envs v1" not in document
     assert document.count("<!-- bench:envs -->") == 1
+
+
+def test_compile_rows_time_eager_and_compiled_chunks():
+    eager = bench._chunk_case(False, "tiny", 8, 1)
+    compiled = bench._chunk_case(True, "tiny", 8, 1)
+    assert eager > 0 and compiled > 0
+    assert "| 8 | " in bench.render_compile("tiny", [(8, eager, compiled)])

@@ -1,5 +1,7 @@
 """End-to-end CLI runs: real ScienceWorld, the tiny model, a real SQLite MLflow store."""
 
+import importlib.util
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -119,6 +121,18 @@ def test_missing_data_fails_before_a_run_exists(tmp_path):
     result = runner.invoke(app, ["train", "--tracking-uri", uri, "--set", f"env.data_dir={tmp_path}/nowhere",
                                  "--model", "tiny", "--env", "alfworld"])
     assert result.exit_code == 2 and "ALFWorld data not found" in result.output
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    assert client.search_runs([client.get_experiment_by_name("epo").experiment_id]) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_backend_without_vllm_is_one_line_and_starts_nothing(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = runner.invoke(app, ["train", "--tracking-uri", uri, "--model", "tiny", "--rollout-backend", "vllm"])
+    assert result.exit_code == 2
+    assert "rollout.backend=vllm needs vLLM: pip install 'epo[vllm]'" in result.output
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)

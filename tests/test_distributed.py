@@ -2,7 +2,6 @@
 global batch (DDP and FSDP2), and `torchrun ... -m epo_cli train` must log one run."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,19 +11,13 @@ import torch
 import torch.multiprocessing as mp
 
 from epo_cli.batch import TurnBatch
-from epo_cli.distributed import balanced_chunks, init_distributed, rank_slice, shutdown_distributed
+from epo_cli.distributed import balanced_chunks, free_local_port, init_distributed, rank_slice, shutdown_distributed
 from epo_cli.learner import Learner
 from epo_cli.models import load_causal_lm
 from epo_cli.spec import resolve_spec
 
 TURNS_PER_EPISODE = [3, 2, 4, 1]  # uneven on purpose: ranks own 5 and 5 rows, in unequal micro-batches
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spec(algo: str, strategy: str):
@@ -91,7 +84,7 @@ def test_two_ranks_update_like_one(tmp_path, monkeypatch, algo, strategy):
     monkeypatch.setenv("WORLD_SIZE", "1")
     single = _train_on_fixed_batches(algo, strategy)
     out = tmp_path / "two.pt"
-    mp.spawn(_rank_worker, args=(2, _free_port(), algo, strategy, str(out)), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, free_local_port(), algo, strategy, str(out)), nprocs=2, join=True)
     two = torch.load(out, weights_only=False)
 
     assert single["betas"] == two["betas"]
@@ -140,7 +133,7 @@ def test_torchrun_two_processes_train_scienceworld_into_one_run(tmp_path, strate
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_local_port()),
         "-m", "epo_cli", "train", "--env", "scienceworld", "--algo", "grpo+epo", "--model", "tiny", "--steps", "2",
         "--strategy", strategy, "--tracking-uri", uri, "--set", f"checkpoint.dir={tmp_path}/ckpt", "--set", "env.max_turns=2",
         "--set", "eval.every=2", "--set", "eval.episodes=2",
@@ -166,3 +159,14 @@ def test_torchrun_two_processes_train_scienceworld_into_one_run(tmp_path, strate
     assert [p.name for p in checkpoints] == ["step_000002"]
     saved = load_causal_lm(str(checkpoints[0] / "policy")).state_dict()  # consolidated, loadable as one model
     assert saved.keys() == load_causal_lm("tiny").state_dict().keys()
+
+
+def test_commands_other_than_train_refuse_torchrun(monkeypatch):
+    from typer.testing import CliRunner
+
+    from epo_cli.cli import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(app, ["ablate", "smoothing"])
+    assert result.exit_code == 2
+    assert "epo ablate runs in one process; only `epo train` runs under torchrun" in result.output

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("vllm")
 
 from epo_cli.batch import TurnBatch, collate  # noqa: E402
+from epo_cli.distributed import free_local_port  # noqa: E402
 from epo_cli.envs.base import PromptState, build_prompt  # noqa: E402
 from epo_cli.forward import forward_turns  # noqa: E402
 from epo_cli.models import load_causal_lm, load_tokenizer, model_directory  # noqa: E402
@@ -109,3 +110,25 @@ def test_train_with_the_vllm_backend_end_to_end(tmp_path):
     diffs = [m.value for m in client.get_metric_history(run.info.run_id, "rollout/logprob_diff")]
     # Step 2 samples with the weights pushed after step 1's update: still no stale-weight gap.
     assert len(diffs) == 2 and max(diffs) < 1e-3
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_torchrun_ranks_each_sample_from_their_own_synced_engine(tmp_path, strategy):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_local_port()),
+        "-m", "epo_cli", "train", "--env", "scienceworld", "--algo", "grpo+epo", "--model", MODEL, "--rollout-backend", "vllm",
+        "--strategy", strategy, "--steps", "2", "--tracking-uri", uri, "--set", f"checkpoint.dir={tmp_path}/ckpt",
+        "--set", "env.max_turns=2", "--set", "rollout.max_response_tokens=16", "--set", "rollout.tasks_per_step=2",
+        "--set", "env.workers=0",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    client = mlflow.tracking.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("epo").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["epo.world_size"] == "2"
+    diffs = [m.value for m in client.get_metric_history(runs[0].info.run_id, "rollout/logprob_diff")]
+    assert len(diffs) == 2 and max(diffs) < 1e-3
+
