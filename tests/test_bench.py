@@ -11,7 +11,7 @@ def test_update_cases_run_on_the_same_tokens():
     naive = bench._update_case("naive", "tiny", 2, 1, 1)
     ours = bench._update_case("ours", "tiny", 2, 1, 1)
     assert naive["tokens"] == ours["tokens"] > 0 and naive["params"] == ours["params"]
-    text = bench.render_update("tiny", 2, 1, naive, ours, ours, ours, naive, 1e9, 5e8)
+    text = bench.render_update("tiny", 2, 1, naive, ours, ours, ours, ours, naive, 1e9, 5e8)
     assert "| ours |" in text and "MFU | 50.0%" in text
 
 
