@@ -94,9 +94,10 @@ class Learner:
         critic_model = None
         if self.is_ppo and not self.shared_critic:
             critic_model = load_causal_lm(spec.model.name, spec.model.dtype, spec.train.seed).to(self.device)
-        self.reference = None
+        self.reference = None  # the frozen start policy, for the KL term (not sharded)
         if spec.algo.kl_coef > 0:
-            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            frozen = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            self.reference = TurnScorer(frozen, compiled_head=spec.model.compile_lm_head)
 
         strategy = spec.distributed.strategy
         compiled = spec.model.compile_lm_head
@@ -196,9 +197,7 @@ class Learner:
                     out = self.critic(micro, 1.0, with_logprobs=False)
                     self._keep(rows, out.values, values, None, None, micro)
                 if self.reference is not None:
-                    out = TurnScorer(self.reference, compiled_head=spec.model.compile_lm_head)(
-                        micro, spec.rollout.temperature, spec.model.logit_chunk_tokens
-                    )
+                    out = self.reference(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens)
                     self._keep(rows, None, None, out.logp, ref_logp, micro)
         batch.old_logp = old_logp if need_old else None
         batch.ref_logp = ref_logp if self.reference is not None else None

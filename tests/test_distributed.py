@@ -170,3 +170,17 @@ def test_commands_other_than_train_refuse_torchrun(monkeypatch):
     result = CliRunner().invoke(app, ["ablate", "smoothing"])
     assert result.exit_code == 2
     assert "epo ablate runs in one process; only `epo train` runs under torchrun" in result.output
+
+
+def test_kl_to_the_frozen_start_policy_is_zero_until_the_policy_moves(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    spec = _spec("grpo+epo", "ddp").model_copy(deep=True)
+    spec.algo.kl_coef = 0.5
+    spec.optim.mini_batch_size = 16  # one mini-batch: the policy equals the reference during step 0
+    learner = Learner(spec, pad_id=0)
+    vocab = learner.policy.config.vocab_size
+    owner = torch.zeros(sum(TURNS_PER_EPISODE), dtype=torch.long)
+    first = learner.learn(_fixed_batch(0, vocab), owner, 0)
+    second = learner.learn(_fixed_batch(1, vocab), owner, 1)
+    assert first["actor/kl_ref"] == pytest.approx(0.0, abs=1e-9)
+    assert 0 < second["actor/kl_ref"] < 1
