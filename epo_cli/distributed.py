@@ -20,9 +20,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-STRATEGIES = ("ddp", "fsdp2")
-
-
 @dataclass(frozen=True)
 class DistContext:
     """Who this process is in the job; a world of 1 makes every collective a no-op."""
@@ -122,8 +119,6 @@ def wrap_for_training(module: nn.Module, strategy: str, ctx: DistContext) -> nn.
 
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)
-    if strategy != "fsdp2":
-        raise ValueError(f"distributed.strategy: expected one of {STRATEGIES}, got {strategy!r}")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -185,6 +185,9 @@ class Learner:
         Values are summed over ranks: every rank gets all of them, for GAE and whitening."""
         spec = self.spec
         need_old = self._needs_old_logp(batch)
+        batch.old_logp = batch.ref_logp = batch.values = None
+        if not (need_old or self.is_ppo or self.reference is not None):
+            return  # GRPO in one mini-batch: the update's own forward gives all it needs
         old_logp, ref_logp = [None] * len(batch), [None] * len(batch)
         values = torch.zeros(len(batch), dtype=torch.float64)
         for rows in self._my_chunks(batch, list(range(len(batch))), owner, spec.optim.micro_batch_size):
