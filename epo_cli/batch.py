@@ -20,6 +20,7 @@ class TurnBatch:
     turn_index: torch.Tensor
     rewards: torch.Tensor
     sample_logp: list[torch.Tensor] | None = None  # the sampler's own log-probs, per turn
+    allowed: list[list[list[int] | None] | None] | None = None  # rollout.constrain: per turn, per token
     # Filled in by the trainer before the update.
     old_logp: list[torch.Tensor] | None = None
     ref_logp: list[torch.Tensor] | None = None
@@ -38,6 +39,7 @@ class TurnBatch:
             turn_index=torch.tensor([t.turn_index for _, t in turns], dtype=torch.long),
             rewards=torch.tensor([t.reward for _, t in turns], dtype=torch.float32),
             sample_logp=[torch.tensor(t.sample_logprobs, dtype=torch.float32) for _, t in turns],
+            allowed=[t.allowed_tokens for _, t in turns] if any(t.allowed_tokens for _, t in turns) else None,
         )
 
     def __len__(self) -> int:
@@ -69,6 +71,9 @@ class MicroBatch:
     attention_mask: torch.Tensor
     prompt_lengths: torch.Tensor
     response_lengths: torch.Tensor
+    # ``[B, R, K]`` allowed token ids of each response token, -1-padded; a row of all -1
+    # is the full vocabulary. None: no constrained token in the micro-batch.
+    allowed: torch.Tensor | None = None
 
     @property
     def response_width(self) -> int:
@@ -82,8 +87,8 @@ class MicroBatch:
     def to(self, device: torch.device) -> MicroBatch:
         if self.input_ids.device == device:
             return self
-        tensors = (self.input_ids, self.attention_mask, self.prompt_lengths, self.response_lengths)
-        return MicroBatch(self.rows, *(t.to(device, non_blocking=True) for t in tensors))
+        tensors = (self.input_ids, self.attention_mask, self.prompt_lengths, self.response_lengths, self.allowed)
+        return MicroBatch(self.rows, *(t.to(device, non_blocking=True) if t is not None else None for t in tensors))
 
 
 def collate(batch: TurnBatch, rows: list[int], pad_id: int) -> MicroBatch:
@@ -100,7 +105,23 @@ def collate(batch: TurnBatch, rows: list[int], pad_id: int) -> MicroBatch:
         attention_mask=attention,
         prompt_lengths=torch.tensor([len(batch.prompt_ids[r]) for r in rows]),
         response_lengths=torch.tensor([len(batch.response_ids[r]) for r in rows]),
+        allowed=_allowed_tensor(batch, rows),
     )
+
+
+def _allowed_tensor(batch: TurnBatch, rows: list[int]) -> torch.Tensor | None:
+    """The ``[B, R, K]`` allowed-set tensor of :class:`MicroBatch`, or None."""
+    per_row = [batch.allowed[r] or [] for r in rows] if batch.allowed is not None else []
+    sets = [s for row in per_row for s in row if s is not None]
+    if not sets:
+        return None
+    width = max(len(batch.response_ids[r]) for r in rows)
+    out = torch.full((len(rows), width, max(len(s) for s in sets)), -1, dtype=torch.long)
+    for i, row_sets in enumerate(per_row):
+        for j, allowed in enumerate(row_sets):
+            if allowed is not None:
+                out[i, j, : len(allowed)] = torch.tensor(allowed, dtype=torch.long)
+    return out
 
 
 def length_sorted_chunks(batch: TurnBatch, rows: list[int], size: int) -> list[list[int]]:

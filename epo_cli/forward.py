@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from epo_cli.algos.entropy import logprobs_and_entropy
+from epo_cli.algos.entropy import logprobs_and_entropy, restricted_logprobs_and_entropy
 from epo_cli.batch import MicroBatch
 
 
@@ -42,10 +42,11 @@ def forward_turns(
     logp = entropy = values = None
     if with_logprobs:
         rows, seq_cols, resp_cols = response_positions(micro)
-        flat_logp, flat_entropy = logprobs_and_entropy(
+        flat_logp, flat_entropy = response_logprobs_and_entropy(
             hidden[rows, seq_cols - 1],
             model.get_output_embeddings().weight,
             micro.input_ids[rows, seq_cols],
+            micro.allowed[rows, resp_cols] if micro.allowed is not None else None,
             temperature,
             chunk_tokens,
             compiled_head,
@@ -57,6 +58,32 @@ def forward_turns(
         last_prompt = hidden[torch.arange(len(micro.rows), device=hidden.device), micro.prompt_lengths - 1]
         values = value_head(last_prompt)
     return TurnOutputs(logp, entropy, values)
+
+
+def response_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    allowed: torch.Tensor | None,
+    temperature: float,
+    chunk_tokens: int,
+    compiled_head: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per response token: over the full vocabulary, or over its allowed set where
+    ``allowed`` (``[N, K]``, -1-padded; all -1 = full vocabulary) constrains it."""
+    if allowed is None:
+        return logprobs_and_entropy(hidden, weight, targets, temperature, chunk_tokens, compiled_head)
+    constrained = allowed[:, 0] >= 0
+    free = ~constrained
+    free_logp, free_entropy = logprobs_and_entropy(hidden[free], weight, targets[free], temperature, chunk_tokens, compiled_head)
+    kept_logp, kept_entropy = restricted_logprobs_and_entropy(
+        hidden[constrained], weight, allowed[constrained], targets[constrained], temperature
+    )
+    logp = hidden.new_zeros(len(targets), dtype=torch.float32)
+    entropy = hidden.new_zeros(len(targets), dtype=torch.float32)
+    logp[free], entropy[free] = free_logp, free_entropy
+    logp[constrained], entropy[constrained] = kept_logp, kept_entropy
+    return logp, entropy
 
 
 class TurnScorer(nn.Module):

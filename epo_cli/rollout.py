@@ -14,7 +14,9 @@ from typing import Protocol
 
 import torch
 
+from epo_cli.constrain import ConstraintFactory, ResponseConstraint
 from epo_cli.envs.base import INVALID_FORMAT_OBSERVATION, EnvStep, PromptState, TaskInstance, build_prompt, parse_action
+from epo_cli.envs.registry import max_score_of
 
 STOP_STRING = "</action>"
 
@@ -28,6 +30,8 @@ class Generation:
     token_ids: list[int]
     logprobs: list[float]
     text: str
+    # Per token, the set it was drawn from under rollout.constrain (None: full vocabulary).
+    allowed: list[list[int] | None] | None = None
 
 
 class Sampler(Protocol):
@@ -35,7 +39,15 @@ class Sampler(Protocol):
     the tempered distribution, text) out. Backends: :class:`TransformersSampler`, and
     ``epo_cli.vllm_sampler.VLLMSampler``."""
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float) -> list[Generation]: ...
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        constraints: Sequence[ResponseConstraint] | None = None,
+    ) -> list[Generation]:
+        """``constraints``: one per prompt (``rollout.constrain``), or None."""
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Sample with these policy weights from now on (full, unsharded tensors)."""
@@ -71,15 +83,17 @@ class TransformersSampler:
     def close(self) -> None:
         """The model belongs to the caller: nothing to release."""
 
-    def generate(self, prompts, max_new_tokens, temperature, top_p):
+    def generate(self, prompts, max_new_tokens, temperature, top_p, constraints=None):
         results: list[Generation] = []
         with autocast_context(self.autocast, self.model):
             for start in range(0, len(prompts), self.batch_size):
-                results.extend(self._generate_batch(prompts[start : start + self.batch_size], max_new_tokens, temperature, top_p))
+                window = slice(start, start + self.batch_size)
+                chunk_constraints = constraints[window] if constraints is not None else None
+                results.extend(self._generate_batch(prompts[window], max_new_tokens, temperature, top_p, chunk_constraints))
         return results
 
     @torch.no_grad()
-    def _generate_batch(self, prompts, max_new_tokens, temperature, top_p) -> list[Generation]:
+    def _generate_batch(self, prompts, max_new_tokens, temperature, top_p, constraints=None) -> list[Generation]:
         was_training = self.model.training
         self.model.eval()
         pad = self.tokenizer.pad_token_id
@@ -97,12 +111,24 @@ class TransformersSampler:
         finished = torch.zeros(len(prompts), dtype=torch.bool)
         tokens: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
+        allowed: list[list[list[int] | None]] = [[] for _ in prompts]
         for _ in range(max_new_tokens):
             # Sampled on the CPU, where the generator lives (one [batch, vocab] copy per token).
-            token, token_logp = sample_token(out.logits[:, -1].cpu(), temperature, top_p, self.generator)
-            for row in torch.nonzero(~finished).flatten().tolist():
+            logits = out.logits[:, -1].cpu()
+            running = torch.nonzero(~finished).flatten().tolist()
+            sets = {row: constraints[row].allowed() for row in running} if constraints is not None else {}
+            if sets:
+                logits = restrict_logits(logits, sets)
+            token, token_logp = sample_token(logits, temperature, top_p, self.generator)
+            for row in running:
                 tokens[row].append(int(token[row]))
                 logprobs[row].append(float(token_logp[row]))
+                if constraints is not None:
+                    allowed[row].append(sets[row])
+                    constraints[row].advance(int(token[row]))
+                    if constraints[row].done:
+                        finished[row] = True
+                        continue
                 tail = self.tokenizer.decode(tokens[row][-8:])
                 if int(token[row]) in self.eos_ids or STOP_STRING in tail:
                     finished[row] = True
@@ -119,7 +145,10 @@ class TransformersSampler:
             )
             next_position = next_position + 1
         self.model.train(was_training)
-        return [Generation(t, lp, self.tokenizer.decode(t, skip_special_tokens=True)) for t, lp in zip(tokens, logprobs)]
+        return [
+            Generation(t, lp, self.tokenizer.decode(t, skip_special_tokens=True), a if constraints is not None else None)
+            for t, lp, a in zip(tokens, logprobs, allowed)
+        ]
 
 
 def build_sampler(spec, policy, tokenizer, generator: torch.Generator, model_dir=None) -> Sampler:
@@ -152,6 +181,18 @@ def _as_list(value) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def restrict_logits(logits: torch.Tensor, allowed: dict[int, list[int] | None]) -> torch.Tensor:
+    """``logits`` with every token outside ``allowed[row]`` set to -inf (rows whose set is
+    None, or that are not in ``allowed``, keep the full vocabulary)."""
+    restricted = logits.float().clone()
+    for row, tokens in allowed.items():
+        if tokens is not None:
+            keep = restricted[row, tokens]
+            restricted[row] = float("-inf")
+            restricted[row, tokens] = keep
+    return restricted
 
 
 def sample_token(
@@ -199,6 +240,7 @@ class Turn:
     action: str | None
     turn_index: int
     sample_logprobs: list[float]
+    allowed_tokens: list[list[int] | None] | None = None  # rollout.constrain: per token, see constrain.py
     reward: float = 0.0
     prompt_tokens_cut: int = 0
     accepted: bool = False  # a valid action the engine recognized
@@ -245,6 +287,10 @@ class RolloutSettings:
     max_listed_actions: int = 60
     reward_scale: float = 1.0
     invalid_action_penalty: float = 0.0
+    constrain: str = "none"
+    think_tokens: int = 0
+    reward: str = "success"
+    max_score: float = 1.0
 
     @classmethod
     def from_spec(cls, spec, temperature: float | None = None) -> RolloutSettings:
@@ -260,7 +306,18 @@ class RolloutSettings:
             max_listed_actions=spec.rollout.max_listed_actions,
             reward_scale=spec.algo.reward_scale,
             invalid_action_penalty=spec.algo.invalid_action_penalty,
+            constrain=spec.rollout.constrain,
+            think_tokens=spec.rollout.think_tokens,
+            reward=spec.algo.reward,
+            max_score=max_score_of(spec.env.name),
         )
+
+    def outcome(self, episode: Episode) -> float:
+        """The episode's reward before scaling: 1 for a win (``algo.reward: success``) or its
+        final score as a fraction of the environment's maximum (``score``)."""
+        if self.reward == "score":
+            return max(episode.score, 0.0) / self.max_score
+        return float(episode.won)
 
 
 def play_episodes(
@@ -275,12 +332,16 @@ def play_episodes(
     """Play one episode per task, all turns batched across the episodes still running.
 
     A turn whose answer has no valid ``<think>/<action>`` pair is an invalid turn: it is
-    penalized, consumes the turn, and the engine is not stepped. The success reward is
-    paid on the last turn. ``on_turn(new_tokens, active_episodes)`` reports progress.
+    penalized, consumes the turn, and the engine is not stepped. The outcome reward is
+    paid on the last turn. With ``settings.constrain == "admissible"`` every response is
+    drawn from the admissible actions (:mod:`epo_cli.constrain`).
+    ``on_turn(new_tokens, active_episodes)`` reports progress.
     """
     episodes = [Episode(task, i, g) for i, (task, g) in enumerate(zip(tasks, group_ids))]
     first = envs.reset(tasks)
     states = [PromptState(step.task_description, step.observation, step.actions) for step in first]
+    commands = [step.commands for step in first]
+    constraint_for = ConstraintFactory(tokenizer, settings.think_tokens) if settings.constrain == "admissible" else None
     active = list(range(len(episodes)))
     for turn_index in range(settings.max_turns):
         if not active:
@@ -291,7 +352,8 @@ def play_episodes(
             ids, cut = encode_prompt(tokenizer, messages, settings.max_prompt_tokens, settings.on_overflow)
             prompts.append(ids)
             cuts.append(cut)
-        generations = sampler.generate(prompts, settings.max_response_tokens, settings.temperature, settings.top_p)
+        constraints = [constraint_for(commands[slot]) for slot in active] if constraint_for is not None else None
+        generations = sampler.generate(prompts, settings.max_response_tokens, settings.temperature, settings.top_p, constraints)
         actions = [parse_action(g.text) for g in generations]
         to_step = [(slot, action) for slot, action in zip(active, actions) if action is not None]
         slots = [slot for slot, _ in to_step]
@@ -299,7 +361,10 @@ def play_episodes(
         still_active = []
         for slot, prompt, cut, generation, action in zip(active, prompts, cuts, generations, actions):
             episode, state = episodes[slot], states[slot]
-            turn = Turn(prompt, generation.token_ids, generation.text, action, turn_index, generation.logprobs, prompt_tokens_cut=cut)
+            turn = Turn(
+                prompt, generation.token_ids, generation.text, action, turn_index, generation.logprobs,
+                generation.allowed, prompt_tokens_cut=cut,
+            )
             if action is None:
                 turn.reward -= settings.invalid_action_penalty
                 observation = INVALID_FORMAT_OBSERVATION
@@ -308,13 +373,14 @@ def play_episodes(
                 turn.accepted = result.accepted
                 observation = result.observation
                 state.actions = result.actions
+                commands[slot] = result.commands
                 episode.done, episode.won, episode.score = result.done, result.won, result.score
             episode.turns.append(turn)
             state.past_actions.append(action if action is not None else "(invalid)")
             state.past_observations.append(state.observation)
             state.observation = observation
             if episode.done or turn_index == settings.max_turns - 1:
-                turn.reward += settings.reward_scale * float(episode.won)
+                turn.reward += settings.reward_scale * settings.outcome(episode)
             else:
                 still_active.append(slot)
         if on_turn is not None:

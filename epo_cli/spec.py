@@ -59,7 +59,9 @@ class ModelSpec(_Section):
 
 
 class EnvSpec(_Section):
-    name: Literal["scienceworld", "alfworld"] = "scienceworld"
+    name: Literal["scienceworld", "alfworld", "toy", "toy-multiturn"] = Field(
+        "scienceworld", description="toy / toy-multiturn: the built-in word game (envs/toy.py) that checks learning."
+    )
     max_turns: int = Field(30, gt=0, description="Turns per episode (paper: 30 / 50).")
     train_split: str = "train"
     data_dir: Path | None = Field(
@@ -109,6 +111,14 @@ class RolloutSpec(_Section):
         "(pip install 'epo[vllm]'; weights pushed after every update).",
     )
     vllm: VLLMSpec = VLLMSpec()
+    constrain: Literal["none", "admissible"] = Field(
+        "none",
+        description="'admissible': every response is <think>..</think><action>A</action> with A one of the "
+        "engine's admissible commands (a token trie; the update scores the same restricted distribution).",
+    )
+    think_tokens: int = Field(
+        0, ge=0, description="With constrain=admissible: free tokens allowed inside <think> before </think> is forced."
+    )
 
 
 class SmoothingSpec(_Section):
@@ -175,6 +185,11 @@ class AlgoSpec(_Section):
         "'token-mean': flat token mean (reference code).",
     )
     kl_coef: float = Field(0.0, ge=0, description="Low-variance KL to the frozen start policy.")
+    reward: Literal["success", "score"] = Field(
+        "success",
+        description="Final reward: 1 for a win ('success', the paper), or the final score as a fraction of the "
+        "maximum ('score': ScienceWorld's 0-100 progress, the toy's share of right answers).",
+    )
     reward_scale: float = Field(1.0, gt=0)
     invalid_action_penalty: float = Field(0.1, ge=0)
     ppo_epochs: int = Field(1, gt=0)
@@ -251,6 +266,8 @@ class ExperimentSpec(_Section):
             raise ValueError("rollout.group_size must be >= 2 for GRPO (group advantages)")
         if self.optim.micro_batch_size > self.optim.mini_batch_size:
             raise ValueError("optim.micro_batch_size must not exceed optim.mini_batch_size")
+        if self.rollout.constrain != "none" and self.rollout.backend != "transformers":
+            raise ValueError("rollout.constrain needs rollout.backend: transformers (the vLLM backend samples unconstrained)")
         return self
 
     @property
@@ -299,6 +316,29 @@ CPU_SCALE: dict[str, Any] = {
     "eval": {"every": 0, "episodes": 8},
 }
 CPU_SCALE_GRPO: dict[str, Any] = {"rollout": {"tasks_per_step": 2, "group_size": 2}}
+
+# The toy word game has one size at every scale: seconds per step with the tiny random
+# model, constrained to the action words so that the reward signal exists from step 0.
+TOY_PRESET: dict[str, Any] = {
+    "model": {"name": "tiny", "critic": "shared"},
+    "env": {"workers": 0},
+    "train": {"steps": 40},
+    "rollout": {
+        "constrain": "admissible",
+        "tasks_per_step": 32,
+        "max_prompt_tokens": 512,
+        "max_response_tokens": 24,
+        "generation_batch_size": 64,
+    },
+    "optim": {"lr": 2e-3, "critic_lr": 2e-3, "warmup_ratio": 0.0, "mini_batch_size": 256, "micro_batch_size": 64},
+    "algo": {"invalid_action_penalty": 0.0},
+    "eval": {"every": 0, "episodes": 64},
+}
+TOY_VARIANTS: dict[str, dict[str, Any]] = {
+    "toy": {"env": {"max_turns": 1}},
+    "toy-multiturn": {"env": {"max_turns": 5}, "algo": {"reward": "score"}},
+}
+TOY_PRESET_GRPO: dict[str, Any] = {"rollout": {"tasks_per_step": 8, "group_size": 4}}
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -407,6 +447,10 @@ def resolve_spec(
         merged = deep_merge(merged, CPU_SCALE)
         if base == "grpo":
             merged = deep_merge(merged, CPU_SCALE_GRPO)
+    if env_name in TOY_VARIANTS:
+        merged = deep_merge(deep_merge(merged, TOY_PRESET), TOY_VARIANTS[env_name])
+        if base == "grpo":
+            merged = deep_merge(merged, TOY_PRESET_GRPO)
     merged = deep_merge(merged, VARIANT_OVERRIDES.get(variant, {}))
     for layer in user_layers:
         merged = deep_merge(merged, layer)

@@ -70,7 +70,9 @@ class VLLMSampler:
         self.llm = LLM(**options)
         self.generator = generator
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float) -> list[Generation]:
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float, constraints=None) -> list[Generation]:
+        if constraints is not None:
+            raise ValueError("rollout.constrain needs rollout.backend: transformers (the vLLM backend samples unconstrained)")
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

@@ -14,7 +14,7 @@ class ScriptedSampler:
         self.answers = list(answers)
         self.prompts = []
 
-    def generate(self, prompts, max_new_tokens, temperature, top_p):
+    def generate(self, prompts, max_new_tokens, temperature, top_p, constraints=None):
         self.prompts.append(prompts)
         return [Generation([7, 8], [-0.1, -0.2], self.answers.pop(0)) for _ in prompts]
 

@@ -63,3 +63,28 @@ def logprobs_and_entropy(
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty
     return torch.cat(logps), torch.cat(entropies)
+
+
+def restricted_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    allowed: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob and entropy under ``softmax(z / T)`` restricted to an allowed token set
+    (constrained decoding, ``epo_cli/constrain.py``).
+
+    ``allowed`` is ``[N, K]`` token ids padded with -1; each row's ``targets`` entry must
+    be among its ids. Only the ``K`` allowed logits of each row are formed. A row with one
+    allowed token (a forced token) has log-prob 0 and entropy 0 exactly, and no gradient.
+    """
+    valid = allowed >= 0
+    ids = allowed.clamp(min=0)
+    logits = torch.einsum("nd,nkd->nk", hidden, lm_head_weight[ids]).float() / temperature
+    logits = logits.masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    target_column = (ids == targets[:, None]) & valid
+    logp = logits.masked_fill(~target_column, 0.0).sum(-1) - lse
+    weighted = (torch.softmax(logits, dim=-1) * logits.masked_fill(~valid, 0.0)).sum(-1)
+    return logp, lse - weighted

@@ -44,6 +44,14 @@ class EnvStep:
     actions: list[str] = field(default_factory=list)
     task_description: str = ""
     accepted: bool = True  # False: a well-formed action the engine did not recognize
+    # Complete commands the engine accepts now, for rollout.constrain; None: ``actions``
+    # already are complete commands (ALFWorld, toy). ScienceWorld lists templates in
+    # ``actions`` and fills this only when asked to (it costs a full enumeration).
+    valid_actions: list[str] | None = None
+
+    @property
+    def commands(self) -> list[str]:
+        return self.actions if self.valid_actions is None else self.valid_actions
 
 
 class TextEnv(Protocol):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from epo_cli.envs.base import TaskInstance
 
-ENVS = ("scienceworld", "alfworld")
+ENVS = ("scienceworld", "alfworld", "toy", "toy-multiturn")
+TOY_ENVS = ("toy", "toy-multiturn")
 
 
 class DataError(FileNotFoundError):
@@ -55,6 +56,10 @@ def _module(env: str):
         from epo_cli.envs import alfworld
 
         return alfworld
+    if env in TOY_ENVS:
+        from epo_cli.envs import toy
+
+        return toy
     raise ValueError(f"env.name: unknown environment {env!r}; expected one of {', '.join(ENVS)}")
 
 
@@ -66,7 +71,16 @@ def title_of(env: str) -> str:
     return _module(env).TITLE
 
 
+def max_score_of(env: str) -> float:
+    """The score of a perfect episode (``algo.reward: score`` divides by it)."""
+    return 100.0 if env == "scienceworld" else 1.0
+
+
 def load_split(env: str, configured_dir: Path | None, split: str) -> list[TaskInstance]:
+    if env in TOY_ENVS:
+        from epo_cli.envs import toy
+
+        return toy.load_split(env, split)
     return _module(env).load_split(data_dir(env, configured_dir), split)
 
 
@@ -80,6 +94,10 @@ def make_engine(env: str, options: dict):
         from epo_cli.envs.alfworld import AlfWorldEngine
 
         return AlfWorldEngine()
+    if env in TOY_ENVS:
+        from epo_cli.envs.toy import ToyEngine
+
+        return ToyEngine(env)
     raise ValueError(f"env.name: unknown environment {env!r}; expected one of {', '.join(ENVS)}")
 
 

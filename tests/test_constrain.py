@@ -1,0 +1,109 @@
+"""Constrained decoding: the token trie, the restricted log-prob/entropy math, and the
+sampler and trainer scoring one and the same restricted distribution."""
+
+import math
+import random
+
+import torch
+
+from epo_cli.algos.entropy import restricted_logprobs_and_entropy
+from epo_cli.batch import TurnBatch, collate
+from epo_cli.constrain import ConstraintFactory
+from epo_cli.envs.base import parse_action
+from epo_cli.forward import forward_turns
+from epo_cli.rollout import Episode, TransformersSampler, Turn
+
+ACTIONS = ["go to cabinet 1", "go to cabinet 10", "take apple 1 from countertop 2", "open fridge 1"]
+
+
+def test_restricted_logprob_and_entropy_by_hand():
+    hidden = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]], requires_grad=True)  # logits 1, 0, 2
+    logp, entropy = restricted_logprobs_and_entropy(hidden, weight, torch.tensor([[0, 2, -1]]), torch.tensor([2]))
+    p1, p2 = math.exp(1) / (math.exp(1) + math.exp(2)), math.exp(2) / (math.exp(1) + math.exp(2))
+    assert abs(logp.item() - math.log(p2)) < 1e-6
+    assert abs(entropy.item() + p1 * math.log(p1) + p2 * math.log(p2)) < 1e-6
+    (logp + entropy).sum().backward()
+    assert weight.grad[1].abs().sum() == 0  # a token outside the set gets no gradient
+    assert weight.grad[0].abs().sum() > 0 and weight.grad[2].abs().sum() > 0
+
+
+def test_temperature_divides_the_restricted_logits():
+    hidden, weight = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    logp, _ = restricted_logprobs_and_entropy(hidden, weight, torch.tensor([[0, 1]]), torch.tensor([0]), temperature=0.5)
+    assert abs(logp.item() - (2.0 - math.log(math.exp(2.0) + math.exp(4.0)))) < 1e-6
+
+
+def test_a_forced_token_has_zero_logprob_entropy_and_gradient():
+    hidden = torch.randn(1, 4, requires_grad=True)
+    weight = torch.randn(6, 4, requires_grad=True)
+    logp, entropy = restricted_logprobs_and_entropy(hidden, weight, torch.tensor([[3, -1, -1]]), torch.tensor([3]))
+    assert logp.item() == 0.0 and entropy.item() == 0.0
+    (logp + entropy).sum().backward()
+    assert hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
+
+
+def _walk(factory, actions, rng, free_tokens=()):
+    """Generate a response by choosing uniformly among the allowed tokens."""
+    constraint = factory(actions)
+    free = list(free_tokens)
+    tokens, sets = [], []
+    while not constraint.done:
+        allowed = constraint.allowed()
+        token = free.pop(0) if allowed is None else rng.choice(allowed)
+        tokens.append(token)
+        sets.append(allowed)
+        constraint.advance(token)
+    return tokens, sets
+
+
+def test_every_walk_through_the_trie_is_an_admissible_well_formed_answer(tokenizer):
+    factory = ConstraintFactory(tokenizer)
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(40):
+        tokens, sets = _walk(factory, ACTIONS, rng)
+        action = parse_action(tokenizer.decode(tokens))
+        assert action in ACTIONS
+        seen.add(action)
+        assert all(s is not None for s in sets)
+        prefix = tokenizer("<think></think><action>", add_special_tokens=False)["input_ids"]
+        assert sets[: len(prefix)] == [[t] for t in prefix]  # the format is forced
+    assert seen == set(ACTIONS)  # "go to cabinet 1" and "... 10" both stay reachable
+
+
+def test_a_think_budget_forces_the_close_and_a_natural_close_is_kept(tokenizer):
+    factory = ConstraintFactory(tokenizer, think_tokens=3)
+    filler = tokenizer(" hmm hmm hmm hmm", add_special_tokens=False)["input_ids"]
+    tokens, sets = _walk(factory, ["open fridge 1"], random.Random(0), filler)
+    assert sum(s is None for s in sets) == 3
+    text = tokenizer.decode(tokens)
+    assert text.startswith("<think>") and parse_action(text) == "open fridge 1"
+
+    factory = ConstraintFactory(tokenizer, think_tokens=20)
+    closing = tokenizer(" ok</think>", add_special_tokens=False)["input_ids"]
+    tokens, sets = _walk(factory, ["open fridge 1"], random.Random(0), closing)
+    assert sum(s is None for s in sets) == len(closing)
+    assert parse_action(tokenizer.decode(tokens)) == "open fridge 1"
+
+
+def test_sampler_and_trainer_score_the_same_restricted_policy(tokenizer, tiny_model):
+    factory = ConstraintFactory(tokenizer, think_tokens=4)
+    prompts = [tokenizer("Your task: open the fridge.", add_special_tokens=False)["input_ids"]] * 3
+    sampler = TransformersSampler(tiny_model, tokenizer, generator=torch.Generator().manual_seed(0))
+    generations = sampler.generate(prompts, 40, 0.7, 1.0, [factory(ACTIONS) for _ in prompts])
+    episodes = []
+    for i, (prompt, generation) in enumerate(zip(prompts, generations)):
+        assert parse_action(generation.text) in ACTIONS
+        turn = Turn(prompt, generation.token_ids, generation.text, None, 0, generation.logprobs, generation.allowed)
+        episodes.append(Episode(task=None, episode_id=i, group_id=i, turns=[turn]))
+    batch = TurnBatch.from_episodes(episodes)
+    micro = collate(batch, list(range(len(batch))), tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = forward_turns(tiny_model, micro, temperature=0.7)
+    sampled = batch.padded(batch.sample_logp, micro.rows, micro.response_width)
+    assert torch.allclose(out.logp, sampled, atol=1e-5)
+    forced = torch.tensor([[s is not None and len(s) == 1 for s in g.allowed] + [False] * (micro.response_width - len(g.allowed)) for g in generations])
+    assert forced.any() and (out.logp[forced] == 0).all() and (out.entropy[forced] == 0).all()
+    free = micro.response_mask.bool() & ~forced
+    assert (out.entropy[free] > 0).all()
