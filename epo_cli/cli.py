@@ -243,25 +243,32 @@ app.add_typer(data_app, name="data")
 @data_app.command("prepare")
 def data_prepare(
     env: Annotated[str, typer.Argument(help="alfworld")],
-    from_: Annotated[Path, typer.Option("--from", help="Folder with alfworld-json_2.1.1-{train,valid}.tar.gz.")],
-    to: Annotated[Optional[Path], typer.Option(help="Target data folder (default: $ALFWORLD_DATA or the epo cache).")] = None,
+    from_: Annotated[
+        Optional[Path], typer.Option("--from", help="Folder with alfworld-json_2.1.1-{train,valid}.tar.gz (default: download).")
+    ] = None,
+    to: Annotated[Optional[Path], typer.Option(help="Target data folder (default: $ALFWORLD_DATA, else ~/.cache/alfworld).")] = None,
 ) -> None:
-    """Extract ALFWorld's json_2.1.1 archives into a data folder (as `alfworld-download` lays it out)."""
+    """Get ALFWorld's json_2.1.1 games: run the official `alfworld-download`, or extract the
+    release archives (`--from`) into the same layout."""
     import os
 
     from epo_cli.envs import alfworld
-    from epo_cli.paths import cache_dir
 
     if env != "alfworld":
-        _fail(f"`epo data prepare` knows alfworld only (ScienceWorld's data ships with its package), got {env!r}")
-    target = to or Path(os.environ.get("ALFWORLD_DATA") or cache_dir() / "data" / "alfworld")
+        _fail(f"`epo data prepare` knows alfworld only (ScienceWorld's splits come from its engine), got {env!r}")
+    target = to or Path(os.environ.get("ALFWORLD_DATA") or alfworld.default_download_dir())
     try:
-        alfworld.prepare(from_, target)
-    except FileNotFoundError as err:
+        if from_ is None:
+            console.print(f"downloading ALFWorld data with `{alfworld.DOWNLOAD_SCRIPT}` into {target} (several minutes)")
+            alfworld.download(target)
+        else:
+            alfworld.prepare(from_, target)
+    except (FileNotFoundError, ConnectionError) as err:
         _fail(str(err))
-    for split in alfworld.SPLITS:
-        console.print(f"{split}: {len(alfworld.load_split(target, split)) if (target / 'json_2.1.1' / alfworld.SPLITS[split]).is_dir() else 0} games")
-    console.print(f"ready: export ALFWORLD_DATA={target}")
+    for split, folder in alfworld.SPLITS.items():
+        games = len(alfworld.load_split(target, split)) if (target / "json_2.1.1" / folder).is_dir() else 0
+        console.print(f"{split}: {games} games")
+    console.print(f"ready: {target}" + (f" (export ALFWORLD_DATA={target}, or pass --set env.data_dir={target})" if to else ""))
 
 
 @app.command(name="eval")
