@@ -32,7 +32,9 @@ Steps = Annotated[Optional[int], typer.Option(help="train.steps: RL steps K.")]
 Seed = Annotated[Optional[int], typer.Option(help="train.seed.")]
 Model = Annotated[Optional[str], typer.Option(help="model.name: smollm2-135m, tiny, a local directory or a cached hub id.")]
 RunName = Annotated[Optional[str], typer.Option(help="tracking.run_name.")]
-TrackingUri = Annotated[Optional[str], typer.Option(help="tracking.uri (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")]
+TrackingUri = Annotated[
+    Optional[str], typer.Option(help="tracking.uri (default $MLFLOW_TRACKING_URI, else $EPO_HOME/mlflow.db, ~/.epo).")
+]
 Scale = Annotated[Optional[str], typer.Option(help="scale: cpu or paper (default: paper with a GPU, else cpu).")]
 Strategy = Annotated[Optional[str], typer.Option(help="distributed.strategy under torchrun: ddp or fsdp2.")]
 RolloutBackend = Annotated[Optional[str], typer.Option(help="rollout.backend: transformers or vllm.")]
@@ -151,6 +153,7 @@ def train(
         f"<= {resolved.env.max_turns} turns, model {resolved.model.name}"
         + (f", {dist.world_size} processes ({resolved.distributed.strategy})" if dist.enabled else "")
     )
+    out.print(f"tracking: {resolve_uri(resolved.tracking.uri)}; checkpoints: {resolved.checkpoint.dir}", highlight=False, soft_wrap=True)
     if resolved.scale == "paper" and dist.device.type != "cuda":
         out.print("[yellow]warning:[/] paper scale without a GPU will take a very long time")
     try:
@@ -323,12 +326,25 @@ def eval_(
         console.print(f"logged to MLflow run {run_id} at step {step}")
 
 
+def _parse_seeds(values: list[str]) -> list[int]:
+    """``["0,1", "2"]`` -> ``[0, 1, 2]``: comma-separated and repeated --seeds alike."""
+    seeds = []
+    for part in (p.strip() for value in values for p in value.split(",")):
+        try:
+            seeds.append(int(part))
+        except ValueError:
+            _fail(f"--seeds: expected integers, e.g. --seeds 0,1,2 or --seeds 0 --seeds 1; got {part!r}")
+    if len(set(seeds)) != len(seeds):
+        _fail(f"--seeds: each seed once, got {', '.join(map(str, seeds))}")
+    return seeds
+
+
 @app.command()
 def ablate(
     ablation: Annotated[str, typer.Argument(help="smoothing, weighting, penalty-form, history, decay, ea or baseline.")],
     env: Env = None,
     algo: Annotated[str, typer.Option(help="The base algorithm: ppo or grpo.")] = "ppo",
-    seeds: Annotated[list[int], typer.Option(help="Seeds, e.g. --seeds 0 --seeds 1.")] = [0],  # noqa: B006
+    seeds: Annotated[list[str], typer.Option(help="Seeds: --seeds 0,1,2 or --seeds 0 --seeds 1.")] = ["0"],  # noqa: B006
     spec: SpecFile = None,
     set_: Sets = None,
     steps: Steps = None,
@@ -347,10 +363,11 @@ def ablate(
     base = algo.removesuffix("+epo")
     if base not in ("ppo", "grpo"):
         _fail(f"--algo: expected ppo or grpo, got {algo!r}")
+    seed_list = _parse_seeds(seeds)
     _quiet_libraries()
     flags = _flags(env=env, steps=steps, model=model, tracking_uri=tracking_uri, scale=scale)
     try:
-        parent_id, rows = run_ablation(ablation, base, seeds, spec, flags, set_ or [], console)
+        parent_id, rows = run_ablation(ablation, base, seed_list, spec, flags, set_ or [], console)
     except (SpecError, DataError, ModelError, TrackingError, EnvWorkerError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     print_summary(console, ablation, parent_id, rows)
@@ -360,36 +377,62 @@ def ablate(
 @app.command()
 def plot(
     kind: Annotated[str, typer.Argument(help="entropy, reward, success, corridor or ablation.")],
-    run: Annotated[Optional[list[str]], typer.Option(help="Run id or run name (repeatable, overlaid).")] = None,
-    parent: Annotated[Optional[str], typer.Option(help="Ablation parent run id (for `ablation`).")] = None,
+    run: Annotated[
+        Optional[list[str]], typer.Option(help="Run id or run name (repeatable, overlaid); default: the latest run.")
+    ] = None,
+    parent: Annotated[Optional[str], typer.Option(help="Ablation parent run id (for `ablation`); default: the latest.")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "epo",
     metric: Annotated[str, typer.Option(help="Metric of the ablation figure.")] = "train/reward_mean",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs/plots"),
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Draw a figure from MLflow runs as PNG and SVG."""
+    """Draw a figure from MLflow runs as PNG and SVG (by default from the latest run, or
+    the arms of the latest ablation)."""
     from epo_cli.plots import PLOTS, PlotError, draw
-    from epo_cli.tracking import TrackingError, connect
+    from epo_cli.tracking import TrackingError, connect, resolve_uri
 
     if kind not in PLOTS:
         _fail(f"plot kind {kind!r} is unknown; expected one of {', '.join(PLOTS)}")
     try:
         client, experiment_id = connect(tracking_uri, experiment)
+        where = f"experiment {experiment!r} of {resolve_uri(tracking_uri)}"
         if kind == "ablation":
             if not parent:
-                _fail("`epo plot ablation` needs --parent RUN_ID (printed by `epo ablate`)")
+                latest = client.search_runs(
+                    [experiment_id], "tags.`epo.ablation.key` != ''", order_by=["attributes.start_time DESC"], max_results=1
+                )
+                if not latest:
+                    _fail(f"no ablation in {where}: run `epo ablate`, or pass --parent RUN_ID")
+                parent = latest[0].info.run_id
+                console.print(f"plotting the latest ablation, {latest[0].info.run_name} ({parent})", highlight=False, soft_wrap=True)
             runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'")
             name = f"ablation_{parent[:8]}"
         else:
-            if not run:
-                _fail(f"`epo plot {kind}` needs --run RUN_ID_OR_NAME")
-            runs = [_find_run(client, experiment_id, r) for r in run]
+            runs = [_find_run(client, experiment_id, r) for r in run] if run else _latest_runs(client, experiment_id, where)
             name = f"{kind}_" + "_".join(r.info.run_id[:8] for r in runs)
         paths = draw(kind, client, runs, out, name, metric)
     except (TrackingError, PlotError, LookupError) as err:
         _fail(str(err))
     for path in paths:
         console.print(f"wrote {path}")
+
+
+def _latest_runs(client, experiment_id: str, where: str) -> list:
+    """The newest run or, when it is an ablation's, every arm of that ablation; says which."""
+    found = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    if not found:
+        raise LookupError(f"no runs in {where}: train one with `epo train`, or pass --run RUN_ID")
+    newest = found[0]
+    parent_id = newest.data.tags.get("mlflow.parentRunId") or (newest.info.run_id if "epo.ablation.key" in newest.data.tags else None)
+    if parent_id is None:
+        console.print(f"plotting the latest run, {newest.info.run_name} ({newest.info.run_id})", highlight=False, soft_wrap=True)
+        return [newest]
+    arms = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", order_by=["attributes.start_time ASC"])
+    if not arms:
+        raise LookupError(f"the latest run is the ablation {newest.info.run_name} ({parent_id}), which has no arms yet; pass --run RUN_ID")
+    parent_name = client.get_run(parent_id).info.run_name
+    console.print(f"plotting the {len(arms)} arms of the latest ablation, {parent_name} ({parent_id})", highlight=False, soft_wrap=True)
+    return arms
 
 
 def _find_run(client, experiment_id: str, id_or_name: str):

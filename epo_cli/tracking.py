@@ -37,12 +37,10 @@ def artifact_location(uri: str, experiment: str) -> str | None:
 def connect(uri: str | None, experiment: str):
     """(client, experiment id) for a store, creating the experiment if needed; any store
     failure becomes a TrackingError naming the URI."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     resolved = resolve_uri(uri)
-    try:
-        mlflow.set_tracking_uri(resolved)
+    try:  # a client of its own: mlflow.set_tracking_uri would also set $MLFLOW_TRACKING_URI for the process
         client = MlflowClient(resolved)
         found = client.get_experiment_by_name(experiment)
         if found:
