@@ -219,7 +219,7 @@ def spec_check(files: list[Path]) -> None:
 
 
 @app.command()
-def envs(data_dir: Annotated[Optional[Path], typer.Option(help="env.data_dir, for every environment.")] = None) -> None:
+def envs(data_dir: Annotated[Optional[Path], typer.Option(help="ALFWorld's env.data_dir.")] = None) -> None:
     """List environments, their splits, task counts and task types."""
     from epo_cli.envs.registry import ENVS, DataError, load_split, splits_of
 
