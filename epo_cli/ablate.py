@@ -131,7 +131,8 @@ def run_ablation(
         for seed in seeds
     }
     first = next(iter(specs.values()))
-    console.print(f"tracking: {resolve_uri(first.tracking.uri)}; checkpoints: {first.checkpoint.dir}", highlight=False, soft_wrap=True)
+    where = f"tracking: {resolve_uri(first.tracking.uri)}; checkpoints: {first.checkpoint.dir}"
+    console.print(where, highlight=False, soft_wrap=True)
     key = _parent_key(ablation, resolve_spec(spec_file, deep_merge_all(flags, _algo(base)), overrides), seeds)
     parent = _find_or_create_parent(first, ablation, base, seeds, key)
     client = parent.client

@@ -81,6 +81,11 @@ def _quiet_libraries() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+def _say(message: str) -> None:
+    """A line of plain text (paths and ids are never wrapped or colored)."""
+    console.print(message, highlight=False, soft_wrap=True, markup=False)
+
+
 def _fail(message: str) -> None:
     from rich.markup import escape
 
@@ -153,7 +158,8 @@ def train(
         f"<= {resolved.env.max_turns} turns, model {resolved.model.name}"
         + (f", {dist.world_size} processes ({resolved.distributed.strategy})" if dist.enabled else "")
     )
-    out.print(f"tracking: {resolve_uri(resolved.tracking.uri)}; checkpoints: {resolved.checkpoint.dir}", highlight=False, soft_wrap=True)
+    where = f"tracking: {resolve_uri(resolved.tracking.uri)}; checkpoints: {resolved.checkpoint.dir}"
+    out.print(where, highlight=False, soft_wrap=True)
     if resolved.scale == "paper" and dist.device.type != "cuda":
         out.print("[yellow]warning:[/] paper scale without a GPU will take a very long time")
     try:
@@ -404,7 +410,7 @@ def plot(
                 if not latest:
                     _fail(f"no ablation in {where}: run `epo ablate`, or pass --parent RUN_ID")
                 parent = latest[0].info.run_id
-                console.print(f"plotting the latest ablation, {latest[0].info.run_name} ({parent})", highlight=False, soft_wrap=True)
+                _say(f"plotting the latest ablation, {latest[0].info.run_name} ({parent})")
             runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'")
             name = f"ablation_{parent[:8]}"
         else:
@@ -423,15 +429,16 @@ def _latest_runs(client, experiment_id: str, where: str) -> list:
     if not found:
         raise LookupError(f"no runs in {where}: train one with `epo train`, or pass --run RUN_ID")
     newest = found[0]
-    parent_id = newest.data.tags.get("mlflow.parentRunId") or (newest.info.run_id if "epo.ablation.key" in newest.data.tags else None)
+    tags = newest.data.tags
+    parent_id = tags.get("mlflow.parentRunId") or (newest.info.run_id if "epo.ablation.key" in tags else None)
     if parent_id is None:
-        console.print(f"plotting the latest run, {newest.info.run_name} ({newest.info.run_id})", highlight=False, soft_wrap=True)
+        _say(f"plotting the latest run, {newest.info.run_name} ({newest.info.run_id})")
         return [newest]
     arms = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", order_by=["attributes.start_time ASC"])
     if not arms:
-        raise LookupError(f"the latest run is the ablation {newest.info.run_name} ({parent_id}), which has no arms yet; pass --run RUN_ID")
+        raise LookupError(f"the latest run is the ablation {newest.info.run_name} ({parent_id}) with no arms yet; pass --run RUN_ID")
     parent_name = client.get_run(parent_id).info.run_name
-    console.print(f"plotting the {len(arms)} arms of the latest ablation, {parent_name} ({parent_id})", highlight=False, soft_wrap=True)
+    _say(f"plotting the {len(arms)} arms of the latest ablation, {parent_name} ({parent_id})")
     return arms
 
 

@@ -233,6 +233,7 @@ class CheckpointSpec(_Section):
     @field_validator("dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
+        """Fixed when the spec is built, so a resumed run finds it from anywhere."""
         return value.expanduser().absolute()
 
 

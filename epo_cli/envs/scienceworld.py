@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from functools import lru_cache
+
 from epo_cli.envs.base import EnvStep, TaskInstance
 from epo_cli.paths import cache_dir
 
