@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from epo_cli.spec import ExperimentSpec, resolve_spec, spec_to_yaml
-from epo_cli.tracking import Tracker, connect
+from epo_cli.tracking import Tracker, connect, resolve_uri
 
 
 def _algo(name: str) -> dict[str, Any]:
@@ -131,6 +131,8 @@ def run_ablation(
         for seed in seeds
     }
     first = next(iter(specs.values()))
+    where = f"tracking: {resolve_uri(first.tracking.uri)}; checkpoints: {first.checkpoint.dir}"
+    console.print(where, highlight=False, soft_wrap=True)
     key = _parent_key(ablation, resolve_spec(spec_file, deep_merge_all(flags, _algo(base)), overrides), seeds)
     parent = _find_or_create_parent(first, ablation, base, seeds, key)
     client = parent.client

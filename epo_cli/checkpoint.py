@@ -1,4 +1,6 @@
-"""Checkpoints written atomically: a temporary folder renamed into place when complete."""
+"""Checkpoints: written atomically (a temporary folder renamed into place when complete)
+and read without running any code: tensors in safetensors files, everything else in JSON.
+This module alone reads and writes the format."""
 
 from __future__ import annotations
 
@@ -12,8 +14,146 @@ from typing import Any
 
 import torch
 
-STATE_FILE = "trainer_state.pt"
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
 META_FILE = "checkpoint.json"
+PICKLED_STATE = "trainer_state.pt"  # the earlier, pickled format: refused
+POLICY_DIR = "policy"
+STATE_FORMAT = 1
+# JSON stand-ins for what JSON lacks: a tensor (by its key in the safetensors file), a
+# tuple, and a dict whose keys are not all strings.
+TENSOR, TUPLE, ITEMS = "__tensor__", "__tuple__", "__items__"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (missing, truncated, corrupt or unsafe); the
+    message is one line naming the file."""
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor], aliases: dict[tuple, str]) -> Any:
+    """``value`` as JSON data, its tensors moved into ``tensors``."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        alias = (storage, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if alias in aliases:  # the same tensor again (tied weights): stored once
+            return {TENSOR: aliases[alias]}
+        if any(seen[0] == storage for seen in aliases):  # another view of stored memory
+            tensor = tensor.clone()
+        key = str(len(tensors))
+        tensors[key] = tensor
+        aliases[(tensor.untyped_storage().data_ptr(), tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))] = key
+        return {TENSOR: key}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and k not in (TENSOR, TUPLE, ITEMS) for k in value):
+            return {k: _encode(v, tensors, aliases) for k, v in value.items()}
+        return {ITEMS: [[_encode(k, tensors, aliases), _encode(v, tensors, aliases)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {TUPLE: [_encode(v, tensors, aliases) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, tensors, aliases) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"checkpoint state: cannot store a {type(value).__name__} (tensors, numbers, strings, lists, tuples and dicts only)")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if TENSOR in value:
+        return tensors[value[TENSOR]]
+    if TUPLE in value:
+        return tuple(_decode(v, tensors) for v in value[TUPLE])
+    if ITEMS in value:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in value[ITEMS]}
+    return {k: _decode(v, tensors) for k, v in value.items()}
+
+
+def write_state(folder: Path, state: dict[str, Any]) -> None:
+    """``state`` (nested dicts, lists, tuples, numbers, strings, tensors) as
+    ``trainer_state.safetensors`` + ``trainer_state.json`` in ``folder``."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    document = {"format": STATE_FORMAT, "state": _encode(state, tensors, {})}
+    save_file(tensors, str(folder / STATE_TENSORS))
+    (folder / STATE_JSON).write_text(json.dumps(document))
+
+
+def _unreadable(checkpoint: Path, path: Path, problem: str) -> CheckpointError:
+    """The error for a bad file of ``checkpoint``, naming the run's previous checkpoint if any."""
+    earlier = sorted(p for p in checkpoint.parent.glob("step_*") if p.name < checkpoint.name and (p / META_FILE).exists())
+    hint = f"; the run's previous checkpoint is {earlier[-1]}" if earlier else ""
+    return CheckpointError(f"checkpoint file {path}: {problem}{hint}")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """What :func:`write_state` wrote; a pickled, missing, truncated or corrupt state is
+    a :class:`CheckpointError` (nothing in the files is ever executed)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / STATE_JSON).exists() and (folder / PICKLED_STATE).exists():
+        raise CheckpointError(
+            f"checkpoint file {folder / PICKLED_STATE}: a pickled state (older epo checkpoint format) is refused, "
+            "because loading a pickle can run arbitrary code"
+        )
+    try:
+        document = json.loads((folder / STATE_JSON).read_text())
+        state = document["state"] if document.get("format") == STATE_FORMAT else None
+    except OSError as err:
+        raise _unreadable(folder, folder / STATE_JSON, f"cannot be read ({_first_line(err)})") from None
+    except (ValueError, KeyError, AttributeError) as err:
+        raise _unreadable(folder, folder / STATE_JSON, f"truncated or corrupt ({_first_line(err)})") from None
+    if state is None:
+        raise _unreadable(folder, folder / STATE_JSON, f"not an epo trainer state of format {STATE_FORMAT}")
+    try:
+        tensors = load_file(str(folder / STATE_TENSORS))
+    except (OSError, SafetensorError) as err:
+        raise _unreadable(folder, folder / STATE_TENSORS, f"truncated or corrupt ({_first_line(err)})") from None
+    try:
+        return _decode(state, tensors)
+    except (KeyError, TypeError, ValueError) as err:
+        problem = f"does not match {STATE_TENSORS} ({_first_line(err)})"
+        raise _unreadable(folder, folder / STATE_JSON, problem) from None
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """The checkpoint's JSON summary (step, MLflow run id, entropy history)."""
+    folder = Path(folder)
+    path = folder / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except OSError as err:
+        raise _unreadable(folder, path, f"cannot be read ({_first_line(err)})") from None
+    except ValueError as err:
+        raise _unreadable(folder, path, f"truncated or corrupt ({_first_line(err)})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise _unreadable(folder, path, "expected a JSON object with an integer 'step'")
+    return meta
+
+
+def load_policy(folder: Path, dtype: str):
+    """The checkpoint's policy, from safetensors weights only (never a pickled .bin)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    policy_dir = folder / POLICY_DIR
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            policy_dir, dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True
+        )
+    except Exception as err:  # transformers raises many kinds for a damaged model folder
+        weights = policy_dir / "model.safetensors"
+        where = weights if weights.exists() else policy_dir
+        raise _unreadable(folder, where, f"cannot be loaded ({_first_line(err)})") from None
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -37,17 +177,18 @@ def save_checkpoint(
     keep: int,
     policy_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``root/step_NNNNNN`` (policy in transformers format, everything else in one
-    torch file, a JSON summary, the spec; ``policy_state`` replaces the policy's own weights,
-    e.g. gathered from shards) and keep the newest ``keep`` checkpoints. A crash
-    mid-write leaves only a hidden temporary folder; earlier checkpoints are untouched."""
+    """Write ``root/step_NNNNNN`` (policy in transformers format with safetensors weights,
+    the trainer state via :func:`write_state`, a JSON summary, the spec; ``policy_state``
+    replaces the policy's own weights, e.g. gathered from shards) and keep the newest
+    ``keep`` checkpoints. A crash mid-write leaves only a hidden temporary folder; earlier
+    checkpoints are untouched."""
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step_{step:06d}"
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
     try:
-        policy.save_pretrained(staging / "policy", state_dict=policy_state)
-        tokenizer.save_pretrained(staging / "policy")
-        torch.save(trainer_state, staging / STATE_FILE)
+        policy.save_pretrained(staging / POLICY_DIR, state_dict=policy_state)
+        tokenizer.save_pretrained(staging / POLICY_DIR)
+        write_state(staging, trainer_state)
         (staging / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))
         (staging / "spec.yaml").write_text(spec_yaml)
         if target.exists():

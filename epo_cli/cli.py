@@ -32,7 +32,9 @@ Steps = Annotated[Optional[int], typer.Option(help="train.steps: RL steps K.")]
 Seed = Annotated[Optional[int], typer.Option(help="train.seed.")]
 Model = Annotated[Optional[str], typer.Option(help="model.name: smollm2-135m, tiny, a local directory or a cached hub id.")]
 RunName = Annotated[Optional[str], typer.Option(help="tracking.run_name.")]
-TrackingUri = Annotated[Optional[str], typer.Option(help="tracking.uri (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")]
+TrackingUri = Annotated[
+    Optional[str], typer.Option(help="tracking.uri (default $MLFLOW_TRACKING_URI, else $EPO_HOME/mlflow.db, ~/.epo).")
+]
 Scale = Annotated[Optional[str], typer.Option(help="scale: cpu or paper (default: paper with a GPU, else cpu).")]
 Strategy = Annotated[Optional[str], typer.Option(help="distributed.strategy under torchrun: ddp or fsdp2.")]
 RolloutBackend = Annotated[Optional[str], typer.Option(help="rollout.backend: transformers or vllm.")]
@@ -77,6 +79,11 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _say(message: str) -> None:
+    """A line of plain text (paths and ids are never wrapped or colored)."""
+    console.print(message, highlight=False, soft_wrap=True, markup=False)
 
 
 def _fail(message: str) -> None:
@@ -151,6 +158,8 @@ def train(
         f"<= {resolved.env.max_turns} turns, model {resolved.model.name}"
         + (f", {dist.world_size} processes ({resolved.distributed.strategy})" if dist.enabled else "")
     )
+    where = f"tracking: {resolve_uri(resolved.tracking.uri)}; checkpoints: {resolved.checkpoint.dir}"
+    out.print(where, highlight=False, soft_wrap=True)
     if resolved.scale == "paper" and dist.device.type != "cuda":
         out.print("[yellow]warning:[/] paper scale without a GPU will take a very long time")
     try:
@@ -216,7 +225,7 @@ def spec_check(files: list[Path]) -> None:
 
 
 @app.command()
-def envs(data_dir: Annotated[Optional[Path], typer.Option(help="env.data_dir, for every environment.")] = None) -> None:
+def envs(data_dir: Annotated[Optional[Path], typer.Option(help="ALFWorld's env.data_dir.")] = None) -> None:
     """List environments, their splits, task counts and task types."""
     from epo_cli.envs.registry import ENVS, DataError, load_split, splits_of
 
@@ -243,25 +252,32 @@ app.add_typer(data_app, name="data")
 @data_app.command("prepare")
 def data_prepare(
     env: Annotated[str, typer.Argument(help="alfworld")],
-    from_: Annotated[Path, typer.Option("--from", help="Folder with alfworld-json_2.1.1-{train,valid}.tar.gz.")],
-    to: Annotated[Optional[Path], typer.Option(help="Target data folder (default: $ALFWORLD_DATA or the epo cache).")] = None,
+    from_: Annotated[
+        Optional[Path], typer.Option("--from", help="Folder with alfworld-json_2.1.1-{train,valid}.tar.gz (default: download).")
+    ] = None,
+    to: Annotated[Optional[Path], typer.Option(help="Target data folder (default: $ALFWORLD_DATA, else ~/.cache/alfworld).")] = None,
 ) -> None:
-    """Extract ALFWorld's json_2.1.1 archives into a data folder (as `alfworld-download` lays it out)."""
+    """Get ALFWorld's json_2.1.1 games: run the official `alfworld-download`, or extract the
+    release archives (`--from`) into the same layout."""
     import os
 
     from epo_cli.envs import alfworld
-    from epo_cli.paths import cache_dir
 
     if env != "alfworld":
-        _fail(f"`epo data prepare` knows alfworld only (ScienceWorld's data ships with its package), got {env!r}")
-    target = to or Path(os.environ.get("ALFWORLD_DATA") or cache_dir() / "data" / "alfworld")
+        _fail(f"`epo data prepare` knows alfworld only (ScienceWorld's splits come from its engine), got {env!r}")
+    target = to or Path(os.environ.get("ALFWORLD_DATA") or alfworld.default_download_dir())
     try:
-        alfworld.prepare(from_, target)
-    except FileNotFoundError as err:
+        if from_ is None:
+            console.print(f"downloading ALFWorld data with `{alfworld.DOWNLOAD_SCRIPT}` into {target} (several minutes)")
+            alfworld.download(target)
+        else:
+            alfworld.prepare(from_, target)
+    except (FileNotFoundError, ConnectionError) as err:
         _fail(str(err))
-    for split in alfworld.SPLITS:
-        console.print(f"{split}: {len(alfworld.load_split(target, split)) if (target / 'json_2.1.1' / alfworld.SPLITS[split]).is_dir() else 0} games")
-    console.print(f"ready: export ALFWORLD_DATA={target}")
+    for split, folder in alfworld.SPLITS.items():
+        games = len(alfworld.load_split(target, split)) if (target / "json_2.1.1" / folder).is_dir() else 0
+        console.print(f"{split}: {games} games")
+    console.print(f"ready: {target}" + (f" (export ALFWORLD_DATA={target}, or pass --set env.data_dir={target})" if to else ""))
 
 
 @app.command(name="eval")
@@ -316,12 +332,25 @@ def eval_(
         console.print(f"logged to MLflow run {run_id} at step {step}")
 
 
+def _parse_seeds(values: list[str]) -> list[int]:
+    """``["0,1", "2"]`` -> ``[0, 1, 2]``: comma-separated and repeated --seeds alike."""
+    seeds = []
+    for part in (p.strip() for value in values for p in value.split(",")):
+        try:
+            seeds.append(int(part))
+        except ValueError:
+            _fail(f"--seeds: expected integers, e.g. --seeds 0,1,2 or --seeds 0 --seeds 1; got {part!r}")
+    if len(set(seeds)) != len(seeds):
+        _fail(f"--seeds: each seed once, got {', '.join(map(str, seeds))}")
+    return seeds
+
+
 @app.command()
 def ablate(
     ablation: Annotated[str, typer.Argument(help="smoothing, weighting, penalty-form, history, decay, ea or baseline.")],
     env: Env = None,
     algo: Annotated[str, typer.Option(help="The base algorithm: ppo or grpo.")] = "ppo",
-    seeds: Annotated[list[int], typer.Option(help="Seeds, e.g. --seeds 0 --seeds 1.")] = [0],  # noqa: B006
+    seeds: Annotated[list[str], typer.Option(help="Seeds: --seeds 0,1,2 or --seeds 0 --seeds 1.")] = ["0"],  # noqa: B006
     spec: SpecFile = None,
     set_: Sets = None,
     steps: Steps = None,
@@ -340,10 +369,11 @@ def ablate(
     base = algo.removesuffix("+epo")
     if base not in ("ppo", "grpo"):
         _fail(f"--algo: expected ppo or grpo, got {algo!r}")
+    seed_list = _parse_seeds(seeds)
     _quiet_libraries()
     flags = _flags(env=env, steps=steps, model=model, tracking_uri=tracking_uri, scale=scale)
     try:
-        parent_id, rows = run_ablation(ablation, base, seeds, spec, flags, set_ or [], console)
+        parent_id, rows = run_ablation(ablation, base, seed_list, spec, flags, set_ or [], console)
     except (SpecError, DataError, ModelError, TrackingError, EnvWorkerError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     print_summary(console, ablation, parent_id, rows)
@@ -353,36 +383,63 @@ def ablate(
 @app.command()
 def plot(
     kind: Annotated[str, typer.Argument(help="entropy, reward, success, corridor or ablation.")],
-    run: Annotated[Optional[list[str]], typer.Option(help="Run id or run name (repeatable, overlaid).")] = None,
-    parent: Annotated[Optional[str], typer.Option(help="Ablation parent run id (for `ablation`).")] = None,
+    run: Annotated[
+        Optional[list[str]], typer.Option(help="Run id or run name (repeatable, overlaid); default: the latest run.")
+    ] = None,
+    parent: Annotated[Optional[str], typer.Option(help="Ablation parent run id (for `ablation`); default: the latest.")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "epo",
     metric: Annotated[str, typer.Option(help="Metric of the ablation figure.")] = "train/reward_mean",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs/plots"),
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Draw a figure from MLflow runs as PNG and SVG."""
+    """Draw a figure from MLflow runs as PNG and SVG (by default from the latest run, or
+    the arms of the latest ablation)."""
     from epo_cli.plots import PLOTS, PlotError, draw
-    from epo_cli.tracking import TrackingError, connect
+    from epo_cli.tracking import TrackingError, connect, resolve_uri
 
     if kind not in PLOTS:
         _fail(f"plot kind {kind!r} is unknown; expected one of {', '.join(PLOTS)}")
     try:
         client, experiment_id = connect(tracking_uri, experiment)
+        where = f"experiment {experiment!r} of {resolve_uri(tracking_uri)}"
         if kind == "ablation":
             if not parent:
-                _fail("`epo plot ablation` needs --parent RUN_ID (printed by `epo ablate`)")
+                latest = client.search_runs(
+                    [experiment_id], "tags.`epo.ablation.key` != ''", order_by=["attributes.start_time DESC"], max_results=1
+                )
+                if not latest:
+                    _fail(f"no ablation in {where}: run `epo ablate`, or pass --parent RUN_ID")
+                parent = latest[0].info.run_id
+                _say(f"plotting the latest ablation, {latest[0].info.run_name} ({parent})")
             runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'")
             name = f"ablation_{parent[:8]}"
         else:
-            if not run:
-                _fail(f"`epo plot {kind}` needs --run RUN_ID_OR_NAME")
-            runs = [_find_run(client, experiment_id, r) for r in run]
+            runs = [_find_run(client, experiment_id, r) for r in run] if run else _latest_runs(client, experiment_id, where)
             name = f"{kind}_" + "_".join(r.info.run_id[:8] for r in runs)
         paths = draw(kind, client, runs, out, name, metric)
     except (TrackingError, PlotError, LookupError) as err:
         _fail(str(err))
     for path in paths:
         console.print(f"wrote {path}")
+
+
+def _latest_runs(client, experiment_id: str, where: str) -> list:
+    """The newest run or, when it is an ablation's, every arm of that ablation; says which."""
+    found = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    if not found:
+        raise LookupError(f"no runs in {where}: train one with `epo train`, or pass --run RUN_ID")
+    newest = found[0]
+    tags = newest.data.tags
+    parent_id = tags.get("mlflow.parentRunId") or (newest.info.run_id if "epo.ablation.key" in tags else None)
+    if parent_id is None:
+        _say(f"plotting the latest run, {newest.info.run_name} ({newest.info.run_id})")
+        return [newest]
+    arms = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", order_by=["attributes.start_time ASC"])
+    if not arms:
+        raise LookupError(f"the latest run is the ablation {newest.info.run_name} ({parent_id}) with no arms yet; pass --run RUN_ID")
+    parent_name = client.get_run(parent_id).info.run_name
+    _say(f"plotting the {len(arms)} arms of the latest ablation, {parent_name} ({parent_id})")
+    return arms
 
 
 def _find_run(client, experiment_id: str, id_or_name: str):

@@ -131,24 +131,22 @@ def evaluate_checkpoint(
 ) -> tuple[list[EvalResult], str | None, int]:
     """Evaluate a saved policy on ``splits``; log to its training run when that run is
     known. Returns (results, run id, checkpoint step)."""
-    import json
-
-    from epo_cli.checkpoint import META_FILE
+    from epo_cli.checkpoint import POLICY_DIR, load_policy, read_meta
     from epo_cli.envs.registry import env_batch_for
-    from epo_cli.models import load_causal_lm, load_tokenizer
+    from epo_cli.models import load_tokenizer
     from epo_cli.spec import resolve_spec
     from epo_cli.tracking import Tracker
 
-    meta = json.loads((checkpoint_dir / META_FILE).read_text())
+    meta = read_meta(checkpoint_dir)
     overrides = []
     if episodes is not None:
         overrides.append(f"eval.episodes={episodes}")
     if temperature is not None:
         overrides.append(f"eval.temperature={temperature}")
     spec = resolve_spec(checkpoint_dir / "spec.yaml", overrides=overrides)
-    policy_dir = checkpoint_dir / "policy"
+    policy_dir = checkpoint_dir / POLICY_DIR
     tokenizer = load_tokenizer(str(policy_dir))
-    policy = load_causal_lm(str(policy_dir), spec.model.dtype).eval() if spec.rollout.backend == "transformers" else None
+    policy = load_policy(checkpoint_dir, spec.model.dtype).eval() if spec.rollout.backend == "transformers" else None
     sampler = build_sampler(spec, policy, tokenizer, torch.Generator(), model_dir=policy_dir)
     envs = env_batch_for(spec.env, min(spec.eval.episodes, spec.rollout.generation_batch_size))
     try:

@@ -1,4 +1,4 @@
-"""Where the toolkit keeps what it makes: the model and data cache."""
+"""Where the toolkit keeps what it makes: the model and data cache, the runs and checkpoints."""
 
 import os
 from pathlib import Path
@@ -7,3 +7,8 @@ from pathlib import Path
 def cache_dir() -> Path:
     """``$EPO_CACHE_DIR``, else ``~/.cache/epo``."""
     return Path(os.environ.get("EPO_CACHE_DIR", Path.home() / ".cache" / "epo"))
+
+
+def epo_home() -> Path:
+    """``$EPO_HOME``, else ``~/.epo``: the default MLflow store and checkpoint root (absolute)."""
+    return Path(os.environ.get("EPO_HOME") or Path.home() / ".epo").expanduser().absolute()

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from epo_cli.paths import epo_home
 
 ALGOS = ("ppo", "grpo", "ppo+epo", "grpo+epo")
 VARIANTS = ("epo", "epo-base", "no-dw", "indicator", "decay", "ea")
@@ -66,8 +68,8 @@ class EnvSpec(_Section):
     train_split: str = "train"
     data_dir: Path | None = Field(
         None,
-        description="Directory with the split files; default $EPO_DATA_DIR/<env> or "
-        "../shared/data/<env>.",
+        description="ALFWorld's data folder (holding json_2.1.1); default $ALFWORLD_DATA, "
+        "$EPO_DATA_DIR/alfworld, ~/.cache/alfworld. ScienceWorld's splits come from its engine.",
     )
     jvm_heap: str = Field("512m", pattern=r"^\d+[mMgG]$", description="ScienceWorld JVM -Xmx.")
     workers: int = Field(2, ge=0, description="Engine worker processes (0: engines in the trainer's process).")
@@ -227,15 +229,27 @@ class EvalSpec(_Section):
 
 
 class TrackingSpec(_Section):
-    uri: str | None = Field(None, description="MLflow URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db.")
+    uri: str | None = Field(
+        None, description="MLflow URI; default $MLFLOW_TRACKING_URI, else the SQLite store $EPO_HOME/mlflow.db (~/.epo)."
+    )
     experiment: str = "epo"
     run_name: str | None = None
 
 
 class CheckpointSpec(_Section):
-    dir: Path = Path("checkpoints")
+    dir: Path = Field(
+        default_factory=lambda: epo_home() / "checkpoints",
+        description="Checkpoint root, default $EPO_HOME/checkpoints (~/.epo); a relative path is taken from "
+        "the current directory and kept absolute, so runs are found from any directory.",
+    )
     every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep: int = Field(2, gt=0)
+
+    @field_validator("dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        """Fixed when the spec is built, so a resumed run finds it from anywhere."""
+        return value.expanduser().absolute()
 
 
 class DistributedSpec(_Section):
@@ -257,13 +271,15 @@ class ExperimentSpec(_Section):
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
     tracking: TrackingSpec = TrackingSpec()
-    checkpoint: CheckpointSpec = CheckpointSpec()
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)  # built when used: $EPO_HOME may change
     distributed: DistributedSpec = DistributedSpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:
         if self.algo.base == "grpo" and self.rollout.group_size < 2:
             raise ValueError("rollout.group_size must be >= 2 for GRPO (group advantages)")
+        if self.env.name == "scienceworld" and self.env.data_dir is not None:
+            raise ValueError("env.data_dir: ScienceWorld needs no data folder (its splits come from the engine); remove it")
         if self.optim.micro_batch_size > self.optim.mini_batch_size:
             raise ValueError("optim.micro_batch_size must not exceed optim.mini_batch_size")
         if self.rollout.constrain != "none" and self.rollout.backend != "transformers":

@@ -1,12 +1,15 @@
-"""MLflow tracking: a SQLite store by default, metrics in one batch per step."""
+"""MLflow tracking: a SQLite store under the epo home by default, metrics in one batch per step."""
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
-DEFAULT_URI = "sqlite:///mlflow.db"
+from epo_cli.paths import epo_home
+
+SQLITE_PREFIX = "sqlite:///"
 
 
 class TrackingError(RuntimeError):
@@ -14,21 +17,35 @@ class TrackingError(RuntimeError):
 
 
 def resolve_uri(uri: str | None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``$EPO_HOME/mlflow.db`` (its folder created)."""
+    if uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri or os.environ["MLFLOW_TRACKING_URI"]
+    home = epo_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"{SQLITE_PREFIX}{home / 'mlflow.db'}"
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """A SQLite store keeps a new experiment's artifacts beside its database file (MLflow's
+    own default is ./mlruns of whatever directory the experiment was created from)."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    database = Path(uri.removeprefix(SQLITE_PREFIX).split("?", 1)[0]).absolute()
+    return (database.parent / "mlartifacts" / experiment).as_uri()
 
 
 def connect(uri: str | None, experiment: str):
     """(client, experiment id) for a store, creating the experiment if needed; any store
     failure becomes a TrackingError naming the URI."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     resolved = resolve_uri(uri)
-    try:
-        mlflow.set_tracking_uri(resolved)
+    try:  # a client of its own: mlflow.set_tracking_uri would also set $MLFLOW_TRACKING_URI for the process
         client = MlflowClient(resolved)
         found = client.get_experiment_by_name(experiment)
-        return client, (found.experiment_id if found else client.create_experiment(experiment))
+        if found:
+            return client, found.experiment_id
+        return client, client.create_experiment(experiment, artifact_location=artifact_location(resolved, experiment))
     except Exception as err:
         raise TrackingError(f"MLflow store {resolved} is not usable: {str(err).splitlines()[0]}") from None
 

@@ -234,12 +234,9 @@ class Trainer:
         """Restore everything a checkpoint holds; return its MLflow run id. With another
         number of processes than the one that wrote it, each rank's sampling stream is
         reseeded (the models, optimizers and EPO state are restored exactly)."""
-        import json
-
-        from transformers import AutoModelForCausalLM
-
-        saved = AutoModelForCausalLM.from_pretrained(checkpoint_dir / "policy", dtype=getattr(torch, self.spec.model.dtype))
-        state = torch.load(checkpoint_dir / ckpt.STATE_FILE, weights_only=False)
+        meta = ckpt.read_meta(checkpoint_dir)
+        state = ckpt.read_state(checkpoint_dir)
+        saved = ckpt.load_policy(checkpoint_dir, self.spec.model.dtype)
         self.learner.load_state_dict(state["learner"], saved.state_dict())
         self._sync_sampler()
         self.step = state["step"]
@@ -248,7 +245,7 @@ class Trainer:
             ckpt.restore_rng_state(state["rng"][self.dist.rank], self.sample_generator)
         else:
             self.sample_generator.manual_seed(self._rank_seed() + self.step)
-        return json.loads((checkpoint_dir / ckpt.META_FILE).read_text())["mlflow_run_id"]
+        return meta["mlflow_run_id"]
 
     def close(self) -> None:
         self.sampler.close()

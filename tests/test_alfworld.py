@@ -1,5 +1,8 @@
 """The real ALFWorld / TextWorld engine on the real json_2.1.1 games."""
 
+import subprocess
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -57,18 +60,68 @@ def test_engine_is_reused_across_games():
         engine.close()
 
 
-def test_missing_data_says_where_and_how(tmp_path, monkeypatch):
+def _no_alfworld_data(tmp_path, monkeypatch):
+    """A machine without any ALFWorld data: no variables, an empty home and epo cache."""
     monkeypatch.delenv("ALFWORLD_DATA", raising=False)
     monkeypatch.setenv("EPO_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EPO_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
+
+
+def test_missing_data_says_where_and_how(tmp_path, monkeypatch):
+    _no_alfworld_data(tmp_path, monkeypatch)
     with pytest.raises(DataError) as err:
         data_dir("alfworld", None)
     message = str(err.value)
-    assert str(tmp_path / "alfworld") in message and "epo data prepare alfworld" in message and "ALFWORLD_DATA" in message
+    assert str(tmp_path / "alfworld") in message and str(tmp_path / "home" / ".cache" / "alfworld") in message
+    assert "epo data prepare alfworld" in message and "ALFWORLD_DATA" in message
     (tmp_path / "empty").mkdir(parents=True)
     (tmp_path / "empty" / "json_2.1.1").mkdir()
     with pytest.raises(FileNotFoundError, match="no game.tw-pddl files"):
         load_split("alfworld", tmp_path / "empty", "iid")
+
+
+def test_alfworld_downloads_default_folder_is_found(tmp_path, monkeypatch):
+    _no_alfworld_data(tmp_path, monkeypatch)
+    downloaded = tmp_path / "home" / ".cache" / "alfworld"
+    (downloaded / "json_2.1.1").mkdir(parents=True)
+    assert data_dir("alfworld", None) == downloaded
+    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere" / "json_2.1.1").mkdir(parents=True)
+    assert data_dir("alfworld", None) == tmp_path / "elsewhere"  # the variable comes first
+
+
+def test_data_prepare_runs_the_official_download(tmp_path, monkeypatch):
+    _no_alfworld_data(tmp_path, monkeypatch)
+    calls = []
+
+    def fake_download(command, **kwargs):
+        calls.append(command)
+        game = Path(command[command.index("--data-dir") + 1]) / "json_2.1.1" / "valid_seen" / "look_at_obj_in_light-x" / "trial_1"
+        game.mkdir(parents=True)
+        (game / alfworld.GAME_FILE).write_text("{}")
+        return subprocess.CompletedProcess(command, 0, stderr="")
+
+    monkeypatch.setattr(alfworld.subprocess, "run", fake_download)
+    result = CliRunner().invoke(app, ["data", "prepare", "alfworld"])
+    assert result.exit_code == 0, result.output
+    target = tmp_path / "home" / ".cache" / "alfworld"
+    assert calls[0][1].endswith("alfworld-download") and calls[0][2:] == ["--data-dir", str(target)]
+    assert "iid: 1 games" in result.output and "train: 0 games" in result.output
+    assert data_dir("alfworld", None) == target
+
+
+def test_data_prepare_offline_says_where_to_get_the_games(tmp_path, monkeypatch):
+    _no_alfworld_data(tmp_path, monkeypatch)
+    offline = "requests.exceptions.ConnectionError: Failed to resolve 'github.com'"
+    monkeypatch.setattr(alfworld.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 1, stderr=f"Traceback\n{offline}\n"))
+    result = CliRunner().invoke(app, ["data", "prepare", "alfworld"])
+    assert result.exit_code == 2
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and offline in error[0]
+    assert "https://github.com/alfworld/alfworld/releases/download/0.2.2/json_2.1.1_json.zip" in error[0]
+    assert "--from DIR_WITH_ARCHIVES" in error[0]
 
 
 def test_data_prepare_extracts_the_archives(tmp_path):

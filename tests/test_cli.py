@@ -47,7 +47,7 @@ def test_train_ppo_epo_end_to_end(tmp_path):
     spec = yaml.safe_load(client.download_artifacts(run.info.run_id, "spec.yaml", str(tmp_path)) and (tmp_path / "spec.yaml").read_text())
     assert spec["train"]["steps"] == 2
     checkpoint = tmp_path / "ckpt" / run.info.run_id / "step_000002"
-    assert (checkpoint / "policy" / "config.json").exists() and (checkpoint / "trainer_state.pt").exists()
+    assert (checkpoint / "policy" / "config.json").exists() and (checkpoint / "trainer_state.safetensors").exists()
 
     # `epo eval` by run id finds that checkpoint, plays fixed episodes, logs at its step.
     uri = f"sqlite:///{tmp_path}/mlflow.db"

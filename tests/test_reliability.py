@@ -1,6 +1,8 @@
 """Faults and bad input: each gets a clear error or a defined outcome, never a lost run."""
 
 import math
+import pickle
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -28,7 +30,7 @@ def test_a_crash_mid_checkpoint_leaves_the_previous_one_intact(tmp_path, monkeyp
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(ckpt, "write_state", crash)
     with pytest.raises(OSError, match="disk full"):
         ckpt.save_checkpoint(tmp_path, 2, FakePolicy(), FakePolicy(), {"step": 2}, {}, "spec: 2\n", keep=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]  # no partial folder left
@@ -40,6 +42,93 @@ def test_keep_the_last_n_checkpoints(tmp_path):
     for step in range(1, 5):
         ckpt.save_checkpoint(tmp_path, step, FakePolicy(), FakePolicy(), {}, {}, "", keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003", "step_000004"]
+
+
+def _state_like_a_learners():
+    """Nested dicts and lists, tuples, int keys, tied and scalar tensors, RNG states."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    tied = torch.arange(6.0).reshape(2, 3)
+    return {
+        "optimizer": optimizer.state_dict(),  # int keys, tuple betas, tensor step
+        "weights": {"embed": tied, "lm_head": tied, "row": tied[1]},
+        "rng": ckpt.rng_state(torch.Generator().manual_seed(3)),
+        "history": {"step_means": [0.5, float("nan")], "turn_means": [{"0": 1.5}]},
+        "position": 7,
+        "nothing": None,
+    }
+
+
+def test_trainer_state_round_trips_through_safetensors_and_json(tmp_path):
+    state = _state_like_a_learners()
+    ckpt.write_state(tmp_path, state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ckpt.STATE_TENSORS, ckpt.STATE_JSON])
+    loaded = ckpt.read_state(tmp_path)
+    assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]  # tuples and all
+    for param_id, saved in state["optimizer"]["state"].items():
+        assert set(loaded["optimizer"]["state"][param_id]) == set(saved)
+        for key, value in saved.items():
+            assert torch.equal(loaded["optimizer"]["state"][param_id][key], value)
+    for name, tensor in state["weights"].items():
+        assert torch.equal(loaded["weights"][name], tensor)
+    assert loaded["rng"]["python"] == state["rng"]["python"]
+    random_state = random.getstate()
+    random.setstate(loaded["rng"]["python"])  # accepted as the tuple it was
+    random.setstate(random_state)
+    assert torch.equal(loaded["rng"]["torch"], state["rng"]["torch"])
+    assert math.isnan(loaded["history"]["step_means"][1]) and loaded["history"]["turn_means"] == [{"0": 1.5}]
+    assert (loaded["position"], loaded["nothing"]) == (7, None)
+
+
+def test_a_state_that_is_not_data_is_not_written(tmp_path):
+    with pytest.raises(TypeError, match="cannot store a function"):
+        ckpt.write_state(tmp_path, {"scheduler": {"lr_lambda": lambda step: 1.0}})
+
+
+class RunsCode:
+    """Unpickling this runs code: it touches a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_with_a_pickled_payload_is_refused(tmp_path):
+    marker = tmp_path / "code-ran"
+    folder = tmp_path / "run" / "step_000001"
+    folder.mkdir(parents=True)
+    torch.save({"step": 1, "payload": RunsCode(marker)}, folder / ckpt.PICKLED_STATE)  # the old format
+    with pytest.raises(ckpt.CheckpointError, match=r"trainer_state.pt: a pickled state .* refused") as err:
+        ckpt.read_state(folder)
+    assert "\n" not in str(err.value)
+    ckpt.write_state(folder, {"step": 1})
+    (folder / ckpt.STATE_TENSORS).write_bytes(pickle.dumps(RunsCode(marker)))  # a pickle in place of tensors
+    with pytest.raises(ckpt.CheckpointError, match=f"checkpoint file {folder / ckpt.STATE_TENSORS}: truncated or corrupt"):
+        ckpt.read_state(folder)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damaged", [ckpt.STATE_TENSORS, ckpt.STATE_JSON, ckpt.META_FILE])
+def test_a_truncated_checkpoint_is_one_line_naming_the_file_and_the_previous_one_still_loads(tmp_path, damaged):
+    state = {"step": 0, "learner": {"weights": torch.ones(64, 64)}}
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, step, FakePolicy(), FakePolicy(), {**state, "step": step}, {"mlflow_run_id": "r"}, "", keep=3)
+    latest = ckpt.latest_checkpoint(tmp_path)
+    data = (latest / damaged).read_bytes()
+    (latest / damaged).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.read_meta(latest)
+        ckpt.read_state(latest)
+    message = str(err.value)
+    assert "\n" not in message and str(latest / damaged) in message and "truncated or corrupt" in message
+    assert message.endswith(f"the run's previous checkpoint is {tmp_path / 'step_000001'}")
+    previous = tmp_path / "step_000001"
+    assert ckpt.read_meta(previous)["step"] == 1
+    assert torch.equal(ckpt.read_state(previous)["learner"]["weights"], torch.ones(64, 64))
 
 
 def _bare_learner(param):

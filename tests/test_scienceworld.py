@@ -1,12 +1,16 @@
 """The real ScienceWorld engine (Java): task ids, splits, and a won episode."""
 
-import os
+import json
+from pathlib import Path
 
 import pytest
 
 from epo_cli.envs import scienceworld
 from epo_cli.envs.base import TaskInstance
-from epo_cli.envs.registry import DataError, data_dir, load_split
+from epo_cli.envs.registry import load_split
+from epo_cli.spec import SpecError, resolve_spec
+
+SPLIT_FILES = Path(__file__).resolve().parents[2] / "shared" / "data" / "scienceworld"
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +30,52 @@ def test_task_ids_match_the_installed_engine(engine):
 
 def test_split_sizes_match_the_paper_protocol():
     sizes = {split: len(load_split("scienceworld", None, split)) for split in scienceworld.SPLITS}
-    assert sizes == {"train": 3322, "iid": 1661, "ood": 1684, "l2": 549}
+    assert sizes == {"train": 3322, "iid": 1661, "ood": 1684, "l2": 549, "l2-train": 2242}
     train = load_split("scienceworld", None, "train")
     assert len({t.task_type for t in train}) == 29
     assert "use-thermometer" not in {t.task_type for t in train}
     boil_iid = sorted(t.variation for t in load_split("scienceworld", None, "iid") if t.task_type == "boil")
     assert boil_iid == list(range(14, 21))
+    held_out = {t.task_id for t in load_split("scienceworld", None, "l2")}
+    assert held_out == set(scienceworld.L2_HELD_OUT)
+    assert not held_out & {t.task_id for t in load_split("scienceworld", None, "l2-train")}
+
+
+@pytest.mark.skipif(not (SPLIT_FILES / "L0_idx.json").exists(), reason="the paper's split files are not on this machine")
+def test_engine_splits_agree_with_the_papers_split_files():
+    def pairs(split):
+        return sorted([t.task_id, t.variation] for t in load_split("scienceworld", None, split))
+
+    files = {name: json.loads((SPLIT_FILES / f"{name}_idx.json").read_text()) for name in ("L0", "L1", "L2")}
+    assert pairs("train") == sorted(files["L0"]["train"]) == sorted(files["L1"]["train"])
+    assert pairs("iid") == sorted(files["L0"]["test"])
+    assert pairs("ood") == sorted(files["L1"]["test"])
+    assert pairs("l2") == sorted(files["L2"]["test"])
+    assert pairs("l2-train") == sorted(files["L2"]["train"])
+
+
+def test_variation_sets_are_cached_and_a_bad_cache_is_rebuilt(tmp_path, monkeypatch):
+    from scienceworld.version import __version__
+
+    monkeypatch.setenv("EPO_CACHE_DIR", str(tmp_path))
+    scienceworld.variation_sets.cache_clear()
+    try:
+        fresh = scienceworld.variation_sets()
+        cached = tmp_path / "scienceworld" / f"variations-{__version__}.json"
+        assert {int(k): v for k, v in json.loads(cached.read_text()).items()} == fresh
+        cached.write_text('{"0": {"train": [')  # truncated
+        scienceworld.variation_sets.cache_clear()
+        assert scienceworld.variation_sets() == fresh
+        assert json.loads(cached.read_text())  # rewritten whole
+    finally:
+        scienceworld.variation_sets.cache_clear()
+
+
+def test_unknown_split_and_a_data_dir_are_one_line_errors():
+    with pytest.raises(ValueError, match="unknown ScienceWorld split 'l3'; expected one of"):
+        load_split("scienceworld", None, "l3")
+    with pytest.raises(SpecError, match="env.data_dir: ScienceWorld needs no data folder"):
+        resolve_spec(overrides=["env.data_dir=/somewhere"])
 
 
 def test_gold_path_wins_a_real_episode(engine):
@@ -59,20 +103,6 @@ def test_jvm_heap_is_capped(engine):
     # The engine's JVM was started with -Xmx512m: its max heap is at most 512 MiB.
     runtime = engine._engine._gateway.jvm.java.lang.Runtime.getRuntime()
     assert runtime.maxMemory() <= 512 * 1024 * 1024
-
-
-def test_missing_data_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("EPO_DATA_DIR", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match="scienceworld data not found .*set env.data_dir or EPO_DATA_DIR"):
-        data_dir("scienceworld", None)
-    (tmp_path / "scienceworld").mkdir()
-    with pytest.raises(FileNotFoundError, match="L0_idx.json not found"):
-        load_split("scienceworld", None, "train")
-    (tmp_path / "scienceworld" / "L0_idx.json").write_text('{"test": []}')
-    with pytest.raises(ValueError, match="expected"):
-        load_split("scienceworld", None, "train")
-    assert os.environ["EPO_DATA_DIR"] == str(tmp_path)
 
 
 def test_observations_do_not_depend_on_engine_history(engine):

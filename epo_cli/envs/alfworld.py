@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+import sys
 import tarfile
 from functools import lru_cache
 from pathlib import Path
@@ -23,9 +27,11 @@ ARCHIVES = ("alfworld-json_2.1.1-valid.tar.gz", "alfworld-json_2.1.1-train.tar.g
 TITLE = "ALFWorld"
 GAME_FILE = "game.tw-pddl"
 HOW_TO_FIX = (
-    "point ALFWORLD_DATA (or env.data_dir) at the folder `alfworld-download` made, "
-    "or run `epo data prepare alfworld --from DIR_WITH_ARCHIVES`"
+    "run `epo data prepare alfworld` (downloads the games), point ALFWORLD_DATA (or env.data_dir) "
+    "at the folder `alfworld-download` made, or run `epo data prepare alfworld --from DIR_WITH_ARCHIVES`"
 )
+DOWNLOAD_SCRIPT = "alfworld-download"  # the official download, installed with the alfworld package
+RELEASES_URL = "https://github.com/alfworld/alfworld/releases"
 
 
 def task_type_of(folder_name: str) -> str:
@@ -49,6 +55,45 @@ def prepare(source: Path, target: Path) -> Path:
         with tarfile.open(archive) as tar:
             tar.extractall(target, filter="data")
         marker.write_text("ok\n")
+    return target
+
+
+def default_download_dir() -> Path:
+    """Where `alfworld-download` puts the data unless ``$ALFWORLD_DATA`` says otherwise."""
+    return Path.home() / ".cache" / "alfworld"
+
+
+def download_command(target: Path) -> list[str]:
+    """`alfworld-download --data-dir target`, found beside this Python or on PATH."""
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    script = shutil.which(DOWNLOAD_SCRIPT, path=search)
+    if script is None:
+        raise FileNotFoundError(f"`{DOWNLOAD_SCRIPT}` not found: install the alfworld package (pip install alfworld)")
+    return [sys.executable, script, "--data-dir", str(target)]
+
+
+def download_urls(command: list[str]) -> list[str]:
+    """The game files' URLs as the download script names them (JSON_FILES_URL, ...)."""
+    try:
+        source = Path(command[1]).read_text()
+    except (IndexError, OSError, UnicodeDecodeError):
+        return []
+    return re.findall(r'^(?:JSON|PDDL|TW_PDDL)_FILES_URL = "([^"]+)"', source, flags=re.MULTILINE)
+
+
+def download(target: Path) -> Path:
+    """Run the official download into ``target``; when it fails (offline, say), raise a
+    one-line error saying where to get the files instead."""
+    command = download_command(target)
+    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        reason = ([line for line in result.stderr.splitlines() if line.strip()] or [f"exit status {result.returncode}"])[-1]
+        urls = ", ".join(download_urls(command)) or RELEASES_URL
+        raise ConnectionError(
+            f"`{DOWNLOAD_SCRIPT}` failed ({reason.strip()[:200]}); on a machine that is online, run "
+            f"`{DOWNLOAD_SCRIPT} --data-dir DIR` or fetch {urls} and unzip them into DIR, then copy DIR here and "
+            "set ALFWORLD_DATA=DIR; with the json_2.1.1 tar.gz archives: `epo data prepare alfworld --from DIR_WITH_ARCHIVES`"
+        )
     return target
 
 

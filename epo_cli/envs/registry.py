@@ -15,36 +15,35 @@ class DataError(FileNotFoundError):
     """An environment's data could not be found; the message says where we looked."""
 
 
-def _candidates(env: str, configured: Path | None) -> list[Path]:
-    """``env.data_dir`` alone when set; else (ALFWorld) ``$ALFWORLD_DATA``, then
-    ``$EPO_DATA_DIR/<env>``, then ``../shared/data/<env>``."""
+def _alfworld_candidates(configured: Path | None) -> list[Path]:
+    """``env.data_dir`` alone when set; else ``$ALFWORLD_DATA``, ``$EPO_DATA_DIR/alfworld``,
+    ``~/.cache/alfworld`` (where `alfworld-download` puts the games by default), then the
+    epo cache (where archives are extracted)."""
+    from epo_cli.envs.alfworld import default_download_dir
+    from epo_cli.paths import cache_dir
+
     if configured:
         return [Path(configured)]
     found = []
-    if env == "alfworld" and os.environ.get("ALFWORLD_DATA"):
+    if os.environ.get("ALFWORLD_DATA"):
         found.append(Path(os.environ["ALFWORLD_DATA"]))
     if os.environ.get("EPO_DATA_DIR"):
-        found.append(Path(os.environ["EPO_DATA_DIR"]) / env)
-    found.append(Path("..") / "shared" / "data" / env)
-    return found
+        found.append(Path(os.environ["EPO_DATA_DIR"]) / "alfworld")
+    return [*found, default_download_dir(), cache_dir() / "data" / "alfworld"]
 
 
 def data_dir(env: str, configured: Path | None) -> Path:
-    """The environment's data folder (for ALFWorld: the folder holding json_2.1.1)."""
-    candidates = _candidates(env, configured)
-    if env == "alfworld":
-        from epo_cli.envs import alfworld
-        from epo_cli.paths import cache_dir
+    """ALFWorld's data folder (the folder holding json_2.1.1); ScienceWorld has none, its
+    splits come from the engine."""
+    if env != "alfworld":
+        raise ValueError(f"{env} has no data folder")
+    from epo_cli.envs import alfworld
+    from epo_cli.paths import cache_dir
 
-        try:
-            return alfworld.resolve_root(candidates, cache_dir() / "data" / "alfworld")
-        except FileNotFoundError as err:
-            raise DataError(str(err)) from None
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    looked = ", ".join(str(c) for c in candidates)
-    raise DataError(f"{env} data not found (looked in: {looked}); set env.data_dir or EPO_DATA_DIR")
+    try:
+        return alfworld.resolve_root(_alfworld_candidates(configured), cache_dir() / "data" / "alfworld")
+    except FileNotFoundError as err:
+        raise DataError(str(err)) from None
 
 
 def _module(env: str):
@@ -77,10 +76,11 @@ def max_score_of(env: str) -> float:
 
 
 def load_split(env: str, configured_dir: Path | None, split: str) -> list[TaskInstance]:
+    """A split's tasks; ``configured_dir`` is ALFWorld's ``env.data_dir``."""
     if env in TOY_ENVS:
-        from epo_cli.envs import toy
-
-        return toy.load_split(env, split)
+        return _module(env).load_split(env, split)
+    if env == "scienceworld":
+        return _module(env).load_split(split)
     return _module(env).load_split(data_dir(env, configured_dir), split)
 
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import os
 from functools import lru_cache
-from pathlib import Path
 
 from epo_cli.envs.base import EnvStep, TaskInstance
+from epo_cli.paths import cache_dir
 
-# The paper's protocol (EPO_SPEC.md §6): split name -> (file, part of the file).
+# The paper's protocol (EPO_SPEC.md §6) in the engine's own variation sets: split name ->
+# (its tasks, the engine's set). L2 holds out whole task types (positions in task_names()).
+L2_HELD_OUT = (1, 4, 8, 11, 13, 16, 18, 21, 24, 28)
+UNUSED_TASK = "use-thermometer"  # in no split, as in the paper
 SPLITS = {
-    "train": ("L0_idx.json", "train"),
-    "iid": ("L0_idx.json", "test"),
-    "ood": ("L1_idx.json", "test"),
-    "l2": ("L2_idx.json", "test"),
+    "train": ("all", "train"),  # L0 train: get_variations_train()
+    "iid": ("all", "dev"),  # L0 test: get_variations_dev()
+    "ood": ("all", "test"),  # L1 test: get_variations_test()
+    "l2": ("held-out", "test"),  # L2 test: the held-out task types' test variations
+    "l2-train": ("kept", "train"),  # L2 train: the other task types' train variations
 }
 TITLE = "ScienceWorld"
 UNKNOWN_ACTION = "No known action matches that input."
@@ -22,36 +26,64 @@ UNKNOWN_ACTION = "No known action matches that input."
 
 @lru_cache(maxsize=1)
 def task_names() -> tuple[str, ...]:
-    """The engine's task list in its own order (``get_task_names()``: sorted by name),
-    which the split files index by position. A test checks it against a running engine."""
+    """The engine's task list in its own order (``get_task_names()``: sorted by name); a
+    task id is a position in it. A test checks it against a running engine."""
     from scienceworld.constants import ID2TASK
     from scienceworld.utils import infer_task
 
     return tuple(sorted(infer_task(name) for name in ID2TASK.values()))
 
 
-def load_split(data_dir: Path, split: str) -> list[TaskInstance]:
-    """The (task, variation) pairs of a split, as task instances."""
+def _engine_variation_sets() -> dict[int, dict[str, list[int]]]:
+    """Ask a running engine for every task's train, dev and test variations."""
+    engine = _simulator("512m")
+    try:
+        sets = {}
+        for task_id, name in enumerate(task_names()):
+            if name == UNUSED_TASK:
+                continue
+            engine.load(name, 0, "")
+            sets[task_id] = {
+                "train": list(engine.get_variations_train()),
+                "dev": list(engine.get_variations_dev()),
+                "test": list(engine.get_variations_test()),
+            }
+        return sets
+    finally:
+        _release_simulator()
+
+
+@lru_cache(maxsize=1)
+def variation_sets() -> dict[int, dict[str, list[int]]]:
+    """``{task id: {"train" | "dev" | "test": variations}}`` from the engine (about 5 s with
+    Java), cached per engine version under the epo cache folder."""
+    from scienceworld.version import __version__
+
+    cached = cache_dir() / "scienceworld" / f"variations-{__version__}.json"
+    try:
+        return {int(task_id): sets for task_id, sets in json.loads(cached.read_text()).items()}
+    except (OSError, ValueError, AttributeError):  # absent or unreadable: ask the engine again
+        pass
+    sets = _engine_variation_sets()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = cached.with_name(f".{cached.name}.{os.getpid()}")
+    staging.write_text(json.dumps(sets))
+    os.replace(staging, cached)
+    return sets
+
+
+def load_split(split: str) -> list[TaskInstance]:
+    """The (task, variation) pairs of a split, as task instances, in task and variation order."""
     if split not in SPLITS:
         raise ValueError(f"env.train_split / --split: unknown ScienceWorld split {split!r}; expected one of {sorted(SPLITS)}")
-    filename, part = SPLITS[split]
-    path = Path(data_dir) / filename
-    try:
-        pairs = json.loads(path.read_text())[part]
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"ScienceWorld split file {path} not found: set env.data_dir (or $EPO_DATA_DIR) to the "
-            "directory holding L0_idx.json, L1_idx.json and L2_idx.json"
-        ) from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"ScienceWorld split file {path}: expected {{'{part}': [[task_id, variation], ...]}}") from None
+    tasks_of_split, variation_set = SPLITS[split]
     names = task_names()
     tasks = []
-    for entry in pairs:
-        if not (isinstance(entry, list) and len(entry) == 2 and 0 <= int(entry[0]) < len(names)):
-            raise ValueError(f"ScienceWorld split file {path}: bad entry {entry!r}, expected [task_id < {len(names)}, variation]")
-        task_id, variation = int(entry[0]), int(entry[1])
-        tasks.append(TaskInstance("scienceworld", names[task_id], task_id, variation))
+    for task_id, sets in sorted(variation_sets().items()):
+        held_out = task_id in L2_HELD_OUT
+        if (tasks_of_split == "held-out" and not held_out) or (tasks_of_split == "kept" and held_out):
+            continue
+        tasks.extend(TaskInstance("scienceworld", names[task_id], task_id, variation) for variation in sets[variation_set])
     return tasks
 
 
