@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from epo_cli.distributed import DistContext
-from epo_cli.envs.base import TaskInstance, stratified_order
+from epo_cli.envs.base import TaskInstance, of_task_types, stratified_order
 from epo_cli.envs.registry import load_split
 from epo_cli.rollout import EnvBatch, RolloutSettings, Sampler, build_sampler, play_episodes
 
@@ -29,11 +29,12 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def eval_tasks(env: str, data_dir, split: str, episodes: int) -> list[TaskInstance]:
-    """The first ``episodes`` tasks of the split in a fixed order that spreads task types."""
+def eval_tasks(env: str, data_dir, split: str, episodes: int, task_types: list[str] | None = None) -> list[TaskInstance]:
+    """The first ``episodes`` tasks of the split (of ``task_types`` only, when given) in a
+    fixed order that spreads task types."""
     if split not in EVAL_SPLITS:
         raise ValueError(f"--split: unknown evaluation split {split!r}; expected one of {sorted(EVAL_SPLITS)} or all")
-    tasks = stratified_order(load_split(env, data_dir, split), lambda t: t.task_type, EVAL_SEED)
+    tasks = stratified_order(of_task_types(load_split(env, data_dir, split), task_types, split), lambda t: t.task_type, EVAL_SEED)
     return [TaskInstance(t.env, t.task_type, t.task_id, t.variation, seed=EVAL_SEED) for t in tasks[:episodes]]
 
 
@@ -112,7 +113,7 @@ def evaluate_splits(sampler: Sampler, tokenizer, envs: EnvBatch, spec, splits, p
     batch_size = min(spec.eval.episodes, spec.rollout.generation_batch_size)
     results = []
     for split in splits:
-        tasks = eval_tasks(spec.env.name, spec.env.data_dir, split, spec.eval.episodes)
+        tasks = eval_tasks(spec.env.name, spec.env.data_dir, split, spec.eval.episodes, spec.env.task_types)
         task = progress.add_task(f"eval {split}", total=len(tasks), info="") if progress is not None else None
         advance = (lambda n, t=task: progress.update(t, advance=n)) if progress is not None else None
         results.append(evaluate(sampler, tokenizer, envs, tasks, split, settings, batch_size, advance, dist))

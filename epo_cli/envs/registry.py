@@ -66,6 +66,12 @@ def title_of(env: str) -> str:
     return _module(env).TITLE
 
 
+def task_types_of(env: str) -> tuple[str, ...]:
+    """Every task type of an environment (``env.task_types`` picks among them)."""
+    module = _module(env)
+    return module.TASK_TYPES if env == "alfworld" else module.task_names()
+
+
 def load_split(env: str, configured_dir: Path | None, split: str) -> list[TaskInstance]:
     return _module(env).load_split(data_dir(env, configured_dir), split)
 
