@@ -122,6 +122,27 @@ def evaluate_splits(sampler: Sampler, tokenizer, envs: EnvBatch, spec, splits, p
     return results
 
 
+def evaluate_model(spec, model_name: str, splits, progress=None) -> list[EvalResult]:
+    """The fixed evaluation episodes of ``splits`` played by a model (a name or a model
+    folder: the base model, an SFT output, a checkpoint's policy) with ``spec``'s settings."""
+    import tempfile
+
+    from epo_cli.envs.registry import env_batch_for
+    from epo_cli.models import load_causal_lm, load_tokenizer, model_directory
+
+    tokenizer = load_tokenizer(model_name)
+    policy = load_causal_lm(model_name, spec.model.dtype).eval() if spec.rollout.backend == "transformers" else None
+    with tempfile.TemporaryDirectory(prefix="epo-eval-") as scratch:
+        model_dir = model_directory(model_name, tokenizer, Path(scratch), spec.model.dtype) if policy is None else None
+        sampler = build_sampler(spec, policy, tokenizer, torch.Generator(), model_dir=model_dir)
+        envs = env_batch_for(spec.env, min(spec.eval.episodes, spec.rollout.generation_batch_size))
+        try:
+            return evaluate_splits(sampler, tokenizer, envs, spec, splits, progress)
+        finally:
+            sampler.close()
+            envs.close()
+
+
 def evaluate_checkpoint(
     checkpoint_dir: Path,
     splits: list[str],
@@ -135,8 +156,6 @@ def evaluate_checkpoint(
     import json
 
     from epo_cli.checkpoint import META_FILE
-    from epo_cli.envs.registry import env_batch_for
-    from epo_cli.models import load_causal_lm, load_tokenizer
     from epo_cli.spec import resolve_spec
     from epo_cli.tracking import Tracker
 
@@ -147,16 +166,7 @@ def evaluate_checkpoint(
     if temperature is not None:
         overrides.append(f"eval.temperature={temperature}")
     spec = resolve_spec(checkpoint_dir / "spec.yaml", overrides=overrides)
-    policy_dir = checkpoint_dir / "policy"
-    tokenizer = load_tokenizer(str(policy_dir))
-    policy = load_causal_lm(str(policy_dir), spec.model.dtype).eval() if spec.rollout.backend == "transformers" else None
-    sampler = build_sampler(spec, policy, tokenizer, torch.Generator(), model_dir=policy_dir)
-    envs = env_batch_for(spec.env, min(spec.eval.episodes, spec.rollout.generation_batch_size))
-    try:
-        results = evaluate_splits(sampler, tokenizer, envs, spec, splits, progress)
-    finally:
-        sampler.close()
-        envs.close()
+    results = evaluate_model(spec, str(checkpoint_dir / "policy"), splits, progress)
     run_id = meta.get("mlflow_run_id")
     if run_id:
         tracker = Tracker(tracking_uri or spec.tracking.uri, spec.tracking.experiment, None, run_id=run_id, resume=False)
