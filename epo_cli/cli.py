@@ -362,7 +362,8 @@ def sft(
             table.add_row(key, f"{result.metrics[key]:.4g}")
     console.print(table)
     console.print(f"MLflow: {resolve_uri(resolved.tracking.uri)} (run {result.run_id}); model: {result.output_dir}")
-    console.print(f"next: epo train --init-from {result.output_dir} --env {resolved.env.name}")
+    types = f" --task-types {','.join(resolved.env.task_types)}" if resolved.env.task_types else ""
+    console.print(f"next: epo train --init-from {result.output_dir} --env {resolved.env.name}{types}")
 
 
 @app.command(name="eval")

@@ -19,7 +19,7 @@ class RateColumn(ProgressColumn):
     """Items per second, or seconds per item when slower than one a second."""
 
     def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
+        speed = task.finished_speed or task.speed or (task.completed / task.elapsed if task.completed and task.elapsed else None)
         if not speed:
             return Text("-/s")
         return Text(f"{speed:.1f}/s" if speed >= 1 else f"{1 / speed:.1f} s/it")

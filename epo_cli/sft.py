@@ -125,12 +125,18 @@ def teacher_forced_metrics(model, samples: list[SFTSample], spec: ExperimentSpec
     return {"heldout/loss": nll / tokens, "heldout/token_accuracy": confident / tokens}
 
 
-def greedy_metrics(model, tokenizer, samples: list[SFTSample], spec: ExperimentSpec) -> dict[str, float]:
+def greedy_metrics(model, tokenizer, samples: list[SFTSample], spec: ExperimentSpec, on_batch=None) -> dict[str, float]:
     """Greedy answers to held-out expert states: well-formed, admissible (ALFWorld, whose
-    listed actions are complete commands) and equal to the expert's action."""
-    sampler = TransformersSampler(model, tokenizer, spec.rollout.generation_batch_size, autocast=spec.model.autocast)
-    generations = sampler.generate([s.prompt_ids for s in samples], spec.rollout.max_response_tokens, 0.0, 1.0)
-    actions = [parse_action(g.text) for g in generations]
+    listed actions are complete commands) and equal to the expert's action.
+    ``on_batch(n)`` reports each generated batch."""
+    size = spec.rollout.generation_batch_size
+    sampler = TransformersSampler(model, tokenizer, size, autocast=spec.model.autocast)
+    actions = []
+    for start in range(0, len(samples), size):
+        chunk = [s.prompt_ids for s in samples[start : start + size]]
+        actions.extend(parse_action(g.text) for g in sampler.generate(chunk, spec.rollout.max_response_tokens, 0.0, 1.0))
+        if on_batch is not None:
+            on_batch(len(chunk))
     n = max(len(samples), 1)
     metrics = {
         "heldout/valid_format_rate": sum(a is not None for a in actions) / n,
@@ -281,9 +287,9 @@ def run_sft(spec: ExperimentSpec, console: Console) -> SFTResult:
                 progress.update(bar, advance=1, info=f"loss {metrics['sft/loss']:.3f}, {metrics['perf/tokens_per_s']:.0f} tok/s")
 
             fit(model, train, spec, tokenizer.pad_token_id, device, on_step)
-            bar = progress.add_task("held-out answers", total=None, info="greedy")
-            final = {**teacher_forced_metrics(model, heldout, spec, tokenizer.pad_token_id, device), **greedy_metrics(model, tokenizer, heldout, spec)}
-            progress.update(bar, total=1, completed=1)
+            bar = progress.add_task("held-out answers", total=len(heldout), info="greedy")
+            final = teacher_forced_metrics(model, heldout, spec, tokenizer.pad_token_id, device)
+            final.update(greedy_metrics(model, tokenizer, heldout, spec, lambda n: progress.update(bar, advance=n)))
         total_steps = spec.sft.epochs * steps_per_epoch
         tracker.log_metrics(final, step=total_steps)
         output_dir = Path(spec.sft.output_dir or Path(spec.checkpoint.dir) / "sft" / tracker.run_id)
