@@ -353,6 +353,8 @@ def sft(
         result = run_sft(resolved, console)
     except (SFTError, DataError, ModelError, TrackingError, PromptTooLong, ValueError, FileNotFoundError) as err:
         _fail(str(err))
+    except KeyboardInterrupt:
+        _fail("aborted: no model folder was written; the expert games played so far are cached")
     table = Table(title=f"SFT run {result.run_id} (held-out expert steps)")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -277,26 +277,32 @@ def run_sft(spec: ExperimentSpec, console: Console) -> SFTResult:
         tracker.log_text(spec_to_yaml(spec), "spec.yaml")
         tracker.log_metrics(data, step=0)
         steps_per_epoch = math.ceil(len(train) / spec.sft.batch_size)
+        total_steps = spec.sft.epochs * steps_per_epoch
+        final: dict[str, float] = {}
         with progress_bar(console) as progress:
-            bar = progress.add_task("SFT steps", total=spec.sft.epochs * steps_per_epoch, info="")
+            bar = progress.add_task("SFT steps", total=total_steps, info="")
 
             def on_step(step: int, metrics: dict[str, float]) -> None:
-                if (step + 1) % steps_per_epoch == 0:
-                    metrics.update(teacher_forced_metrics(model, heldout, spec, tokenizer.pad_token_id, device))
+                """Log the step; at an epoch's end, the held-out metrics of the model after ``step + 1`` updates."""
                 tracker.log_metrics(metrics, step=step)
+                if (step + 1) % steps_per_epoch == 0:
+                    final.update(teacher_forced_metrics(model, heldout, spec, tokenizer.pad_token_id, device))
+                    tracker.log_metrics(final, step=step + 1)
                 progress.update(bar, advance=1, info=f"loss {metrics['sft/loss']:.3f}, {metrics['perf/tokens_per_s']:.0f} tok/s")
 
             fit(model, train, spec, tokenizer.pad_token_id, device, on_step)
             bar = progress.add_task("held-out answers", total=len(heldout), info="greedy")
-            final = teacher_forced_metrics(model, heldout, spec, tokenizer.pad_token_id, device)
-            final.update(greedy_metrics(model, tokenizer, heldout, spec, lambda n: progress.update(bar, advance=n)))
-        total_steps = spec.sft.epochs * steps_per_epoch
-        tracker.log_metrics(final, step=total_steps)
+            answers = greedy_metrics(model, tokenizer, heldout, spec, lambda n: progress.update(bar, advance=n))
+        tracker.log_metrics(answers, step=total_steps)
+        final.update(answers)
         output_dir = Path(spec.sft.output_dir or Path(spec.checkpoint.dir) / "sft" / tracker.run_id)
         info = {"mlflow_run_id": tracker.run_id, "env": spec.env.name, "task_types": spec.env.task_types,
                 "base_model": spec.model.name, "think": spec.sft.think, "steps": total_steps, **data, **final}
         save_model(model, tokenizer, output_dir, info, spec_to_yaml(spec))
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         tracker.finish(status)
     return SFTResult(tracker.run_id, output_dir, {**data, **final})

@@ -70,6 +70,15 @@ def test_scienceworld_gold_path_replays_to_score_100(trajectories):
         engine.close()
 
 
+def test_data_expert_cli_reports_the_cached_games(trajectories, expert_dir):
+    result = runner.invoke(app, ["data", "expert", "--env", "scienceworld", "--split", "train", "--task-types",
+                                 "find-non-living-thing", "--games", "2", "--set", f"sft.expert_dir={expert_dir}"])
+    assert result.exit_code == 0, result.output
+    (row,) = [line for line in result.output.splitlines() if "find-non-living-thing" in line]
+    assert [cell.strip() for cell in row.split("│")[1:4]] == ["find-non-living-thing", "2", "2"]
+    assert "scienceworld" in result.output and "train.jsonl" in result.output
+
+
 def test_a_broken_cache_line_is_named(tmp_path):
     path = tmp_path / "alfworld" / "train.jsonl"
     path.parent.mkdir()
