@@ -316,8 +316,10 @@ def data_expert(
         lengths = [len(t.steps) for t in of_type if t.won] or [0]
         table.add_row(task_type, str(len(of_type)), str(sum(t.won for t in of_type)), f"{sum(lengths) / len(lengths):.1f}", str(max(lengths)))
     console.print(table)
+    from rich.markup import escape
+
     for failed in (t for t in trajectories if not t.won):
-        console.print(f"[yellow]skipped in training:[/] {failed.key}: {failed.failure}", highlight=False)
+        console.print(f"[yellow]skipped in training:[/] {escape(failed.key)}: {escape(failed.failure or '')}", highlight=False)
     console.print(f"cache: {cache_file(resolved.sft.expert_dir, resolved.env.name, split)}")
 
 
