@@ -38,6 +38,9 @@ TrackingUri = Annotated[
 Scale = Annotated[Optional[str], typer.Option(help="scale: cpu or paper (default: paper with a GPU, else cpu).")]
 Strategy = Annotated[Optional[str], typer.Option(help="distributed.strategy under torchrun: ddp or fsdp2.")]
 RolloutBackend = Annotated[Optional[str], typer.Option(help="rollout.backend: transformers or vllm.")]
+TaskTypes = Annotated[
+    Optional[list[str]], typer.Option(help="env.task_types: only these task types, comma-separated or repeated (`epo envs` lists them).")
+]
 
 
 def _flags(**fields: Any) -> dict[str, Any]:
@@ -54,11 +57,19 @@ def _flags(**fields: Any) -> dict[str, Any]:
         "scale": ("scale",),
         "strategy": ("distributed", "strategy"),
         "rollout_backend": ("rollout", "backend"),
+        "task_types": ("env", "task_types"),
+        "games": ("sft", "train_games"),
+        "epochs": ("sft", "epochs"),
+        "out": ("sft", "output_dir"),
+        "episodes": ("eval", "episodes"),
+        "temperature": ("eval", "temperature"),
     }
     out: dict[str, Any] = {}
     for name, value in fields.items():
         if value is None:
             continue
+        if name == "task_types":
+            value = ",".join(value)  # --task-types a,b --task-types c: one comma list
         nested: Any = value
         for key in reversed(paths[name]):
             nested = {key: nested}
@@ -123,6 +134,10 @@ def train(
     scale: Scale = None,
     strategy: Strategy = None,
     rollout_backend: RolloutBackend = None,
+    task_types: TaskTypes = None,
+    init_from: Annotated[
+        Optional[Path], typer.Option(help="Start from this model folder (e.g. what `epo sft` wrote): sets model.name to it.")
+    ] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue a run: its MLflow run id or a checkpoint folder.")] = None,
 ) -> None:
     """Train an agent (PPO or GRPO, with or without EPO) and log the run to MLflow.
@@ -139,16 +154,23 @@ def train(
 
     checkpoint = None
     if resume is not None:
-        if any(v is not None for v in (spec, set_, env, algo, variant, steps, seed, model, run_name, scale, strategy, rollout_backend)):
+        if any(v is not None for v in (spec, set_, env, algo, variant, steps, seed, model, run_name, scale, strategy, rollout_backend,
+                                       task_types, init_from)):
             _fail("--resume continues a run with its saved spec; pass only --tracking-uri with it")
         try:
             checkpoint = find_checkpoint(resume, tracking_uri)
         except FileNotFoundError as err:
             _fail(str(err))
         spec = checkpoint / "spec.yaml"
+    if init_from is not None:
+        if model is not None:
+            _fail("--init-from sets the model; pass --model or --init-from, not both")
+        if not (init_from / "config.json").exists():
+            _fail(f"--init-from {init_from}: not a model folder (no config.json); `epo sft` writes one")
+        model = str(init_from)
     resolved = _resolve(spec, set_, env=env, algo=algo, variant=variant, steps=steps, seed=seed, model=model,
                         run_name=run_name, tracking_uri=tracking_uri, scale=scale, strategy=strategy,
-                        rollout_backend=rollout_backend)
+                        rollout_backend=rollout_backend, task_types=task_types)
     _quiet_libraries()
     dist = init_distributed(resolved.distributed.timeout_minutes)
     out = console if dist.is_main else Console(quiet=True)  # rank 0 speaks for the job
@@ -202,10 +224,11 @@ def spec_show(
     run_name: RunName = None,
     tracking_uri: TrackingUri = None,
     scale: Scale = None,
+    task_types: TaskTypes = None,
 ) -> None:
     """Print the fully resolved spec as YAML (what `epo train` with the same flags runs)."""
     resolved = _resolve(spec, set_, env=env, algo=algo, variant=variant, steps=steps, seed=seed, model=model,
-                        run_name=run_name, tracking_uri=tracking_uri, scale=scale)
+                        run_name=run_name, tracking_uri=tracking_uri, scale=scale, task_types=task_types)
     sys.stdout.write(spec_to_yaml(resolved))
 
 
@@ -245,7 +268,7 @@ def envs(data_dir: Annotated[Optional[Path], typer.Option(help="ALFWorld's env.d
     console.print(table)
 
 
-data_app = typer.Typer(help="Prepare environment data.", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare environment data and expert trajectories.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -280,36 +303,140 @@ def data_prepare(
     console.print(f"ready: {target}" + (f" (export ALFWORLD_DATA={target}, or pass --set env.data_dir={target})" if to else ""))
 
 
+@data_app.command("expert")
+def data_expert(
+    env: Env = None,
+    split: Annotated[str, typer.Option(help="train, iid, ood (ScienceWorld also l2).")] = "train",
+    task_types: TaskTypes = None,
+    games: Annotated[int, typer.Option(help="The first N games of the split's fixed order (after --task-types).")] = 40,
+    set_: Sets = None,
+) -> None:
+    """Play and cache expert trajectories (ALFWorld planner, ScienceWorld gold path) for `epo sft`."""
+    _one_process("data expert")
+    from epo_cli.envs.registry import DataError
+    from epo_cli.expert import cache_file, expert_trajectories
+    from epo_cli.progress import progress_bar
+
+    resolved = _resolve(None, set_, env=env, task_types=task_types)
+    try:
+        with progress_bar(console) as progress:
+            trajectories = expert_trajectories(resolved.env.name, resolved.env.data_dir, split, resolved.env.task_types, games,
+                                               resolved.sft.expert_dir, resolved.env.jvm_heap, progress)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    table = Table(title=f"expert trajectories: {resolved.env.name} {split}")
+    for column in ("task type", "games", "won", "steps (mean)", "steps (max)"):
+        table.add_column(column, justify="right")
+    for task_type in sorted({t.task_type for t in trajectories}):
+        of_type = [t for t in trajectories if t.task_type == task_type]
+        lengths = [len(t.steps) for t in of_type if t.won] or [0]
+        table.add_row(task_type, str(len(of_type)), str(sum(t.won for t in of_type)), f"{sum(lengths) / len(lengths):.1f}", str(max(lengths)))
+    console.print(table)
+    from rich.markup import escape
+
+    for failed in (t for t in trajectories if not t.won):
+        console.print(f"[yellow]skipped in training:[/] {escape(failed.key)}: {escape(failed.failure or '')}", highlight=False)
+    console.print(f"cache: {cache_file(resolved.sft.expert_dir, resolved.env.name, split)}")
+
+
+@app.command()
+def sft(
+    spec: SpecFile = None,
+    set_: Sets = None,
+    env: Env = None,
+    model: Model = None,
+    task_types: TaskTypes = None,
+    games: Annotated[Optional[int], typer.Option(help="sft.train_games: expert games of the train split.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="sft.epochs.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="sft.output_dir: the model folder to write.")] = None,
+    seed: Seed = None,
+    run_name: RunName = None,
+    tracking_uri: TrackingUri = None,
+    scale: Scale = None,
+) -> None:
+    """Warm-start a model on expert trajectories (supervised, in RL's prompt and answer format).
+
+    Writes a model folder for `epo train --init-from` and `epo eval --model`."""
+    _one_process("sft")
+    from epo_cli.envs.registry import DataError
+    from epo_cli.models import ModelError
+    from epo_cli.rollout import PromptTooLong
+    from epo_cli.sft import SFTError, run_sft
+    from epo_cli.tracking import TrackingError, resolve_uri
+
+    resolved = _resolve(spec, set_, env=env, model=model, task_types=task_types, games=games, epochs=epochs, out=out,
+                        seed=seed, run_name=run_name, tracking_uri=tracking_uri, scale=scale)
+    _quiet_libraries()
+    try:
+        result = run_sft(resolved, console)
+    except (SFTError, DataError, ModelError, TrackingError, PromptTooLong, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _fail("aborted: no model folder was written; the expert games played so far are cached")
+    table = Table(title=f"SFT run {result.run_id} (held-out expert steps)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("heldout/loss", "heldout/token_accuracy", "heldout/valid_format_rate", "heldout/admissible_rate",
+                "heldout/expert_match_rate", "data/train_steps", "data/heldout_steps", "data/target_tokens_max"):
+        if key in result.metrics:
+            table.add_row(key, f"{result.metrics[key]:.4g}")
+    console.print(table)
+    console.print(f"MLflow: {resolve_uri(resolved.tracking.uri)} (run {result.run_id}); model: {result.output_dir}")
+    types = f" --task-types {','.join(resolved.env.task_types)}" if resolved.env.task_types else ""
+    console.print(f"next: epo train --init-from {result.output_dir} --env {resolved.env.name}{types}")
+
+
 @app.command(name="eval")
 def eval_(
-    target: Annotated[str, typer.Argument(help="An MLflow run id, a run's checkpoint folder, or one checkpoint (step_N).")],
+    target: Annotated[
+        Optional[str], typer.Argument(help="An MLflow run id, a run's checkpoint folder, or one checkpoint (step_N); or --model.")
+    ] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="Evaluate a model that has no run: smollm2-135m, tiny, or a model folder (e.g. from `epo sft`).")
+    ] = None,
+    env: Env = None,
+    task_types: TaskTypes = None,
+    set_: Sets = None,
     split: Annotated[str, typer.Option(help="iid, ood, l2 or all (iid and ood).")] = "all",
     episodes: Annotated[Optional[int], typer.Option(help="eval.episodes: fixed episodes per split.")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="eval.temperature (paper: 0.4).")] = None,
     greedy: Annotated[bool, typer.Option(help="Greedy decoding (eval.temperature=0).")] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Success on the fixed, seeded IID / OOD / L2 episodes, with 95% Wilson intervals."""
+    """Success on the fixed, seeded IID / OOD / L2 episodes, with 95% Wilson intervals.
+
+    Of a run's checkpoint (logged to that run), or of any model with --model (printed only)."""
     from rich.progress import Progress
 
     _one_process("eval")
 
     from epo_cli.checkpoint import find_checkpoint
-    from epo_cli.evaluate import evaluate_checkpoint
+    from epo_cli.evaluate import evaluate_checkpoint, evaluate_model
     from epo_cli.models import ModelError
     from epo_cli.tracking import TrackingError
 
+    if (target is None) == (model is None):
+        _fail("epo eval takes a run (RUN_ID or a checkpoint folder) or --model NAME_OR_DIR, one of the two")
+    if target is not None and (env or task_types or set_):
+        _fail("--env, --task-types and --set go with --model; a run is evaluated with its own spec")
     _quiet_libraries()
     splits = ["iid", "ood"] if split == "all" else [split]
+    temperature = 0.0 if greedy else temperature
+    run_id = None
     try:
-        checkpoint = find_checkpoint(target, tracking_uri)
         with Progress(console=console) as progress:
-            results, run_id, step = evaluate_checkpoint(
-                checkpoint, splits, episodes, 0.0 if greedy else temperature, tracking_uri, progress
-            )
+            if model is not None:
+                resolved = resolve_spec(None, _flags(env=env, model=model, task_types=task_types, episodes=episodes,
+                                                     temperature=temperature), set_)
+                results = evaluate_model(resolved, model, splits, progress)
+                title = f"evaluation of {model} on {resolved.env.name}"
+            else:
+                checkpoint = find_checkpoint(target, tracking_uri)
+                results, run_id, step = evaluate_checkpoint(checkpoint, splits, episodes, temperature, tracking_uri, progress)
+                title = f"evaluation of {checkpoint} (step {step})"
     except (SpecError, ModelError, TrackingError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
-    table = Table(title=f"evaluation of {checkpoint} (step {step})")
+    table = Table(title=title)
     for column in ("split", "episodes", "success", "95% CI", "turns", "invalid"):
         table.add_column(column, justify="right")
     for result in results:

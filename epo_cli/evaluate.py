@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from epo_cli.distributed import DistContext
-from epo_cli.envs.base import TaskInstance, stratified_order
+from epo_cli.envs.base import TaskInstance, of_task_types, stratified_order
 from epo_cli.envs.registry import load_split
 from epo_cli.rollout import EnvBatch, RolloutSettings, Sampler, build_sampler, play_episodes
 
@@ -29,11 +29,12 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def eval_tasks(env: str, data_dir, split: str, episodes: int) -> list[TaskInstance]:
-    """The first ``episodes`` tasks of the split in a fixed order that spreads task types."""
+def eval_tasks(env: str, data_dir, split: str, episodes: int, task_types: list[str] | None = None) -> list[TaskInstance]:
+    """The first ``episodes`` tasks of the split (of ``task_types`` only, when given) in a
+    fixed order that spreads task types."""
     if split not in EVAL_SPLITS:
         raise ValueError(f"--split: unknown evaluation split {split!r}; expected one of {sorted(EVAL_SPLITS)} or all")
-    tasks = stratified_order(load_split(env, data_dir, split), lambda t: t.task_type, EVAL_SEED)
+    tasks = stratified_order(of_task_types(load_split(env, data_dir, split), task_types, split), lambda t: t.task_type, EVAL_SEED)
     return [TaskInstance(t.env, t.task_type, t.task_id, t.variation, seed=EVAL_SEED) for t in tasks[:episodes]]
 
 
@@ -112,13 +113,36 @@ def evaluate_splits(sampler: Sampler, tokenizer, envs: EnvBatch, spec, splits, p
     batch_size = min(spec.eval.episodes, spec.rollout.generation_batch_size)
     results = []
     for split in splits:
-        tasks = eval_tasks(spec.env.name, spec.env.data_dir, split, spec.eval.episodes)
+        tasks = eval_tasks(spec.env.name, spec.env.data_dir, split, spec.eval.episodes, spec.env.task_types)
         task = progress.add_task(f"eval {split}", total=len(tasks), info="") if progress is not None else None
         advance = (lambda n, t=task: progress.update(t, advance=n)) if progress is not None else None
         results.append(evaluate(sampler, tokenizer, envs, tasks, split, settings, batch_size, advance, dist))
         if progress is not None:
             progress.remove_task(task)
     return results
+
+
+def evaluate_model(spec, model_name: str, splits, progress=None, policy=None) -> list[EvalResult]:
+    """The fixed evaluation episodes of ``splits`` played by a model (a name or a model
+    folder: the base model, an SFT output, a checkpoint's policy) with ``spec``'s settings;
+    ``policy``: the model already loaded."""
+    import tempfile
+
+    from epo_cli.envs.registry import env_batch_for
+    from epo_cli.models import load_causal_lm, load_tokenizer, model_directory
+
+    tokenizer = load_tokenizer(model_name)
+    if policy is None and spec.rollout.backend == "transformers":
+        policy = load_causal_lm(model_name, spec.model.dtype).eval()
+    with tempfile.TemporaryDirectory(prefix="epo-eval-") as scratch:
+        model_dir = model_directory(model_name, tokenizer, Path(scratch), spec.model.dtype) if policy is None else None
+        sampler = build_sampler(spec, policy, tokenizer, torch.Generator(), model_dir=model_dir)
+        envs = env_batch_for(spec.env, min(spec.eval.episodes, spec.rollout.generation_batch_size))
+        try:
+            return evaluate_splits(sampler, tokenizer, envs, spec, splits, progress)
+        finally:
+            sampler.close()
+            envs.close()
 
 
 def evaluate_checkpoint(
@@ -132,8 +156,6 @@ def evaluate_checkpoint(
     """Evaluate a saved policy on ``splits``; log to its training run when that run is
     known. Returns (results, run id, checkpoint step)."""
     from epo_cli.checkpoint import POLICY_DIR, load_policy, read_meta
-    from epo_cli.envs.registry import env_batch_for
-    from epo_cli.models import load_tokenizer
     from epo_cli.spec import resolve_spec
     from epo_cli.tracking import Tracker
 
@@ -144,16 +166,8 @@ def evaluate_checkpoint(
     if temperature is not None:
         overrides.append(f"eval.temperature={temperature}")
     spec = resolve_spec(checkpoint_dir / "spec.yaml", overrides=overrides)
-    policy_dir = checkpoint_dir / POLICY_DIR
-    tokenizer = load_tokenizer(str(policy_dir))
     policy = load_policy(checkpoint_dir, spec.model.dtype).eval() if spec.rollout.backend == "transformers" else None
-    sampler = build_sampler(spec, policy, tokenizer, torch.Generator(), model_dir=policy_dir)
-    envs = env_batch_for(spec.env, min(spec.eval.episodes, spec.rollout.generation_batch_size))
-    try:
-        results = evaluate_splits(sampler, tokenizer, envs, spec, splits, progress)
-    finally:
-        sampler.close()
-        envs.close()
+    results = evaluate_model(spec, str(checkpoint_dir / POLICY_DIR), splits, progress, policy)
     run_id = meta.get("mlflow_run_id")
     if run_id:
         tracker = Tracker(tracking_uri or spec.tracking.uri, spec.tracking.experiment, None, run_id=run_id, resume=False)

@@ -71,6 +71,20 @@ class UpdateStats:
         return {k: v / max(self.minibatches, 1) for k, v in self.sums.items()}
 
 
+def cosine_schedule(optimizer, optim, total_steps: int):
+    """Linear warmup over ``optim.warmup_ratio`` of the steps, then cosine down to
+    ``optim.min_lr_ratio`` of the peak lr."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=int(optim.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+        num_cycles=optim.num_cycles,
+        min_lr_rate=optim.min_lr_ratio,
+    )
+
+
 class Learner:
     """The policy, critic, reference model, optimizers and EPO state of one run."""
 
@@ -120,16 +134,7 @@ class Learner:
         self.schedulers = [self._cosine_schedule(opt) for opt in self.optimizers]
 
     def _cosine_schedule(self, optimizer):
-        from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
-
-        optim = self.spec.optim
-        return get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer,
-            num_warmup_steps=int(optim.warmup_ratio * self.spec.train.steps),
-            num_training_steps=self.spec.train.steps,
-            num_cycles=optim.num_cycles,
-            min_lr_rate=optim.min_lr_ratio,
-        )
+        return cosine_schedule(optimizer, self.spec.optim, self.spec.train.steps)
 
     @property
     def sharded(self) -> bool:

@@ -74,10 +74,34 @@ class EnvSpec(_Section):
     jvm_heap: str = Field("512m", pattern=r"^\d+[mMgG]$", description="ScienceWorld JVM -Xmx.")
     workers: int = Field(2, ge=0, description="Engine worker processes (0: engines in the trainer's process).")
     step_timeout_s: float = Field(120.0, gt=0, description="A worker silent this long per command is restarted.")
+    task_types: list[str] | None = Field(
+        None,
+        description="Train and evaluate on these task types only (None: all); `epo envs` lists them. "
+        "A comma-separated string is accepted.",
+    )
 
     @property
     def engine_options(self) -> dict:
         return {"jvm_heap": self.jvm_heap}
+
+    @field_validator("task_types", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _known_task_types(self) -> EnvSpec:
+        if self.task_types is None:
+            return self
+        from epo_cli.envs.registry import task_types_of
+
+        if not self.task_types:
+            raise ValueError("task_types: empty list; leave it unset for all task types")
+        known = task_types_of(self.name)
+        unknown = [t for t in self.task_types if t not in known]
+        if unknown:
+            raise ValueError(f"task_types: unknown {self.name} task type {unknown[0]!r}; expected some of: {', '.join(known)}")
+        return self
 
 
 class VLLMSpec(_Section):
@@ -260,6 +284,34 @@ class DistributedSpec(_Section):
     timeout_minutes: float = Field(60.0, gt=0, description="How long a rank waits for the others in a collective.")
 
 
+class SFTSpec(_Section):
+    """`epo sft`: supervised warm start on cached expert trajectories (README, "Warm start")."""
+
+    epochs: int = Field(2, gt=0)
+    lr: float = Field(5e-5, gt=0, description="Peak lr; warmup and cosine shape come from optim.")
+    batch_size: int = Field(8, gt=0, description="Expert steps per optimizer step.")
+    micro_batch_size: int = Field(4, gt=0, description="Expert steps per forward pass.")
+    think: Literal["empty", "template"] = Field(
+        "empty",
+        description="Target <think> block: 'empty' (<think></think>) or 'template' "
+        "(one sentence naming the next step, which repeats the action).",
+    )
+    train_split: str = "train"
+    train_games: int = Field(40, gt=0, description="Expert games of train_split (after env.task_types).")
+    heldout_split: str = Field("iid", description="Split of the held-out expert games (metrics only).")
+    heldout_games: int = Field(8, gt=0)
+    expert_dir: Path | None = Field(None, description="Expert trajectory cache; default <epo cache>/expert.")
+    output_dir: Path | None = Field(None, description="The model folder written; default <checkpoint.dir>/sft/<run id>.")
+
+    @model_validator(mode="after")
+    def _batches(self) -> SFTSpec:
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError("micro_batch_size must not exceed batch_size")
+        if self.heldout_split == self.train_split:
+            raise ValueError("heldout_split must differ from train_split (held-out games)")
+        return self
+
+
 class ExperimentSpec(_Section):
     scale: Literal["cpu", "paper"] = "paper"
     model: ModelSpec = ModelSpec()
@@ -273,6 +325,7 @@ class ExperimentSpec(_Section):
     tracking: TrackingSpec = TrackingSpec()
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)  # built when used: $EPO_HOME may change
     distributed: DistributedSpec = DistributedSpec()
+    sft: SFTSpec = SFTSpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:
@@ -284,6 +337,12 @@ class ExperimentSpec(_Section):
             raise ValueError("optim.micro_batch_size must not exceed optim.mini_batch_size")
         if self.rollout.constrain != "none" and self.rollout.backend != "transformers":
             raise ValueError("rollout.constrain needs rollout.backend: transformers (the vLLM backend samples unconstrained)")
+        from epo_cli.envs.registry import splits_of
+
+        for name in ("train_split", "heldout_split"):
+            split = getattr(self.sft, name)
+            if split not in splits_of(self.env.name):
+                raise ValueError(f"sft.{name}: unknown {self.env.name} split {split!r}; expected one of {', '.join(splits_of(self.env.name))}")
         return self
 
     @property

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from epo_cli import checkpoint as ckpt
 from epo_cli.batch import TurnBatch
 from epo_cli.distributed import DistContext, rank_slice
-from epo_cli.envs.base import TaskSampler, grouped_tasks
+from epo_cli.envs.base import TaskSampler, grouped_tasks, of_task_types
 from epo_cli.envs.registry import env_batch_for, load_split
 from epo_cli.evaluate import evaluate_splits
 from epo_cli.learner import Learner
@@ -28,6 +28,7 @@ from epo_cli.tracking import Tracker, connect
 
 
 MAX_CONSECUTIVE_SKIPS = 3
+CANNOT_ACT_RATE = 0.9  # invalid-action rate at step 0 that earns the warm-start hint
 RANK_SEED_STRIDE = 1_000_003  # rank r samples tokens from seed + r * stride
 
 
@@ -54,7 +55,8 @@ class Trainer:
         self.sample_generator = torch.Generator().manual_seed(self._rank_seed())
 
         # Every rank draws the same global task stream and plays its own groups of it.
-        self.train_tasks = load_split(spec.env.name, spec.env.data_dir, spec.env.train_split)
+        split = load_split(spec.env.name, spec.env.data_dir, spec.env.train_split)
+        self.train_tasks = of_task_types(split, spec.env.task_types, spec.env.train_split)
         self.task_sampler = TaskSampler(self.train_tasks, spec.train.seed)
 
         self.tokenizer = load_tokenizer(spec.model.name)
@@ -119,6 +121,8 @@ class Trainer:
         turns_task = progress.add_task("rollout", total=spec.env.max_turns, info="", visible=False)
         while self.step < spec.train.steps:
             last, episodes = self.train_step(progress, turns_task)
+            if self.step == 0 and last["train/invalid_action_rate"] >= CANNOT_ACT_RATE:
+                self.console.print(cannot_act_hint(last["train/invalid_action_rate"]))
             if tracker is not None:
                 tracker.log_metrics(last, step=self.step)
                 tracker.log_text(episodes_jsonl(episodes), f"episodes/step_{self.step:05d}.jsonl")
@@ -251,6 +255,15 @@ class Trainer:
         self.sampler.close()
         self.envs.close()
         self.scratch.cleanup()
+
+
+def cannot_act_hint(invalid_rate: float) -> str:
+    """One line for a policy that almost never writes a valid ``<think>/<action>`` answer."""
+    return (
+        f"[yellow]hint:[/] {invalid_rate:.0%} of the first step's turns had no valid <think>/<action> answer, so "
+        "RL has almost nothing to learn from: warm-start the model with `epo sft` (then `epo train --init-from DIR`) "
+        "or restrict it to admissible actions with rollout.constrain=admissible"
+    )
 
 
 def episodes_jsonl(episodes) -> str:

@@ -127,6 +127,16 @@ def build_prompt(
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(lines)}]
 
 
+def of_task_types(tasks: list[TaskInstance], task_types: list[str] | None, split: str) -> list[TaskInstance]:
+    """The tasks of the chosen types (``None``: all of them); an empty result is an error."""
+    if task_types is None:
+        return tasks
+    chosen = [task for task in tasks if task.task_type in task_types]
+    if not chosen:
+        raise ValueError(f"env.task_types: split {split!r} has no task of type {', '.join(task_types)}")
+    return chosen
+
+
 def stratified_order(items: list, type_of, seed: int) -> list:
     """Items shuffled within each type, then dealt round-robin across types.
 

@@ -75,6 +75,14 @@ def max_score_of(env: str) -> float:
     return 100.0 if env == "scienceworld" else 1.0
 
 
+def task_types_of(env: str) -> tuple[str, ...]:
+    """Every task type of an environment (``env.task_types`` picks among them)."""
+    if env in TOY_ENVS:
+        return (env, f"{env}-ood")
+    module = _module(env)
+    return module.TASK_TYPES if env == "alfworld" else module.task_names()
+
+
 def load_split(env: str, configured_dir: Path | None, split: str) -> list[TaskInstance]:
     """A split's tasks; ``configured_dir`` is ALFWorld's ``env.data_dir``."""
     if env in TOY_ENVS:

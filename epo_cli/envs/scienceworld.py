@@ -231,6 +231,12 @@ class ScienceWorldEngine:
             accepted=not observation.startswith(UNKNOWN_ACTION),
         )
 
+    def gold_path(self, task: TaskInstance) -> list[str]:
+        """The engine's expert actions for a task. This engine is left on that task with
+        gold-path bookkeeping: replay them on another engine."""
+        self._engine.load(task.task_type, int(task.variation), "", generateGoldPath=True)
+        return list(self._engine.get_gold_action_sequence())
+
     def close(self) -> None:
         if self._engine is not None:
             self._engine = None

@@ -1,0 +1,308 @@
+"""`epo sft`: a warm start by supervised fine-tuning on expert trajectories.
+
+Every expert step is rendered exactly as RL renders a turn (``build_prompt`` then
+``encode_prompt`` with the spec's rollout settings: task, step count, actions so far, the
+history window, the listed actions, the prompt budget). The target is an answer in RL's
+format, ``<think>...</think><action>A</action>``; generation stops at ``</action>``, so no
+end-of-turn token is trained. The loss is the token-mean negative log-likelihood of the
+target tokens, from the LM head at response positions only (``forward_turns``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from epo_cli.batch import TurnBatch, collate, length_sorted_chunks
+from epo_cli.envs.base import PromptState, build_prompt, parse_action
+from epo_cli.envs.registry import title_of
+from epo_cli.expert import ExpertTrajectory, expert_trajectories
+from epo_cli.forward import forward_turns
+from epo_cli.rollout import RolloutSettings, TransformersSampler, autocast_context, encode_prompt
+from epo_cli.spec import ExperimentSpec
+
+THINK_TEMPLATE = "The next step is to {action}."
+CONFIDENT_LOGP = math.log(0.5)  # a token given p > 0.5 is certainly the model's argmax
+INFO_FILE = "sft.json"
+
+
+class SFTError(ValueError):
+    """The SFT data or budget does not fit; the message names the field to change."""
+
+
+def expert_response(action: str, think: str) -> str:
+    """The answer RL expects, with an empty or a one-sentence templated ``<think>``."""
+    thought = THINK_TEMPLATE.format(action=action) if think == "template" else ""
+    return f"<think>{thought}</think><action>{action}</action>"
+
+
+def prompt_states(trajectory: ExpertTrajectory) -> list[PromptState]:
+    """The prompt state of each expert step, as ``play_episodes`` builds it."""
+    states, past_actions, past_observations = [], [], []
+    for step in trajectory.steps:
+        states.append(PromptState(trajectory.task_description, step.observation, step.actions, list(past_actions), list(past_observations)))
+        past_actions.append(step.action)
+        past_observations.append(step.observation)
+    return states
+
+
+@dataclass
+class SFTSample:
+    """One expert step as tokens, with what the held-out metrics compare against."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    action: str
+    actions: list[str]  # the actions listed at that step
+
+
+def render_samples(trajectories: list[ExpertTrajectory], tokenizer, title: str, settings: RolloutSettings, think: str) -> list[SFTSample]:
+    """The first ``settings.max_turns`` steps of every won trajectory (RL never plays a
+    later turn); failed experts are left out."""
+    samples = []
+    for trajectory in trajectories:
+        if not trajectory.won:
+            continue
+        for turn, (state, step) in enumerate(zip(prompt_states(trajectory), trajectory.steps[: settings.max_turns])):
+            messages = build_prompt(title, state, turn, settings.max_turns, settings.history_length, settings.max_listed_actions)
+            prompt_ids, _ = encode_prompt(tokenizer, messages, settings.max_prompt_tokens, settings.on_overflow)
+            response_ids = tokenizer(expert_response(step.action, think), add_special_tokens=False)["input_ids"]
+            samples.append(SFTSample(prompt_ids, response_ids, step.action, step.actions))
+    return samples
+
+
+def check_response_budget(samples: list[SFTSample], max_response_tokens: int) -> None:
+    """Every target must fit the tokens RL lets the policy write."""
+    lengths = [len(s.response_ids) for s in samples]
+    over = sum(n > max_response_tokens for n in lengths)
+    if over:
+        raise SFTError(
+            f"rollout.max_response_tokens={max_response_tokens}: {over} of {len(lengths)} expert targets are longer "
+            f"(longest {max(lengths)} tokens); raise it or use sft.think=empty"
+        )
+
+
+def as_turn_batch(samples: list[SFTSample]) -> TurnBatch:
+    """Samples in the container ``collate`` pads (episode fields unused)."""
+    zeros = torch.zeros(len(samples), dtype=torch.long)
+    return TurnBatch([s.prompt_ids for s in samples], [s.response_ids for s in samples], zeros, zeros, zeros, zeros.float())
+
+
+def score_targets(model, micro, spec: ExperimentSpec) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood of the micro-batch's target tokens, and how many of
+    them the model gives p > 0.5."""
+    out = forward_turns(model, micro, 1.0, spec.model.logit_chunk_tokens, compiled_head=spec.model.compile_lm_head)
+    mask = micro.response_mask
+    nll = -(out.logp * mask).sum()
+    confident = int(((out.logp.detach() > CONFIDENT_LOGP) & mask.bool()).sum())
+    return nll, confident
+
+
+@torch.no_grad()
+def teacher_forced_metrics(model, samples: list[SFTSample], spec: ExperimentSpec, pad_id: int, device) -> dict[str, float]:
+    """Held-out loss and token accuracy (share of target tokens given p > 0.5)."""
+    batch = as_turn_batch(samples)
+    was_training = model.training
+    model.eval()
+    nll = confident = tokens = 0.0
+    for rows in length_sorted_chunks(batch, list(range(len(batch))), spec.sft.micro_batch_size):
+        micro = collate(batch, rows, pad_id).to(device)
+        with autocast_context(spec.model.autocast, model):
+            micro_nll, micro_confident = score_targets(model, micro, spec)
+        nll += float(micro_nll)
+        confident += micro_confident
+        tokens += int(micro.response_lengths.sum())
+    model.train(was_training)
+    return {"heldout/loss": nll / tokens, "heldout/token_accuracy": confident / tokens}
+
+
+def greedy_metrics(model, tokenizer, samples: list[SFTSample], spec: ExperimentSpec, on_batch=None) -> dict[str, float]:
+    """Greedy answers to held-out expert states: well-formed, admissible (ALFWorld, whose
+    listed actions are complete commands) and equal to the expert's action.
+    ``on_batch(n)`` reports each generated batch."""
+    size = spec.rollout.generation_batch_size
+    sampler = TransformersSampler(model, tokenizer, size, autocast=spec.model.autocast)
+    actions = []
+    for start in range(0, len(samples), size):
+        chunk = [s.prompt_ids for s in samples[start : start + size]]
+        actions.extend(parse_action(g.text) for g in sampler.generate(chunk, spec.rollout.max_response_tokens, 0.0, 1.0))
+        if on_batch is not None:
+            on_batch(len(chunk))
+    n = max(len(samples), 1)
+    metrics = {
+        "heldout/valid_format_rate": sum(a is not None for a in actions) / n,
+        "heldout/expert_match_rate": sum(a == s.action for a, s in zip(actions, samples)) / n,
+    }
+    if spec.env.name == "alfworld":
+        metrics["heldout/admissible_rate"] = sum(a in s.actions for a, s in zip(actions, samples)) / n
+    return metrics
+
+
+def fit(model, train: list[SFTSample], spec: ExperimentSpec, pad_id: int, device, on_step) -> None:
+    """AdamW on the token-mean target NLL of each batch of ``sft.batch_size`` steps
+    (micro-batches accumulate), lr warmup then cosine; ``on_step(step, metrics)``."""
+    from epo_cli.learner import cosine_schedule
+
+    sft = spec.sft
+    batch = as_turn_batch(train)
+    steps_per_epoch = math.ceil(len(batch) / sft.batch_size)
+    total_steps = sft.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=spec.optim.weight_decay)
+    scheduler = cosine_schedule(optimizer, spec.optim, total_steps)
+    generator = torch.Generator().manual_seed(spec.train.seed)
+    model.train()
+    step = 0
+    for epoch in range(sft.epochs):
+        order = torch.randperm(len(batch), generator=generator).tolist()
+        for start in range(0, len(order), sft.batch_size):
+            started = time.perf_counter()
+            rows = order[start : start + sft.batch_size]
+            target_tokens = sum(len(batch.response_ids[r]) for r in rows)
+            loss = confident = 0.0
+            for micro_rows in length_sorted_chunks(batch, rows, sft.micro_batch_size):
+                micro = collate(batch, micro_rows, pad_id).to(device)
+                with autocast_context(spec.model.autocast, model):
+                    nll, micro_confident = score_targets(model, micro, spec)
+                (nll / target_tokens).backward()
+                loss += float(nll.detach()) / target_tokens
+                confident += micro_confident
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optim.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                raise SFTError(f"non-finite gradient at SFT step {step}; lower sft.lr (now {sft.lr})")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens = sum(batch.sequence_length(r) for r in rows)
+            on_step(step, {
+                "sft/loss": loss,
+                "sft/token_accuracy": confident / target_tokens,
+                "sft/lr": lr,
+                "sft/grad_norm": grad_norm,
+                "sft/epoch": epoch,
+                "perf/tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9),
+            })
+            step += 1
+
+
+def save_model(model, tokenizer, target: Path, info: dict, spec_yaml: str) -> Path:
+    """Write a transformers model folder (weights, tokenizer, ``sft.json``, ``spec.yaml``)
+    atomically: it appears complete or not at all."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
+        (staging / "spec.yaml").write_text(spec_yaml)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def load_expert_data(spec: ExperimentSpec, progress=None) -> tuple[list[ExpertTrajectory], list[ExpertTrajectory]]:
+    """(train, held-out) expert trajectories, played where the cache lacks them."""
+    env, sft = spec.env, spec.sft
+    return tuple(
+        expert_trajectories(env.name, env.data_dir, split, env.task_types, games, sft.expert_dir, env.jvm_heap, progress)
+        for split, games in ((sft.train_split, sft.train_games), (sft.heldout_split, sft.heldout_games))
+    )
+
+
+@dataclass
+class SFTResult:
+    run_id: str
+    output_dir: Path
+    metrics: dict[str, float]
+
+
+def run_sft(spec: ExperimentSpec, console: Console) -> SFTResult:
+    """Expert data -> rendered steps -> fine-tuning -> held-out metrics -> model folder,
+    logged as one MLflow run."""
+    from epo_cli.models import load_causal_lm, load_tokenizer
+    from epo_cli.progress import progress_bar
+    from epo_cli.spec import flatten, spec_to_yaml
+    from epo_cli.tracking import Tracker, connect
+
+    connect(spec.tracking.uri, spec.tracking.experiment)  # an unusable store fails before any work
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    tokenizer = load_tokenizer(spec.model.name)
+    settings = RolloutSettings.from_spec(spec)
+    with progress_bar(console) as progress:
+        train_trajectories, heldout_trajectories = load_expert_data(spec, progress)
+    title = title_of(spec.env.name)
+    train = render_samples(train_trajectories, tokenizer, title, settings, spec.sft.think)
+    heldout = render_samples(heldout_trajectories, tokenizer, title, settings, spec.sft.think)
+    if not train or not heldout:
+        raise SFTError(f"no won expert game among sft.{'train' if not train else 'heldout'}_games; see the failures in the expert cache")
+    check_response_budget(train + heldout, spec.rollout.max_response_tokens)
+    target_lengths = [len(s.response_ids) for s in train + heldout]
+    data = {
+        "data/train_games_won": sum(t.won for t in train_trajectories),
+        "data/expert_failures": sum(not t.won for t in train_trajectories + heldout_trajectories),
+        "data/train_steps": len(train),
+        "data/heldout_steps": len(heldout),
+        "data/target_tokens_mean": sum(target_lengths) / len(target_lengths),
+        "data/target_tokens_max": max(target_lengths),
+        "data/prompt_tokens_mean": sum(len(s.prompt_ids) for s in train) / len(train),
+    }
+    console.print(
+        f"[bold]epo sft[/] {spec.env.name}, model {spec.model.name}: {len(train)} expert steps of "
+        f"{data['data/train_games_won']} games, {len(heldout)} held-out steps, targets {data['data/target_tokens_mean']:.1f} "
+        f"tokens on average (max {data['data/target_tokens_max']}, budget {spec.rollout.max_response_tokens})"
+    )
+    model = load_causal_lm(spec.model.name, spec.model.dtype, spec.train.seed).to(device)
+    if spec.model.gradient_checkpointing:
+        from epo_cli.models import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
+    tags = {"epo.kind": "sft", "epo.env": spec.env.name, "epo.scale": spec.scale}
+    tracker = Tracker(spec.tracking.uri, spec.tracking.experiment, spec.tracking.run_name, tags=tags)
+    status = "FAILED"
+    try:
+        tracker.log_params(flatten(spec.model_dump(mode="json")))
+        tracker.log_text(spec_to_yaml(spec), "spec.yaml")
+        tracker.log_metrics(data, step=0)
+        steps_per_epoch = math.ceil(len(train) / spec.sft.batch_size)
+        total_steps = spec.sft.epochs * steps_per_epoch
+        final: dict[str, float] = {}
+        with progress_bar(console) as progress:
+            bar = progress.add_task("SFT steps", total=total_steps, info="")
+
+            def on_step(step: int, metrics: dict[str, float]) -> None:
+                """Log the step; at an epoch's end, the held-out metrics of the model after ``step + 1`` updates."""
+                tracker.log_metrics(metrics, step=step)
+                if (step + 1) % steps_per_epoch == 0:
+                    final.update(teacher_forced_metrics(model, heldout, spec, tokenizer.pad_token_id, device))
+                    tracker.log_metrics(final, step=step + 1)
+                progress.update(bar, advance=1, info=f"loss {metrics['sft/loss']:.3f}, {metrics['perf/tokens_per_s']:.0f} tok/s")
+
+            fit(model, train, spec, tokenizer.pad_token_id, device, on_step)
+            bar = progress.add_task("held-out answers", total=len(heldout), info="greedy")
+            answers = greedy_metrics(model, tokenizer, heldout, spec, lambda n: progress.update(bar, advance=n))
+        tracker.log_metrics(answers, step=total_steps)
+        final.update(answers)
+        output_dir = Path(spec.sft.output_dir or Path(spec.checkpoint.dir) / "sft" / tracker.run_id)
+        info = {"mlflow_run_id": tracker.run_id, "env": spec.env.name, "task_types": spec.env.task_types,
+                "base_model": spec.model.name, "think": spec.sft.think, "steps": total_steps, **data, **final}
+        save_model(model, tokenizer, output_dir, info, spec_to_yaml(spec))
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.finish(status)
+    return SFTResult(tracker.run_id, output_dir, {**data, **final})
