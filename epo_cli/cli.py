@@ -63,6 +63,7 @@ def _flags(**fields: Any) -> dict[str, Any]:
         "out": ("sft", "output_dir"),
         "episodes": ("eval", "episodes"),
         "temperature": ("eval", "temperature"),
+        "repeats": ("eval", "repeats"),
     }
     out: dict[str, Any] = {}
     for name, value in fields.items():
@@ -401,11 +402,18 @@ def eval_(
     episodes: Annotated[Optional[int], typer.Option(help="eval.episodes: fixed episodes per split.")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="eval.temperature (paper: 0.4).")] = None,
     greedy: Annotated[bool, typer.Option(help="Greedy decoding (eval.temperature=0).")] = False,
+    repeats: Annotated[Optional[int], typer.Option(help="eval.repeats: seeded episodes per task.")] = None,
+    spec_file: SpecFile = None,
+    save: Annotated[Optional[Path], typer.Option(help="Write every episode's outcome to this JSON file.")] = None,
+    compare: Annotated[
+        Optional[Path], typer.Option(help="A file from --save: compare on the same episodes (McNemar, bootstrap over tasks).")
+    ] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Success on the fixed, seeded IID / OOD / L2 episodes, with 95% Wilson intervals.
 
-    Of a run's checkpoint (logged to that run), or of any model with --model (printed only)."""
+    Of a run's checkpoint (logged to that run), or of any model with --model (printed only;
+    --spec, --env, --task-types and --set set up its episodes)."""
     from rich.progress import Progress
 
     _one_process("eval")
@@ -417,8 +425,9 @@ def eval_(
 
     if (target is None) == (model is None):
         _fail("epo eval takes a run (RUN_ID or a checkpoint folder) or --model NAME_OR_DIR, one of the two")
-    if target is not None and (env or task_types or set_):
-        _fail("--env, --task-types and --set go with --model; a run is evaluated with its own spec")
+    if target is not None and (env or task_types or set_ or spec_file):
+        _fail("--spec, --env, --task-types and --set go with --model; a run is evaluated with its own spec")
+    baseline = _read_outcomes(compare) if compare is not None else None
     _quiet_libraries()
     splits = ["iid", "ood"] if split == "all" else [split]
     temperature = 0.0 if greedy else temperature
@@ -426,24 +435,31 @@ def eval_(
     try:
         with Progress(console=console) as progress:
             if model is not None:
-                resolved = resolve_spec(None, _flags(env=env, model=model, task_types=task_types, episodes=episodes,
-                                                     temperature=temperature), set_)
+                resolved = resolve_spec(spec_file, _flags(env=env, model=model, task_types=task_types, episodes=episodes,
+                                                          temperature=temperature, repeats=repeats), set_)
                 results = evaluate_model(resolved, model, splits, progress)
                 title = f"evaluation of {model} on {resolved.env.name}"
             else:
                 checkpoint = find_checkpoint(target, tracking_uri)
-                results, run_id, step = evaluate_checkpoint(checkpoint, splits, episodes, temperature, tracking_uri, progress)
+                results, run_id, step = evaluate_checkpoint(
+                    checkpoint, splits, episodes, temperature, tracking_uri, progress, repeats
+                )
                 title = f"evaluation of {checkpoint} (step {step})"
     except (SpecError, ModelError, TrackingError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
     table = Table(title=title)
-    for column in ("split", "episodes", "success", "95% CI", "turns", "invalid"):
+    for column in ("split", "episodes", "success", "95% CI", "score", "turns", "invalid"):
         table.add_column(column, justify="right")
     for result in results:
         low, high = result.interval
         table.add_row(result.split, str(result.episodes), f"{result.success_rate:.3f}", f"[{low:.3f}, {high:.3f}]",
-                      f"{result.mean_turns:.1f}", f"{result.invalid_action_rate:.2f}")
+                      f"{result.mean_score:.2f}", f"{result.mean_turns:.1f}", f"{result.invalid_action_rate:.2f}")
     console.print(table)
+    if save is not None:
+        _write_outcomes(save, title, results)
+        console.print(f"episode outcomes written to {save}")
+    if baseline is not None:
+        _print_comparison(baseline, results, compare)
     per_type = Table(title="success per task type")
     per_type.add_column("task type")
     for result in results:
@@ -457,6 +473,49 @@ def eval_(
     console.print(per_type)
     if run_id:
         console.print(f"logged to MLflow run {run_id} at step {step}")
+
+
+def _write_outcomes(path: Path, title: str, results) -> None:
+    import dataclasses
+    import json
+
+    payload = {"title": title, "splits": {r.split: [dataclasses.asdict(o) for o in r.outcomes] for r in results}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(payload, indent=1))
+    staging.replace(path)
+
+
+def _read_outcomes(path: Path) -> dict:
+    import json
+
+    from epo_cli.evaluate import EpisodeOutcome
+
+    try:
+        payload = json.loads(path.read_text())
+        return {split: [EpisodeOutcome(**o) for o in rows] for split, rows in payload["splits"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        _fail(f"--compare {path}: not a file written by `epo eval --save` ({err.__class__.__name__}: {err})")
+
+
+def _print_comparison(baseline: dict, results, source: Path) -> None:
+    from epo_cli.evaluate import compare_paired
+
+    table = Table(title=f"paired comparison with {source} (same tasks and seeds)")
+    for column in ("split", "pairs", "before", "after", "after - before", "95% CI (tasks bootstrap)", "won only before",
+                   "won only after", "McNemar p"):
+        table.add_column(column, justify="right")
+    for result in results:
+        if result.split not in baseline:
+            continue
+        try:
+            c = compare_paired(baseline[result.split], result.outcomes)
+        except ValueError as err:
+            _fail(f"--compare {source}: {result.split}: {err}")
+        low, high = c.bootstrap_interval
+        table.add_row(result.split, str(c.pairs), f"{c.before:.3f}", f"{c.after:.3f}", f"{c.difference:+.3f}",
+                      f"[{low:+.3f}, {high:+.3f}]", str(c.only_before), str(c.only_after), f"{c.mcnemar_p:.3g}")
+    console.print(table)
 
 
 def _parse_seeds(values: list[str]) -> list[int]:

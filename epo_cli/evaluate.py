@@ -29,13 +29,30 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def eval_tasks(env: str, data_dir, split: str, episodes: int, task_types: list[str] | None = None) -> list[TaskInstance]:
+def eval_tasks(
+    env: str, data_dir, split: str, episodes: int, task_types: list[str] | None = None, repeats: int = 1
+) -> list[TaskInstance]:
     """The first ``episodes`` tasks of the split (of ``task_types`` only, when given) in a
-    fixed order that spreads task types."""
+    fixed order that spreads task types, each played ``repeats`` times (seeds
+    ``EVAL_SEED + r``: different sampling draws on the same task, for paired comparisons)."""
     if split not in EVAL_SPLITS:
         raise ValueError(f"--split: unknown evaluation split {split!r}; expected one of {sorted(EVAL_SPLITS)} or all")
     tasks = stratified_order(of_task_types(load_split(env, data_dir, split), task_types, split), lambda t: t.task_type, EVAL_SEED)
-    return [TaskInstance(t.env, t.task_type, t.task_id, t.variation, seed=EVAL_SEED) for t in tasks[:episodes]]
+    return [
+        TaskInstance(t.env, t.task_type, t.task_id, t.variation, seed=EVAL_SEED + r) for t in tasks[:episodes] for r in range(repeats)
+    ]
+
+
+@dataclass(frozen=True)
+class EpisodeOutcome:
+    """One evaluation episode, as saved by ``epo eval --save`` and paired by ``--compare``."""
+
+    task: str  # the task's key without its seed: the same game or variation in every stage
+    seed: int
+    won: bool
+    score: float
+    turns: int
+    invalid_turns: int
 
 
 @dataclass
@@ -46,10 +63,15 @@ class EvalResult:
     mean_turns: float
     invalid_action_rate: float
     per_type: dict[str, tuple[int, int]] = field(default_factory=dict)
+    outcomes: list[EpisodeOutcome] = field(default_factory=list)
 
     @property
     def success_rate(self) -> float:
         return self.successes / max(self.episodes, 1)
+
+    @property
+    def mean_score(self) -> float:
+        return sum(o.score for o in self.outcomes) / max(len(self.outcomes), 1)
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -65,6 +87,7 @@ class EvalResult:
             f"{prefix}/episode_turns": self.mean_turns,
             f"{prefix}/invalid_action_rate": self.invalid_action_rate,
             f"{prefix}/episodes": self.episodes,
+            f"{prefix}/score_mean": self.mean_score,
         }
 
 
@@ -79,7 +102,7 @@ def evaluate(
     on_batch: Callable[[int], None] | None = None,
     dist: DistContext | None = None,
 ) -> EvalResult:
-    """Play every task once, ``batch_size`` episodes at a time, with a sampler seeded by
+    """Play every task, ``batch_size`` episodes at a time, with a sampler seeded by
     ``EVAL_SEED`` so that the same checkpoint always gives the same episodes (for a given
     number of processes: under torchrun each rank plays every world_size-th task)."""
     dist = dist or DistContext()
@@ -104,16 +127,23 @@ def evaluate(
         mean_turns=len(turns) / max(len(episodes), 1),
         invalid_action_rate=sum(not t.valid for t in turns) / max(len(turns), 1),
         per_type=dict(sorted(per_type.items())),
+        outcomes=[
+            EpisodeOutcome(
+                f"{e.task.env}:{e.task.task_id}:{e.task.variation}", e.task.seed, e.won, e.score,
+                len(e.turns), sum(not t.valid for t in e.turns),
+            )
+            for e in episodes
+        ],
     )
 
 
 def evaluate_splits(sampler: Sampler, tokenizer, envs: EnvBatch, spec, splits, progress=None, dist: DistContext | None = None) -> list[EvalResult]:
     """The fixed evaluation episodes of each split, at the spec's eval temperature."""
     settings = RolloutSettings.from_spec(spec, temperature=spec.eval.temperature)
-    batch_size = min(spec.eval.episodes, spec.rollout.generation_batch_size)
+    batch_size = min(spec.eval.episodes * spec.eval.repeats, spec.rollout.generation_batch_size)
     results = []
     for split in splits:
-        tasks = eval_tasks(spec.env.name, spec.env.data_dir, split, spec.eval.episodes, spec.env.task_types)
+        tasks = eval_tasks(spec.env.name, spec.env.data_dir, split, spec.eval.episodes, spec.env.task_types, spec.eval.repeats)
         task = progress.add_task(f"eval {split}", total=len(tasks), info="") if progress is not None else None
         advance = (lambda n, t=task: progress.update(t, advance=n)) if progress is not None else None
         results.append(evaluate(sampler, tokenizer, envs, tasks, split, settings, batch_size, advance, dist))
@@ -137,7 +167,7 @@ def evaluate_model(spec, model_name: str, splits, progress=None, policy=None) ->
     with tempfile.TemporaryDirectory(prefix="epo-eval-") as scratch:
         model_dir = model_directory(model_name, tokenizer, Path(scratch), spec.model.dtype) if policy is None else None
         sampler = build_sampler(spec, policy, tokenizer, torch.Generator(), model_dir=model_dir)
-        envs = env_batch_for(spec.env, min(spec.eval.episodes, spec.rollout.generation_batch_size))
+        envs = env_batch_for(spec, min(spec.eval.episodes, spec.rollout.generation_batch_size))
         try:
             return evaluate_splits(sampler, tokenizer, envs, spec, splits, progress)
         finally:
@@ -152,6 +182,7 @@ def evaluate_checkpoint(
     temperature: float | None,
     tracking_uri: str | None,
     progress=None,
+    repeats: int | None = None,
 ) -> tuple[list[EvalResult], str | None, int]:
     """Evaluate a saved policy on ``splits``; log to its training run when that run is
     known. Returns (results, run id, checkpoint step)."""
@@ -165,6 +196,8 @@ def evaluate_checkpoint(
         overrides.append(f"eval.episodes={episodes}")
     if temperature is not None:
         overrides.append(f"eval.temperature={temperature}")
+    if repeats is not None:
+        overrides.append(f"eval.repeats={repeats}")
     spec = resolve_spec(checkpoint_dir / "spec.yaml", overrides=overrides)
     policy = load_policy(checkpoint_dir, spec.model.dtype).eval() if spec.rollout.backend == "transformers" else None
     results = evaluate_model(spec, str(checkpoint_dir / POLICY_DIR), splits, progress, policy)
@@ -173,3 +206,63 @@ def evaluate_checkpoint(
         tracker = Tracker(tracking_uri or spec.tracking.uri, spec.tracking.experiment, None, run_id=run_id, resume=False)
         tracker.log_metrics({k: v for r in results for k, v in r.metrics().items()}, step=int(meta["step"]))
     return results, run_id, int(meta["step"])
+
+
+@dataclass
+class PairedComparison:
+    """Success of two stages on the same episodes (task and seed)."""
+
+    pairs: int
+    before: float
+    after: float
+    only_before: int  # episodes won before and lost after
+    only_after: int
+    mcnemar_p: float
+    bootstrap_interval: tuple[float, float]  # 95% CI of after - before, resampling tasks
+
+    @property
+    def difference(self) -> float:
+        return self.after - self.before
+
+
+def mcnemar_exact_p(only_before: int, only_after: int) -> float:
+    """Two-sided exact McNemar test: a binomial test of the discordant pairs at 1/2."""
+    n = only_before + only_after
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_before, only_after) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def compare_paired(before: list[EpisodeOutcome], after: list[EpisodeOutcome], resamples: int = 10_000, seed: int = 0) -> PairedComparison:
+    """Pair episodes by (task, seed); McNemar on the episode pairs and a bootstrap
+    interval of the success difference that resamples whole tasks (repeats of one task
+    are not independent)."""
+    import random
+
+    first = {(o.task, o.seed): o.won for o in before}
+    second = {(o.task, o.seed): o.won for o in after}
+    keys = sorted(first.keys() & second.keys())
+    if not keys:
+        raise ValueError("no episode in common: compare evaluations of the same split, episodes and repeats")
+    by_task: dict[str, list[tuple[bool, bool]]] = {}
+    for key in keys:
+        by_task.setdefault(key[0], []).append((first[key], second[key]))
+    tasks = list(by_task.values())
+    rng = random.Random(seed)
+    differences = []
+    for _ in range(resamples):
+        drawn = [pair for _ in tasks for pair in rng.choice(tasks)]
+        differences.append(sum(b - a for a, b in drawn) / len(drawn))
+    differences.sort()
+    only_before = sum(first[k] and not second[k] for k in keys)
+    only_after = sum(second[k] and not first[k] for k in keys)
+    return PairedComparison(
+        pairs=len(keys),
+        before=sum(first[k] for k in keys) / len(keys),
+        after=sum(second[k] for k in keys) / len(keys),
+        only_before=only_before,
+        only_after=only_after,
+        mcnemar_p=mcnemar_exact_p(only_before, only_after),
+        bootstrap_interval=(differences[int(0.025 * resamples)], differences[int(0.975 * resamples) - 1]),
+    )

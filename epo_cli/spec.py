@@ -250,6 +250,7 @@ class EvalSpec(_Section):
     every: int = Field(5, ge=0, description="Evaluate every N RL steps (0: never).")
     episodes: int = Field(64, gt=0, description="Fixed, seeded episodes per split.")
     temperature: float = Field(0.4, ge=0, description="0 means greedy.")
+    repeats: int = Field(1, gt=0, description="Seeded episodes per task (paired stage comparisons: epo eval --compare).")
 
 
 class TrackingSpec(_Section):

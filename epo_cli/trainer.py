@@ -65,7 +65,7 @@ class Trainer:
         self.sampler, self.sampler_has_own_weights = self._build_sampler()
         self._sync_sampler()
         self.episodes_per_rank = len(self.my_groups) * spec.rollout.group_size
-        self.envs = env_batch_for(spec.env, self.episodes_per_rank)  # last: worker processes to close
+        self.envs = env_batch_for(spec, self.episodes_per_rank)  # last: worker processes to close
 
     def _build_sampler(self) -> tuple[Sampler, bool]:
         """The rollout sampler, and whether it holds its own copy of the weights (vLLM, or

@@ -27,3 +27,35 @@ def test_eval_metrics_keys():
     assert metrics["eval/ood/success_rate"] == 0.5
     assert metrics["eval/ood/success_ci_low"] == pytest.approx(0.2366, abs=1e-4)
     assert metrics["eval/ood/episodes"] == 10
+
+
+def test_repeats_play_each_task_with_its_own_seed():
+    tasks = eval_tasks("toy", None, "iid", 3, repeats=2)
+    assert [t.task_id for t in tasks] == [tasks[0].task_id] * 2 + [tasks[2].task_id] * 2 + [tasks[4].task_id] * 2
+    assert tasks[0].seed != tasks[1].seed and len({t.key for t in tasks}) == 6
+
+
+def test_mcnemar_exact_p_by_hand():
+    from epo_cli.evaluate import mcnemar_exact_p
+
+    assert mcnemar_exact_p(0, 5) == pytest.approx(2 / 32)
+    assert mcnemar_exact_p(1, 6) == pytest.approx(2 * (1 + 7) / 128)
+    assert mcnemar_exact_p(3, 3) == 1.0 and mcnemar_exact_p(0, 0) == 1.0
+
+
+def test_paired_comparison_pairs_by_task_and_seed():
+    from epo_cli.evaluate import EpisodeOutcome, compare_paired
+
+    def outcomes(wins):
+        return [EpisodeOutcome(f"g{i // 2}", i % 2, won, float(won), 4, 0) for i, won in enumerate(wins)]
+
+    before = outcomes([False, False, True, False, False, False])
+    after = outcomes([True, True, True, False, True, True])
+    extra = [EpisodeOutcome("unpaired", 0, True, 1.0, 4, 0)]
+    c = compare_paired(before, after + extra)
+    assert (c.pairs, c.before, c.after) == (6, pytest.approx(1 / 6), pytest.approx(5 / 6))
+    assert (c.only_before, c.only_after) == (0, 4) and c.mcnemar_p == pytest.approx(2 / 16)
+    low, high = c.bootstrap_interval
+    assert 0 <= low <= c.difference <= high <= 1 and low < high
+    with pytest.raises(ValueError, match="no episode in common"):
+        compare_paired(before, extra)

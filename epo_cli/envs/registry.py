@@ -93,11 +93,11 @@ def load_split(env: str, configured_dir: Path | None, split: str) -> list[TaskIn
 
 
 def make_engine(env: str, options: dict):
-    """One engine. ``options``: ``jvm_heap`` (ScienceWorld)."""
+    """One engine. ``options``: ``jvm_heap`` and ``valid_actions`` (ScienceWorld)."""
     if env == "scienceworld":
         from epo_cli.envs.scienceworld import ScienceWorldEngine
 
-        return ScienceWorldEngine(options.get("jvm_heap", "512m"))
+        return ScienceWorldEngine(options.get("jvm_heap", "512m"), options.get("valid_actions", False))
     if env == "alfworld":
         from epo_cli.envs.alfworld import AlfWorldEngine
 
@@ -118,6 +118,8 @@ def make_env_batch(env: str, size: int, options: dict, workers: int = 0, step_ti
     return EnvPool(env, options, workers, step_timeout_s)
 
 
-def env_batch_for(env_spec, size: int):
-    """The engine batch an ``EnvSpec`` asks for."""
-    return make_env_batch(env_spec.name, size, env_spec.engine_options, env_spec.workers, env_spec.step_timeout_s)
+def env_batch_for(spec, size: int):
+    """The engine batch an ``ExperimentSpec`` asks for (engines enumerate their complete
+    commands when ``rollout.constrain`` needs them)."""
+    options = {**spec.env.engine_options, "valid_actions": spec.rollout.constrain == "admissible"}
+    return make_env_batch(spec.env.name, size, options, spec.env.workers, spec.env.step_timeout_s)

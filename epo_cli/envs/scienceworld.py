@@ -193,12 +193,19 @@ class ScienceWorldEngine:
     Success is the spec's: the episode is done with a positive score (a negative score
     ends the episode as failed, as the engine's own wrapper does). The prompt lists the
     engine's action templates and the objects in view, not its ~400-900 grounded
-    combinations, which would not fit a 2k-token prompt.
+    combinations, which would not fit a 2k-token prompt. With ``valid_actions`` each step
+    also enumerates those combinations, for ``rollout.constrain``.
     """
 
-    def __init__(self, jvm_heap: str = "512m"):
+    def __init__(self, jvm_heap: str = "512m", valid_actions: bool = False):
         self._engine = _simulator(jvm_heap)
         self._templates: list[str] = []
+        self.valid_actions = valid_actions
+
+    def _valid_actions(self) -> list[str] | None:
+        if not self.valid_actions:
+            return None
+        return [a for a in self._engine.get_valid_action_object_combinations() if a != "reset task"]
 
     def _actions(self) -> list[str]:
         objects = self._engine.get_possible_objects()
@@ -213,6 +220,7 @@ class ScienceWorldEngine:
             observation=observation,
             actions=self._actions(),
             task_description=self._engine.get_task_description(),
+            valid_actions=self._valid_actions(),
         )
 
     def step(self, action: str) -> EnvStep:
@@ -229,6 +237,7 @@ class ScienceWorldEngine:
             score=score,
             actions=self._actions(),
             accepted=not observation.startswith(UNKNOWN_ACTION),
+            valid_actions=self._valid_actions(),
         )
 
     def gold_path(self, task: TaskInstance) -> list[str]:
