@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,9 @@ def summary_rows(children: list[ChildSummary]) -> list[list[str]]:
 
 
 def _parent_key(ablation: str, base_spec: ExperimentSpec, seeds: list[int]) -> str:
-    text = f"{ablation}|{seeds}|{spec_to_yaml(base_spec)}"
+    """What identifies an ablation: the experiment, not where its runs are stored."""
+    experiment = base_spec.model_dump(mode="json", exclude={"checkpoint", "tracking", "sft"})
+    text = f"{ablation}|{seeds}|{json.dumps(experiment, sort_keys=True)}"
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 

@@ -53,6 +53,18 @@ class TurnBatch:
         width = int(lengths.max()) if width is None else width
         return (torch.arange(width)[None, :] < lengths[:, None]).float()
 
+    def decision_mask(self, rows: list[int]) -> torch.Tensor:
+        """:meth:`response_mask` without forced tokens (an allowed set of one, under
+        ``rollout.constrain``): they are no decision of the policy, so they carry no loss
+        weight and do not count in the entropy statistics."""
+        mask = self.response_mask(rows)
+        if self.allowed is not None:
+            for i, row in enumerate(rows):
+                for j, allowed in enumerate(self.allowed[row] or []):
+                    if allowed is not None and len(allowed) == 1:
+                        mask[i, j] = 0.0
+        return mask
+
     def padded(self, per_row: list[torch.Tensor], rows: list[int], width: int) -> torch.Tensor:
         """Stack per-turn token vectors of ``rows`` into ``[len(rows), width]``, zero-padded."""
         out = torch.zeros(len(rows), width)
@@ -84,11 +96,23 @@ class MicroBatch:
         positions = torch.arange(self.response_width, device=self.response_lengths.device)
         return (positions[None, :] < self.response_lengths[:, None]).float()
 
+    @property
+    def decision_mask(self) -> torch.Tensor:
+        """The response mask without forced tokens (see :meth:`TurnBatch.decision_mask`)."""
+        if self.allowed is None:
+            return self.response_mask
+        return self.response_mask * (~forced_tokens(self.allowed)).float()
+
     def to(self, device: torch.device) -> MicroBatch:
         if self.input_ids.device == device:
             return self
         tensors = (self.input_ids, self.attention_mask, self.prompt_lengths, self.response_lengths, self.allowed)
         return MicroBatch(self.rows, *(t.to(device, non_blocking=True) if t is not None else None for t in tensors))
+
+
+def forced_tokens(allowed: torch.Tensor) -> torch.Tensor:
+    """True where a -1-padded allowed set (last dimension) holds exactly one token."""
+    return (allowed >= 0).sum(-1) == 1
 
 
 def collate(batch: TurnBatch, rows: list[int], pad_id: int) -> MicroBatch:
@@ -117,9 +141,11 @@ def _allowed_tensor(batch: TurnBatch, rows: list[int]) -> torch.Tensor | None:
         return None
     width = max(len(batch.response_ids[r]) for r in rows)
     out = torch.full((len(rows), width, max(len(s) for s in sets)), -1, dtype=torch.long)
-    for i, row_sets in enumerate(per_row):
+    for i, (row, row_sets) in enumerate(zip(rows, per_row)):
         for j, allowed in enumerate(row_sets):
             if allowed is not None:
+                if batch.response_ids[row][j] not in allowed:
+                    raise ValueError(f"turn sample {row}: response token {j} is outside the set it was drawn from")
                 out[i, j, : len(allowed)] = torch.tensor(allowed, dtype=torch.long)
     return out
 

@@ -4,6 +4,7 @@ This module alone reads and writes the format."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -182,24 +183,32 @@ def save_checkpoint(
     replaces the policy's own weights, e.g. gathered from shards) and keep the newest
     ``keep`` checkpoints. A crash mid-write leaves only a hidden temporary folder; earlier
     checkpoints are untouched."""
-    root.mkdir(parents=True, exist_ok=True)
     target = root / f"step_{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-    try:
+    with atomic_folder(target) as staging:
         policy.save_pretrained(staging / POLICY_DIR, state_dict=policy_state)
         tokenizer.save_pretrained(staging / POLICY_DIR)
         write_state(staging, trainer_state)
         (staging / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))
         (staging / "spec.yaml").write_text(spec_yaml)
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path):
+    """Yield a hidden staging folder beside ``target`` that replaces ``target`` when the
+    block completes; an error while writing removes it and leaves ``target`` untouched."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -168,7 +168,7 @@ def train(
             _fail("--init-from sets the model; pass --model or --init-from, not both")
         if not (init_from / "config.json").exists():
             _fail(f"--init-from {init_from}: not a model folder (no config.json); `epo sft` writes one")
-        model = str(init_from)
+        model = str(init_from.expanduser().resolve())  # resumable from any directory
     resolved = _resolve(spec, set_, env=env, algo=algo, variant=variant, steps=steps, seed=seed, model=model,
                         run_name=run_name, tracking_uri=tracking_uri, scale=scale, strategy=strategy,
                         rollout_backend=rollout_backend, task_types=task_types)
@@ -406,7 +406,7 @@ def eval_(
     spec_file: SpecFile = None,
     save: Annotated[Optional[Path], typer.Option(help="Write every episode's outcome to this JSON file.")] = None,
     compare: Annotated[
-        Optional[Path], typer.Option(help="A file from --save: compare on the same episodes (McNemar, bootstrap over tasks).")
+        Optional[Path], typer.Option(help="A file from --save: compare on the same episodes (sign test and bootstrap over tasks).")
     ] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
@@ -502,8 +502,8 @@ def _print_comparison(baseline: dict, results, source: Path) -> None:
     from epo_cli.evaluate import compare_paired
 
     table = Table(title=f"paired comparison with {source} (same tasks and seeds)")
-    for column in ("split", "pairs", "before", "after", "after - before", "95% CI (tasks bootstrap)", "won only before",
-                   "won only after", "McNemar p"):
+    for column in ("split", "episode pairs", "before", "after", "after - before", "95% CI (bootstrap over tasks)",
+                   "tasks worse", "tasks better", "sign test p"):
         table.add_column(column, justify="right")
     for result in results:
         if result.split not in baseline:
@@ -514,7 +514,7 @@ def _print_comparison(baseline: dict, results, source: Path) -> None:
             _fail(f"--compare {source}: {result.split}: {err}")
         low, high = c.bootstrap_interval
         table.add_row(result.split, str(c.pairs), f"{c.before:.3f}", f"{c.after:.3f}", f"{c.difference:+.3f}",
-                      f"[{low:+.3f}, {high:+.3f}]", str(c.only_before), str(c.only_after), f"{c.mcnemar_p:.3g}")
+                      f"[{low:+.3f}, {high:+.3f}]", str(c.tasks_worse), str(c.tasks_better), f"{c.sign_test_p:.3g}")
     console.print(table)
 
 
@@ -610,10 +610,12 @@ def plot(
 
 
 def _latest_runs(client, experiment_id: str, where: str) -> list:
-    """The newest run or, when it is an ablation's, every arm of that ablation; says which."""
-    found = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    """The newest RL run (SFT runs have no RL metrics) or, when it is an ablation's, every
+    arm of that ablation; says which."""
+    recent = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=50)
+    found = [run for run in recent if run.data.tags.get("epo.kind") != "sft"]
     if not found:
-        raise LookupError(f"no runs in {where}: train one with `epo train`, or pass --run RUN_ID")
+        raise LookupError(f"no RL runs in {where}: train one with `epo train`, or pass --run RUN_ID")
     newest = found[0]
     tags = newest.data.tags
     parent_id = tags.get("mlflow.parentRunId") or (newest.info.run_id if "epo.ablation.key" in tags else None)

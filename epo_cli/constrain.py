@@ -11,6 +11,11 @@ The response is generated as a small state machine over tokens:
    ``A``: at each token only the children of the current node are allowed, and the
    response ends at a leaf.
 
+End-of-sequence and ``</action>`` do not end a constrained response early: it ends at a
+trie leaf, or when ``rollout.max_response_tokens`` cuts it (then it is an invalid turn,
+counted in ``rollout/truncated_responses``); text the model writes inside the free think
+block may still hold tags that spoil the answer.
+
 Each token records the set it was drawn from (``None``: the full vocabulary). The sampler
 draws from ``softmax(z / T)`` restricted to that set, and the trainer scores the same
 restricted distribution, so PPO ratios, KL terms and entropies are those of the policy
@@ -41,25 +46,23 @@ class ActionTrie:
 
 class ConstraintFactory:
     """Builds one :class:`ResponseConstraint` per turn from that turn's admissible
-    actions; tokenizations are cached across turns and episodes."""
+    actions; tokenizations are cached for the factory's life (one batch of episodes)."""
 
     def __init__(self, tokenizer, think_tokens: int = 0):
         self.tokenizer = tokenizer
         self.think_tokens = think_tokens
         self._encoded: dict[str, list[int]] = {}
-        encode = self._encode
         # With no room to think, the whole prefix is one forced sequence.
-        self.prefix = encode(THINK_OPEN + THINK_CLOSE + ACTION_OPEN) if think_tokens == 0 else encode(THINK_OPEN)
-        self.close_think = encode(THINK_CLOSE + ACTION_OPEN)
-        self.open_action = encode(ACTION_OPEN)
+        self.prefix = self.encode(THINK_OPEN + THINK_CLOSE + ACTION_OPEN) if think_tokens == 0 else self.encode(THINK_OPEN)
+        self.close_think = self.encode(THINK_CLOSE + ACTION_OPEN)
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
         if text not in self._encoded:
             self._encoded[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._encoded[text]
 
     def trie(self, actions: Sequence[str]) -> ActionTrie:
-        return ActionTrie([self._encode(" ".join(a.split()) + ACTION_CLOSE) for a in dict.fromkeys(actions)])
+        return ActionTrie([self.encode(" ".join(a.split()) + ACTION_CLOSE) for a in dict.fromkeys(actions)])
 
     def __call__(self, actions: Sequence[str]) -> ResponseConstraint:
         if not actions:
@@ -99,11 +102,18 @@ class ResponseConstraint:
             self.done = not self.node
             return
         self.think_ids.append(token)
-        if THINK_CLOSE in self.factory.tokenizer.decode(self.think_ids[-8:]):
-            self._start_action(self.factory.open_action)
+        text = self.factory.tokenizer.decode(self.think_ids)
+        if THINK_CLOSE in text:
+            # The model closed its thought; force what <action> still lacks (its last
+            # token may already hold the start of the tag, e.g. "><").
+            after = text.split(THINK_CLOSE, 1)[1]
+            missing = ACTION_OPEN[len(after) :] if ACTION_OPEN.startswith(after) else ACTION_OPEN
+            self._start_action(self.factory.encode(missing) if missing else [])
         elif len(self.think_ids) >= self.factory.think_tokens:
             self._start_action(self.factory.close_think)
 
     def _start_action(self, forced: list[int]) -> None:
         self.thinking = False
         self.forced = list(forced)
+        if not self.forced:
+            self.node = self.trie.root

@@ -11,7 +11,7 @@ import torch
 
 from epo_cli.distributed import DistContext
 from epo_cli.envs.base import TaskInstance, of_task_types, stratified_order
-from epo_cli.envs.registry import load_split
+from epo_cli.envs.registry import load_split, max_score_of
 from epo_cli.rollout import EnvBatch, RolloutSettings, Sampler, build_sampler, play_episodes
 
 EVAL_SEED = 20250926  # fixed: the same episodes for every run, checkpoint and seed
@@ -33,8 +33,9 @@ def eval_tasks(
     env: str, data_dir, split: str, episodes: int, task_types: list[str] | None = None, repeats: int = 1
 ) -> list[TaskInstance]:
     """The first ``episodes`` tasks of the split (of ``task_types`` only, when given) in a
-    fixed order that spreads task types, each played ``repeats`` times (seeds
-    ``EVAL_SEED + r``: different sampling draws on the same task, for paired comparisons)."""
+    fixed order that spreads task types, each played ``repeats`` times: the repeats are
+    separate rows of the fixed-seed evaluation stream (different draws on the same task;
+    identical at temperature 0), labelled by ``seed = EVAL_SEED + r`` for pairing."""
     if split not in EVAL_SPLITS:
         raise ValueError(f"--split: unknown evaluation split {split!r}; expected one of {sorted(EVAL_SPLITS)} or all")
     tasks = stratified_order(of_task_types(load_split(env, data_dir, split), task_types, split), lambda t: t.task_type, EVAL_SEED)
@@ -47,10 +48,10 @@ def eval_tasks(
 class EpisodeOutcome:
     """One evaluation episode, as saved by ``epo eval --save`` and paired by ``--compare``."""
 
-    task: str  # the task's key without its seed: the same game or variation in every stage
-    seed: int
+    task: str  # the task's key, independent of seed and data location
+    seed: int  # which repeat of the task
     won: bool
-    score: float
+    score: float  # the final score as a fraction of the maximum (ScienceWorld: of 100)
     turns: int
     invalid_turns: int
 
@@ -129,7 +130,7 @@ def evaluate(
         per_type=dict(sorted(per_type.items())),
         outcomes=[
             EpisodeOutcome(
-                f"{e.task.env}:{e.task.task_id}:{e.task.variation}", e.task.seed, e.won, e.score,
+                f"{e.task.env}:{e.task.name}", e.task.seed, e.won, max(e.score, 0.0) / max_score_of(e.task.env),
                 len(e.turns), sum(not t.valid for t in e.turns),
             )
             for e in episodes
@@ -137,10 +138,15 @@ def evaluate(
     )
 
 
+def eval_batch_size(spec) -> int:
+    """Evaluation episodes played side by side."""
+    return min(spec.eval.episodes * spec.eval.repeats, spec.rollout.generation_batch_size)
+
+
 def evaluate_splits(sampler: Sampler, tokenizer, envs: EnvBatch, spec, splits, progress=None, dist: DistContext | None = None) -> list[EvalResult]:
     """The fixed evaluation episodes of each split, at the spec's eval temperature."""
     settings = RolloutSettings.from_spec(spec, temperature=spec.eval.temperature)
-    batch_size = min(spec.eval.episodes * spec.eval.repeats, spec.rollout.generation_batch_size)
+    batch_size = eval_batch_size(spec)
     results = []
     for split in splits:
         tasks = eval_tasks(spec.env.name, spec.env.data_dir, split, spec.eval.episodes, spec.env.task_types, spec.eval.repeats)
@@ -167,7 +173,7 @@ def evaluate_model(spec, model_name: str, splits, progress=None, policy=None) ->
     with tempfile.TemporaryDirectory(prefix="epo-eval-") as scratch:
         model_dir = model_directory(model_name, tokenizer, Path(scratch), spec.model.dtype) if policy is None else None
         sampler = build_sampler(spec, policy, tokenizer, torch.Generator(), model_dir=model_dir)
-        envs = env_batch_for(spec, min(spec.eval.episodes, spec.rollout.generation_batch_size))
+        envs = env_batch_for(spec, eval_batch_size(spec))
         try:
             return evaluate_splits(sampler, tokenizer, envs, spec, splits, progress)
         finally:
@@ -215,9 +221,9 @@ class PairedComparison:
     pairs: int
     before: float
     after: float
-    only_before: int  # episodes won before and lost after
-    only_after: int
-    mcnemar_p: float
+    tasks_better: int  # tasks won more often after than before
+    tasks_worse: int
+    sign_test_p: float  # exact, over tasks (= McNemar with one episode per task)
     bootstrap_interval: tuple[float, float]  # 95% CI of after - before, resampling tasks
 
     @property
@@ -225,19 +231,21 @@ class PairedComparison:
         return self.after - self.before
 
 
-def mcnemar_exact_p(only_before: int, only_after: int) -> float:
-    """Two-sided exact McNemar test: a binomial test of the discordant pairs at 1/2."""
-    n = only_before + only_after
+def sign_test_p(worse: int, better: int) -> float:
+    """Two-sided exact sign test (binomial at 1/2 over the pairs that differ); with one
+    episode per task it is the exact McNemar test."""
+    n = worse + better
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(only_before, only_after) + 1)) / 2**n
+    tail = sum(math.comb(n, k) for k in range(min(worse, better) + 1)) / 2**n
     return min(1.0, 2 * tail)
 
 
 def compare_paired(before: list[EpisodeOutcome], after: list[EpisodeOutcome], resamples: int = 10_000, seed: int = 0) -> PairedComparison:
-    """Pair episodes by (task, seed); McNemar on the episode pairs and a bootstrap
-    interval of the success difference that resamples whole tasks (repeats of one task
-    are not independent)."""
+    """Pair episodes by (task, seed). Repeats of one task are not independent, so the
+    tests work over tasks: an exact sign test on whether each task was won more often
+    after or before, and a bootstrap interval of the success difference that resamples
+    whole tasks."""
     import random
 
     first = {(o.task, o.seed): o.won for o in before}
@@ -255,14 +263,14 @@ def compare_paired(before: list[EpisodeOutcome], after: list[EpisodeOutcome], re
         drawn = [pair for _ in tasks for pair in rng.choice(tasks)]
         differences.append(sum(b - a for a, b in drawn) / len(drawn))
     differences.sort()
-    only_before = sum(first[k] and not second[k] for k in keys)
-    only_after = sum(second[k] and not first[k] for k in keys)
+    task_change = [sum(b - a for a, b in pairs) for pairs in tasks]
+    better, worse = sum(d > 0 for d in task_change), sum(d < 0 for d in task_change)
     return PairedComparison(
         pairs=len(keys),
         before=sum(first[k] for k in keys) / len(keys),
         after=sum(second[k] for k in keys) / len(keys),
-        only_before=only_before,
-        only_after=only_after,
-        mcnemar_p=mcnemar_exact_p(only_before, only_after),
+        tasks_better=better,
+        tasks_worse=worse,
+        sign_test_p=sign_test_p(worse, better),
         bootstrap_interval=(differences[int(0.025 * resamples)], differences[int(0.975 * resamples) - 1]),
     )

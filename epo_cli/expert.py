@@ -55,13 +55,6 @@ class ExpertTrajectory:
         return cls(**data)
 
 
-def expert_key(task: TaskInstance) -> str:
-    """A task's name in the cache, independent of where the data lives."""
-    if task.env == "alfworld":
-        return "/".join(Path(str(task.task_id)).parts[-4:-1])  # split folder / task folder / trial
-    return f"{task.task_type}/{task.variation}"
-
-
 def expert_tasks(env: str, data_dir, split: str, task_types: list[str] | None, games: int) -> list[TaskInstance]:
     """The first ``games`` tasks of a split (of ``task_types``) in a fixed order that
     spreads task types."""
@@ -128,7 +121,7 @@ class ExpertPlayer:
         try:
             first = engine.reset(task)
             plan = self.gold_engine.gold_path(task) if self.gold_engine is not None else engine.plan
-            trajectory = ExpertTrajectory(expert_key(task), task.task_type, first.task_description)
+            trajectory = ExpertTrajectory(task.name, task.task_type, first.task_description)
             if not plan:
                 trajectory.failure = "the expert has no plan for this game"
                 return trajectory
@@ -142,7 +135,7 @@ class ExpertPlayer:
                     break
         except Exception as err:  # an engine crash loses this game only; the engine is rebuilt
             self.close()
-            return ExpertTrajectory(expert_key(task), task.task_type, "", failure=f"{type(err).__name__}: {err}")
+            return ExpertTrajectory(task.name, task.task_type, "", failure=f"{type(err).__name__}: {err}")
         if not trajectory.won:
             trajectory.failure = f"the expert's {len(trajectory.steps)} actions did not win (score {trajectory.score:g})"
         return trajectory
@@ -166,9 +159,11 @@ def expert_trajectories(
 ) -> list[ExpertTrajectory]:
     """The expert trajectories of the first ``games`` games of a split (see
     :func:`expert_tasks`), played now where the cache lacks them; failures included."""
+    if env not in ("alfworld", "scienceworld"):
+        raise ValueError(f"env.name: {env} has no expert; expert data comes from alfworld (planner) or scienceworld (gold path)")
     tasks = expert_tasks(env, data_dir, split, task_types, games)
     cache = ExpertCache(cache_file(expert_dir, env, split))
-    missing = [task for task in tasks if expert_key(task) not in cache.trajectories]
+    missing = [task for task in tasks if task.name not in cache.trajectories]
     if missing:
         bar = progress.add_task(f"expert {env} {split}", total=len(missing), info="") if progress is not None else None
         player = ExpertPlayer(env, jvm_heap)
@@ -185,4 +180,4 @@ def expert_trajectories(
         finally:
             player.close()
             cache.save()
-    return [cache.trajectories[expert_key(task)] for task in tasks]
+    return [cache.trajectories[task.name] for task in tasks]

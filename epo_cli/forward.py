@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from epo_cli.algos.entropy import logprobs_and_entropy, restricted_logprobs_and_entropy
-from epo_cli.batch import MicroBatch
+from epo_cli.batch import MicroBatch, forced_tokens
 
 
 @dataclass
@@ -74,15 +74,20 @@ def response_logprobs_and_entropy(
     if allowed is None:
         return logprobs_and_entropy(hidden, weight, targets, temperature, chunk_tokens, compiled_head)
     constrained = allowed[:, 0] >= 0
-    free = ~constrained
-    free_logp, free_entropy = logprobs_and_entropy(hidden[free], weight, targets[free], temperature, chunk_tokens, compiled_head)
-    kept_logp, kept_entropy = restricted_logprobs_and_entropy(
-        hidden[constrained], weight, allowed[constrained], targets[constrained], temperature
-    )
+    free, choice = ~constrained, constrained & ~forced_tokens(allowed)
+    # A forced token has log-prob 0 and entropy 0 exactly: it is left at zero.
     logp = hidden.new_zeros(len(targets), dtype=torch.float32)
     entropy = hidden.new_zeros(len(targets), dtype=torch.float32)
-    logp[free], entropy[free] = free_logp, free_entropy
-    logp[constrained], entropy[constrained] = kept_logp, kept_entropy
+    logp[free], entropy[free] = logprobs_and_entropy(
+        hidden[free], weight, targets[free], temperature, chunk_tokens, compiled_head
+    )
+    picked = choice.nonzero().flatten()
+    width = int((allowed[picked] >= 0).sum(-1).max()) if len(picked) else 0
+    for start in range(0, len(picked), chunk_tokens):
+        rows = picked[start : start + chunk_tokens]
+        logp[rows], entropy[rows] = restricted_logprobs_and_entropy(
+            hidden[rows], weight, allowed[rows, :width], targets[rows], temperature
+        )
     return logp, entropy
 
 

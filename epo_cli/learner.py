@@ -253,7 +253,7 @@ class Learner:
             for start in range(0, len(order), spec.optim.mini_batch_size):
                 rows = order[start : start + spec.optim.mini_batch_size]
                 # Weights of the whole (global) mini-batch: they sum to 1 over all ranks.
-                weights = token_weights(batch.response_mask(rows), batch.episode_ids[rows], spec.algo.loss_agg)
+                weights = token_weights(batch.decision_mask(rows), batch.episode_ids[rows], spec.algo.loss_agg)
                 weight_of = {row: weights[i] for i, row in enumerate(rows)}
                 for optimizer in self.optimizers:
                     optimizer.zero_grad(set_to_none=True)
@@ -271,7 +271,7 @@ class Learner:
                     if epoch == 0 and micro_rows is not None:
                         step_entropy += float((entropy_per_turn * w).sum()) / n_minibatches
                         step_logprob_diff += logprob_diff / n_minibatches
-                        mask = micro.response_mask.cpu()
+                        mask = micro.decision_mask.cpu()
                         means = (entropy_per_turn * mask).sum(-1) / mask.sum(-1).clamp(min=1)
                         for row, value in zip(micro_rows, means.tolist()):
                             entry = turn_sums.setdefault(int(batch.turn_index[row]), [0.0, 0])

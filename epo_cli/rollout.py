@@ -123,12 +123,11 @@ class TransformersSampler:
             for row in running:
                 tokens[row].append(int(token[row]))
                 logprobs[row].append(float(token_logp[row]))
-                if constraints is not None:
+                if constraints is not None:  # the constraint alone ends the response
                     allowed[row].append(sets[row])
                     constraints[row].advance(int(token[row]))
-                    if constraints[row].done:
-                        finished[row] = True
-                        continue
+                    finished[row] = constraints[row].done
+                    continue
                 tail = self.tokenizer.decode(tokens[row][-8:])
                 if int(token[row]) in self.eos_ids or STOP_STRING in tail:
                     finished[row] = True

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +20,7 @@ import torch
 from rich.console import Console
 
 from epo_cli.batch import TurnBatch, collate, length_sorted_chunks
+from epo_cli.checkpoint import atomic_folder
 from epo_cli.envs.base import PromptState, build_prompt, parse_action
 from epo_cli.envs.registry import title_of
 from epo_cli.expert import ExpertTrajectory, expert_trajectories
@@ -197,19 +195,11 @@ def fit(model, train: list[SFTSample], spec: ExperimentSpec, pad_id: int, device
 def save_model(model, tokenizer, target: Path, info: dict, spec_yaml: str) -> Path:
     """Write a transformers model folder (weights, tokenizer, ``sft.json``, ``spec.yaml``)
     atomically: it appears complete or not at all."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
         (staging / "spec.yaml").write_text(spec_yaml)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

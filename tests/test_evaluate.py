@@ -35,12 +35,12 @@ def test_repeats_play_each_task_with_its_own_seed():
     assert tasks[0].seed != tasks[1].seed and len({t.key for t in tasks}) == 6
 
 
-def test_mcnemar_exact_p_by_hand():
-    from epo_cli.evaluate import mcnemar_exact_p
+def test_sign_test_p_by_hand():
+    from epo_cli.evaluate import sign_test_p
 
-    assert mcnemar_exact_p(0, 5) == pytest.approx(2 / 32)
-    assert mcnemar_exact_p(1, 6) == pytest.approx(2 * (1 + 7) / 128)
-    assert mcnemar_exact_p(3, 3) == 1.0 and mcnemar_exact_p(0, 0) == 1.0
+    assert sign_test_p(0, 5) == pytest.approx(2 / 32)
+    assert sign_test_p(1, 6) == pytest.approx(2 * (1 + 7) / 128)
+    assert sign_test_p(3, 3) == 1.0 and sign_test_p(0, 0) == 1.0
 
 
 def test_paired_comparison_pairs_by_task_and_seed():
@@ -54,7 +54,7 @@ def test_paired_comparison_pairs_by_task_and_seed():
     extra = [EpisodeOutcome("unpaired", 0, True, 1.0, 4, 0)]
     c = compare_paired(before, after + extra)
     assert (c.pairs, c.before, c.after) == (6, pytest.approx(1 / 6), pytest.approx(5 / 6))
-    assert (c.only_before, c.only_after) == (0, 4) and c.mcnemar_p == pytest.approx(2 / 16)
+    assert (c.tasks_worse, c.tasks_better) == (0, 2) and c.sign_test_p == pytest.approx(2 / 4)
     low, high = c.bootstrap_interval
     assert 0 <= low <= c.difference <= high <= 1 and low < high
     with pytest.raises(ValueError, match="no episode in common"):

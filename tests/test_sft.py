@@ -11,7 +11,7 @@ from epo_cli.cli import app
 from epo_cli.envs.base import parse_action
 from epo_cli.envs.pool import LocalEnvBatch
 from epo_cli.envs.registry import load_split, title_of
-from epo_cli.expert import ExpertCache, cache_file, expert_key, expert_trajectories
+from epo_cli.expert import ExpertCache, cache_file, expert_trajectories
 from epo_cli.rollout import Generation, RolloutSettings, play_episodes
 from epo_cli.sft import SFTError, check_response_budget, expert_response, fit, render_samples, teacher_forced_metrics
 from epo_cli.spec import resolve_spec
@@ -93,7 +93,7 @@ class ScriptedSampler:
     def __init__(self, tokenizer, actions):
         self.tokenizer, self.actions = tokenizer, list(actions)
 
-    def generate(self, prompts, max_new_tokens, temperature, top_p):
+    def generate(self, prompts, max_new_tokens, temperature, top_p, constraints=None):
         text = expert_response(self.actions.pop(0), "empty")
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return [Generation(ids, [0.0] * len(ids), text)]
@@ -103,7 +103,7 @@ class ScriptedSampler:
 def test_rendered_prompts_are_the_prompts_rl_builds(env, trajectories, tokenizer):
     samples = render_samples(trajectories[env], tokenizer, title_of(env), SETTINGS, "empty")
     assert len(samples) == sum(min(len(t.steps), SETTINGS.max_turns) for t in trajectories[env])
-    tasks = {expert_key(t): t for t in load_split(env, None, "train")}
+    tasks = {t.name: t for t in load_split(env, None, "train")}
     envs = LocalEnvBatch(env, {}, 1)
     try:
         rl_prompts = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import PurePath
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,6 +32,16 @@ class TaskInstance:
     @property
     def key(self) -> str:
         return f"{self.env}:{self.task_id}:{self.variation}:{self.seed}"
+
+    @property
+    def name(self) -> str:
+        """The task, independent of its seed and of where the data lives (an ALFWorld game
+        is named by its split, task and trial folders)."""
+        if self.env == "alfworld":
+            return "/".join(PurePath(str(self.task_id)).parts[-4:-1])
+        if self.env == "scienceworld":
+            return f"{self.task_type}/{self.variation}"
+        return str(self.task_id)
 
 
 @dataclass

@@ -237,7 +237,7 @@ class ScienceWorldEngine:
             score=score,
             actions=self._actions(),
             accepted=not observation.startswith(UNKNOWN_ACTION),
-            valid_actions=self._valid_actions(),
+            valid_actions=None if done else self._valid_actions(),
         )
 
     def gold_path(self, task: TaskInstance) -> list[str]:
