@@ -87,6 +87,6 @@ def test_seeds_are_comma_separated_or_repeated():
 def test_plot_with_no_runs_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setenv("EPO_HOME", str(tmp_path))
     result = runner.invoke(app, ["plot", "entropy"])
-    assert result.exit_code == 2 and f"no runs in experiment 'epo' of sqlite:///{tmp_path}/mlflow.db" in result.output
+    assert result.exit_code == 2 and f"no RL runs in experiment 'epo' of sqlite:///{tmp_path}/mlflow.db" in result.output
     result = runner.invoke(app, ["plot", "ablation"])
     assert result.exit_code == 2 and "no ablation in experiment 'epo'" in result.output
