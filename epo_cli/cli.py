@@ -408,6 +408,9 @@ def eval_(
     compare: Annotated[
         Optional[Path], typer.Option(help="A file from --save: compare on the same episodes (sign test and bootstrap over tasks).")
     ] = None,
+    transcripts: Annotated[
+        Optional[Path], typer.Option(help="Also write every episode, turn by turn, to DIR/<split>.jsonl (read with `epo show FILE`).")
+    ] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Success on the fixed, seeded IID / OOD / L2 episodes, with 95% Wilson intervals.
@@ -458,6 +461,12 @@ def eval_(
     if save is not None:
         _write_outcomes(save, title, results)
         console.print(f"episode outcomes written to {save}")
+    if transcripts is not None:
+        from epo_cli.transcripts import episodes_jsonl
+
+        for result in results:
+            _write_atomically(transcripts / f"{result.split}.jsonl", episodes_jsonl(result.played))
+        _say(f"episodes written to {transcripts} (epo show {transcripts / (results[0].split + '.jsonl')})")
     if baseline is not None:
         _print_comparison(baseline, results, compare)
     per_type = Table(title="success per task type")
@@ -480,9 +489,13 @@ def _write_outcomes(path: Path, title: str, results) -> None:
     import json
 
     payload = {"title": title, "splits": {r.split: [dataclasses.asdict(o) for o in r.outcomes] for r in results}}
+    _write_atomically(path, json.dumps(payload, indent=1))
+
+
+def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(payload, indent=1))
+    staging.write_text(text)
     staging.replace(path)
 
 
@@ -641,6 +654,74 @@ def _find_run(client, experiment_id: str, id_or_name: str):
         if not found:
             raise LookupError(f"--run {id_or_name!r}: no run with that id or name in this experiment") from None
         return found[0]
+
+
+@app.command()
+def show(
+    target: Annotated[
+        Optional[str], typer.Argument(help="A run id or name, or an episode file (.jsonl); default: the latest run with episodes.")
+    ] = None,
+    step: Annotated[Optional[int], typer.Option(help="The training step (or evaluation step); default: the latest.")] = None,
+    episode: Annotated[Optional[int], typer.Option(help="Print this episode turn by turn.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Show the evaluation episodes of this split (iid, ood, l2).")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "epo",
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """What the agent did: one line per episode of a step, or one episode turn by turn
+    (observation, raw response, parsed action or why it was invalid, reward, entropy)."""
+    from epo_cli.tracking import TrackingError
+    from epo_cli.transcripts import episode_view, read_episodes, summary_table
+
+    try:
+        if target is not None and target.endswith(".jsonl"):
+            source, text = target, _read_text(Path(target))
+        else:
+            source, text = _run_episodes(target, step, split, experiment, tracking_uri)
+        episodes = read_episodes(text, source)
+    except (TrackingError, LookupError, ValueError) as err:
+        _fail(str(err))
+    if episode is None:
+        console.print(summary_table(episodes, source))
+        if episodes:
+            _say(f"one episode turn by turn: add --episode {episodes[0]['episode']}")
+        return
+    chosen = [e for e in episodes if e["episode"] == episode]
+    if not chosen:
+        _fail(f"--episode {episode}: {source} has episodes {', '.join(str(e['episode']) for e in episodes)}")
+    console.print(episode_view(chosen[0]))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as err:
+        raise LookupError(f"episode file {path}: {err.strerror}") from None
+
+
+def _run_episodes(target: str | None, step: int | None, split: str | None, experiment: str, tracking_uri: str | None) -> tuple[str, str]:
+    """(label, text) of a run's episode file: of ``split`` (None: training) at ``step``."""
+    import tempfile
+
+    from epo_cli.tracking import connect, resolve_uri
+    from epo_cli.transcripts import ARTIFACT_DIR, choose_file, transcript_files
+
+    client, experiment_id = connect(tracking_uri, experiment)
+    if target is not None:
+        runs = [_find_run(client, experiment_id, target)]
+    else:
+        runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=50)
+    for run in runs:
+        files = transcript_files([a.path for a in client.list_artifacts(run.info.run_id, ARTIFACT_DIR)])
+        if files or target is not None:
+            break
+    else:
+        raise LookupError(f"no run with episodes in experiment {experiment!r} of {resolve_uri(tracking_uri)}: train one with `epo train`")
+    chosen = choose_file(files, step, split)
+    if target is None:
+        _say(f"showing the latest run with episodes, {run.info.run_name} ({run.info.run_id})")
+    with tempfile.TemporaryDirectory(prefix="epo-show-") as scratch:
+        local = client.download_artifacts(run.info.run_id, chosen.path, scratch)
+        return f"{run.info.run_name} ({run.info.run_id}), {chosen.label}", Path(local).read_text()
 
 
 def main() -> None:

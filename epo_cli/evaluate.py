@@ -65,6 +65,7 @@ class EvalResult:
     invalid_action_rate: float
     per_type: dict[str, tuple[int, int]] = field(default_factory=dict)
     outcomes: list[EpisodeOutcome] = field(default_factory=list)
+    played: list = field(default_factory=list, repr=False)  # the episodes, for transcripts
 
     @property
     def success_rate(self) -> float:
@@ -116,6 +117,8 @@ def evaluate(
         if on_batch is not None:
             on_batch(len(chunk) * dist.world_size)
     episodes = [episode for part in dist.all_gather_objects(played) for episode in part]
+    for number, episode in enumerate(episodes):  # numbered over the split, not per batch
+        episode.episode_id = episode.group_id = number
     per_type: dict[str, tuple[int, int]] = {}
     for episode in episodes:
         wins, n = per_type.get(episode.task.task_type, (0, 0))
@@ -135,6 +138,7 @@ def evaluate(
             )
             for e in episodes
         ],
+        played=episodes,
     )
 
 
@@ -210,8 +214,17 @@ def evaluate_checkpoint(
     run_id = meta.get("mlflow_run_id")
     if run_id:
         tracker = Tracker(tracking_uri or spec.tracking.uri, spec.tracking.experiment, None, run_id=run_id, resume=False)
-        tracker.log_metrics({k: v for r in results for k, v in r.metrics().items()}, step=int(meta["step"]))
+        log_evaluation(tracker, results, int(meta["step"]), spec.tracking.transcripts)
     return results, run_id, int(meta["step"])
+
+
+def log_evaluation(tracker, results: list[EvalResult], step: int, transcribed: int | str) -> None:
+    """Each split's metrics and its episode file (``episodes/eval_<split>_step_N.jsonl``)."""
+    from epo_cli.transcripts import episodes_jsonl, eval_file
+
+    tracker.log_metrics({k: v for r in results for k, v in r.metrics().items()}, step=step)
+    for result in results:
+        tracker.log_text(episodes_jsonl(result.played, transcribed), eval_file(result.split, step))
 
 
 @dataclass

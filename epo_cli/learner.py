@@ -96,6 +96,9 @@ class Learner:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.history = EntropyHistory()
+        # Row of the last step's TurnBatch -> its mean decision-token entropy in the first
+        # update epoch (all ranks; rows without a sampled decision are absent): transcripts.
+        self.turn_entropies: dict[int, float] = {}
         # The same seed on every rank: all ranks draw the same mini-batch permutation.
         self.generator = torch.Generator().manual_seed(spec.train.seed)
 
@@ -244,6 +247,7 @@ class Learner:
         reference = self._entropy_reference(batch)
         stats, norms = UpdateStats(), UpdateStats()
         turn_sums: dict[int, list[float]] = {}  # turn index -> [sum of turn means, count]
+        row_means: dict[int, float] = {}
         step_entropy = step_logprob_diff = 0.0
         n_minibatches = math.ceil(len(batch) / spec.optim.mini_batch_size)
         for module in self.scorers:
@@ -273,6 +277,7 @@ class Learner:
                         step_logprob_diff += logprob_diff / n_minibatches
                         mask = micro.decision_mask.cpu()
                         means = (entropy_per_turn * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+                        row_means.update((row, value) for row, value, n in zip(micro_rows, means.tolist(), mask.sum(-1)) if n > 0)
                         for row, value in zip(micro_rows, means.tolist()):
                             entry = turn_sums.setdefault(int(batch.turn_index[row]), [0.0, 0])
                             entry[0] += value
@@ -282,7 +287,7 @@ class Learner:
                 norms.minibatches += 1
         stats.all_reduce(self.dist)
         step_entropy, step_logprob_diff = self.dist.all_reduce_sum(torch.tensor([step_entropy, step_logprob_diff], dtype=torch.float64)).tolist()
-        turn_means = self._global_turn_means(turn_sums)
+        turn_means = self._global_turn_means(turn_sums, row_means)
         self.history.append(step_entropy, turn_means)
 
         metrics = {**stats.means(), **norms.means()}
@@ -301,10 +306,13 @@ class Learner:
             metrics["critic/returns_mean"] = float(batch.returns.mean())
         return metrics
 
-    def _global_turn_means(self, turn_sums: dict[int, list[float]]) -> dict[int, float]:
-        """Mean entropy per turn index over the turn samples of all ranks."""
+    def _global_turn_means(self, turn_sums: dict[int, list[float]], row_means: dict[int, float]) -> dict[int, float]:
+        """Mean entropy per turn index over the turn samples of all ranks; also gathers
+        every rank's per-row means into :attr:`turn_entropies`."""
         merged: dict[int, list[float]] = {}
-        for part in self.dist.all_gather_objects(turn_sums):
+        self.turn_entropies = {}
+        for part, rows in self.dist.all_gather_objects((turn_sums, row_means)):
+            self.turn_entropies.update(rows)
             for turn, (total, count) in part.items():
                 entry = merged.setdefault(turn, [0.0, 0])
                 entry[0] += total

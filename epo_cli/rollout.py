@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from epo_cli.constrain import ConstraintFactory, ResponseConstraint
-from epo_cli.envs.base import INVALID_FORMAT_OBSERVATION, EnvStep, PromptState, TaskInstance, build_prompt, parse_action
+from epo_cli.envs.base import INVALID_FORMAT_OBSERVATION, EnvStep, PromptState, TaskInstance, build_prompt, check_action
 from epo_cli.envs.registry import max_score_of
 
 STOP_STRING = "</action>"
@@ -243,6 +243,12 @@ class Turn:
     reward: float = 0.0
     prompt_tokens_cut: int = 0
     accepted: bool = False  # a valid action the engine recognized
+    # What a reader of the transcript needs (epo_cli/transcripts.py):
+    observation: str = ""  # the observation the turn answered
+    listed_actions: list[str] = field(default_factory=list)  # the admissible actions the prompt listed
+    invalid_reason: str | None = None  # why the answer had no valid action (check_action)
+    score: float = 0.0  # the engine's score after the turn
+    entropy: float | None = None  # mean token entropy of the training scoring pass (trainer)
 
     @property
     def valid(self) -> bool:
@@ -353,16 +359,18 @@ def play_episodes(
             cuts.append(cut)
         constraints = [constraint_for(commands[slot]) for slot in active] if constraint_for is not None else None
         generations = sampler.generate(prompts, settings.max_response_tokens, settings.temperature, settings.top_p, constraints)
-        actions = [parse_action(g.text) for g in generations]
+        checked = [check_action(g.text) for g in generations]
+        actions = [action for action, _ in checked]
         to_step = [(slot, action) for slot, action in zip(active, actions) if action is not None]
         slots = [slot for slot, _ in to_step]
         results = dict(zip(slots, envs.step(slots, [a for _, a in to_step]))) if to_step else {}
         still_active = []
-        for slot, prompt, cut, generation, action in zip(active, prompts, cuts, generations, actions):
+        for slot, prompt, cut, generation, (action, invalid_reason) in zip(active, prompts, cuts, generations, checked):
             episode, state = episodes[slot], states[slot]
             turn = Turn(
                 prompt, generation.token_ids, generation.text, action, turn_index, generation.logprobs,
-                generation.allowed, prompt_tokens_cut=cut,
+                generation.allowed, prompt_tokens_cut=cut, observation=state.observation,
+                listed_actions=state.actions[: settings.max_listed_actions], invalid_reason=invalid_reason,
             )
             if action is None:
                 turn.reward -= settings.invalid_action_penalty
@@ -374,6 +382,7 @@ def play_episodes(
                 state.actions = result.actions
                 commands[slot] = result.commands
                 episode.done, episode.won, episode.score = result.done, result.won, result.score
+            turn.score = episode.score
             episode.turns.append(turn)
             state.past_actions.append(action if action is not None else "(invalid)")
             state.past_observations.append(state.observation)

@@ -259,6 +259,20 @@ class TrackingSpec(_Section):
     )
     experiment: str = "epo"
     run_name: str | None = None
+    transcripts: Literal["all"] | int = Field(
+        16,
+        description="Episodes per step written with every turn in full to episodes/step_N.jsonl (`epo show`): "
+        "'all' (the CPU default) or the first N (GPU scale); every episode keeps its summary line.",
+    )
+
+    @field_validator("transcripts", mode="before")
+    @classmethod
+    def _all_or_count(cls, value):
+        if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+        raise ValueError(f"expected 'all' or a number of episodes >= 0, got {value!r}")
 
 
 class CheckpointSpec(_Section):
@@ -390,6 +404,7 @@ CPU_SCALE: dict[str, Any] = {
     },
     "optim": {"lr": 1e-5, "mini_batch_size": 32, "micro_batch_size": 4},
     "eval": {"every": 0, "episodes": 8},
+    "tracking": {"transcripts": "all"},
 }
 CPU_SCALE_GRPO: dict[str, Any] = {"rollout": {"tasks_per_step": 2, "group_size": 2}}
 

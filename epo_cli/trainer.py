@@ -19,12 +19,13 @@ from epo_cli.batch import TurnBatch
 from epo_cli.distributed import DistContext, rank_slice
 from epo_cli.envs.base import TaskSampler, grouped_tasks, of_task_types
 from epo_cli.envs.registry import env_batch_for, load_split
-from epo_cli.evaluate import evaluate_splits
+from epo_cli.evaluate import evaluate_splits, log_evaluation
 from epo_cli.learner import Learner
 from epo_cli.models import load_causal_lm, load_tokenizer, model_directory
 from epo_cli.rollout import RolloutSettings, Sampler, build_sampler, play_episodes
 from epo_cli.spec import ExperimentSpec, flatten, spec_to_yaml
 from epo_cli.tracking import Tracker, connect
+from epo_cli.transcripts import episodes_jsonl, train_file
 
 
 MAX_CONSECUTIVE_SKIPS = 3
@@ -124,8 +125,10 @@ class Trainer:
             if self.step == 0 and last["train/invalid_action_rate"] >= CANNOT_ACT_RATE:
                 self.console.print(cannot_act_hint(last["train/invalid_action_rate"]))
             if tracker is not None:
+                written = time.perf_counter()
+                tracker.log_text(episodes_jsonl(episodes, spec.tracking.transcripts), train_file(self.step))
+                last["perf/transcript_s"] = time.perf_counter() - written
                 tracker.log_metrics(last, step=self.step)
-                tracker.log_text(episodes_jsonl(episodes), f"episodes/step_{self.step:05d}.jsonl")
             self.step += 1
             info = (
                 f"{self.step * spec.episodes_per_step} ep, "
@@ -137,7 +140,7 @@ class Trainer:
             if spec.eval.every and (self.step % spec.eval.every == 0 or self.step == spec.train.steps):
                 results = evaluate_splits(self.sampler, self.tokenizer, self.envs, spec, ("iid", "ood"), progress, self.dist)
                 if tracker is not None:
-                    tracker.log_metrics({k: v for r in results for k, v in r.metrics().items()}, step=self.step)
+                    log_evaluation(tracker, results, self.step, spec.tracking.transcripts)
             # Any rank's Ctrl-C stops all ranks after the same step.
             stop_requested = bool(self.dist.all_reduce_sum(torch.tensor([float(self.stop_requested)])) > 0)
             diverged = self.learner.consecutive_skips >= MAX_CONSECUTIVE_SKIPS
@@ -186,7 +189,9 @@ class Trainer:
         self._sync_sampler()
         update_s = time.perf_counter() - update_started
 
-        turns = [turn for episode in episodes for turn in episode.turns]
+        turns = [turn for episode in episodes for turn in episode.turns]  # the batch's row order
+        for row, turn in enumerate(turns):
+            turn.entropy = self.learner.turn_entropies.get(row)
         response_tokens = sum(len(t.response_ids) for t in turns)
         metrics = {
             "train/reward_mean": sum(e.total_reward for e in episodes) / len(episodes),
@@ -263,20 +268,6 @@ def cannot_act_hint(invalid_rate: float) -> str:
         f"[yellow]hint:[/] {invalid_rate:.0%} of the first step's turns had no valid <think>/<action> answer, so "
         "RL has almost nothing to learn from: warm-start the model with `epo sft` (then `epo train --init-from DIR`) "
         "or restrict it to admissible actions with rollout.constrain=admissible"
-    )
-
-
-def episodes_jsonl(episodes) -> str:
-    """One JSON line per episode: task, type, outcome, turns, reward, actions."""
-    import json
-
-    return "".join(
-        json.dumps({
-            "episode": e.episode_id, "group": e.group_id, "task_type": e.task.task_type, "task": str(e.task.task_id),
-            "variation": e.task.variation, "won": e.won, "score": e.score, "turns": len(e.turns),
-            "reward": round(e.total_reward, 6), "actions": [t.action for t in e.turns],
-        }) + "\n"
-        for e in episodes
     )
 
 

@@ -1,6 +1,15 @@
 import pytest
 
-from epo_cli.envs.base import PromptState, TaskInstance, TaskSampler, build_prompt, grouped_tasks, parse_action, stratified_order
+from epo_cli.envs.base import (
+    PromptState,
+    TaskInstance,
+    TaskSampler,
+    build_prompt,
+    check_action,
+    grouped_tasks,
+    parse_action,
+    stratified_order,
+)
 
 
 @pytest.mark.parametrize(
@@ -22,6 +31,25 @@ from epo_cli.envs.base import PromptState, TaskInstance, TaskSampler, build_prom
 )
 def test_parse_action(text, expected):
     assert parse_action(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("<think>x</think>", "no <action>...</action> block"),
+        ("<think>x</think><action>a</action><action>b</action>", "2 <action> blocks, expected one"),
+        ("<action>a</action>", "no <think>...</think> block"),
+        ("<action>a</action><think>x</think>", "<action> comes before </think>"),
+        ("<think>x</think><action> </action>", "empty action"),
+        ("<think>x</think><action><action>a</action></action>", "a tag inside the action"),
+        ("<think>x</think><action>" + "a" * 500 + "</action>", "action longer than 200 characters"),
+        ("<think>x</think><action>go north</action>", None),
+    ],
+)
+def test_check_action_says_why_an_answer_is_invalid(text, reason):
+    action, why = check_action(text)
+    assert why == reason
+    assert (action is None) == (reason is not None)
 
 
 def test_prompt_has_the_paper_sections():

@@ -81,7 +81,13 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def parse_action(response: str) -> str | None:
-    """The action of a ``<think>...</think><action>...</action>`` answer, or None if invalid.
+    """The action of a ``<think>...</think><action>...</action>`` answer, or None if invalid
+    (:func:`check_action` says why)."""
+    return check_action(response)[0]
+
+
+def check_action(response: str) -> tuple[str | None, str | None]:
+    """(action, None) for a valid answer, (None, reason) for an invalid one.
 
     Valid means: one think block, then exactly one non-empty action block after it, with no
     tag nested inside the action. The action is stripped of control characters and
@@ -89,14 +95,22 @@ def parse_action(response: str) -> str | None:
     """
     actions = _ACTION_RE.findall(response)
     think = _THINK_RE.search(response)
-    if len(actions) != 1 or think is None:
-        return None
+    if not actions:
+        return None, "no <action>...</action> block"
+    if len(actions) > 1:
+        return None, f"{len(actions)} <action> blocks, expected one"
+    if think is None:
+        return None, "no <think>...</think> block"
     if response.lower().find("<action>") < think.end():
-        return None
+        return None, "<action> comes before </think>"
     action = " ".join(_CONTROL_RE.sub(" ", actions[0]).split())
-    if not action or "<" in action or len(action) > MAX_ACTION_CHARS:
-        return None
-    return action
+    if not action:
+        return None, "empty action"
+    if "<" in action:
+        return None, "a tag inside the action"
+    if len(action) > MAX_ACTION_CHARS:
+        return None, f"action longer than {MAX_ACTION_CHARS} characters"
+    return action, None
 
 
 @dataclass
