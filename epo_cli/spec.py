@@ -202,6 +202,12 @@ class AlgoSpec(_Section):
     lam: float = Field(1.0, ge=0, le=1)
     clip_eps_low: float = Field(0.2, gt=0)
     clip_eps_high: float = Field(0.2, gt=0)
+    dual_clip_c: float | None = Field(
+        3.0,
+        gt=1,
+        description="Dual-clip PPO: a token with A < 0 has its loss capped at -c*A (verl's clip_ratio_c, 3 in every "
+        "run of the EPO reference code); null turns it off.",
+    )
     value_clip: float = Field(0.5, gt=0)
     vf_coef: float = Field(1.0, ge=0, description="Weight of the critic loss.")
     whiten_advantages: bool = True

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from reference_formulas import dual_clip_token_loss, k3_token_kl
 
 from epo_cli.algos.entropy import entropy_from_logits, logprobs_and_entropy
 from epo_cli.algos.losses import (
@@ -156,3 +157,47 @@ def test_decay_schedules():
     assert entropy_coef_schedule(0.2, 5, 10, "linear") == pytest.approx(0.1)
     assert entropy_coef_schedule(0.2, 5, 10, "exponential", rate=2.0) == pytest.approx(0.2 * math.exp(-1.0))
     assert entropy_coef_schedule(0.2, 5, 10, "none") == 0.2
+
+
+def test_dual_clip_caps_negative_advantage_tokens():
+    # r = 4 and r = 2, both with A = -1, eps = 0.2, c = 3: max(4, 1.2) = 4 is capped at 3;
+    # max(2, 1.2) = 2 is below the cap. A = +1, r = 4: max(-4, -1.2) = -1.2, never capped.
+    logp = torch.tensor([[math.log(4.0)], [math.log(2.0)], [math.log(4.0)]], requires_grad=True)
+    adv = torch.tensor([[-1.0], [-1.0], [1.0]])
+    w = torch.full((3, 1), 1 / 3)
+    loss, stats = ppo_clip_loss(logp, torch.zeros(3, 1), adv, w, 0.2, 0.2, dual_clip_c=3.0)
+    assert loss.item() == pytest.approx((3.0 + 2.0 - 1.2) / 3)
+    assert stats["dual_clipfrac"].item() == pytest.approx(1 / 3)
+    assert stats["clipfrac"].item() == pytest.approx(1 / 3)  # the A = +1 token
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.allclose(grad, torch.tensor([[0.0], [2.0 / 3], [0.0]]))  # capped and clipped tokens: no gradient
+    off, _ = ppo_clip_loss(logp, torch.zeros(3, 1), adv, w, 0.2, 0.2, dual_clip_c=None)
+    assert off.item() == pytest.approx((4.0 + 2.0 - 1.2) / 3)
+
+
+def test_k3_kl_is_clamped_after_it_is_computed():
+    logp = torch.zeros(1, 5)
+    ref = torch.tensor([[math.log(0.5), 3.0, -5.0, -15.0, 25.0]])
+    per_token = [low_var_kl(logp[:, i : i + 1], ref[:, i : i + 1], torch.ones(1, 1)).item() for i in range(5)]
+    # 0.5 - ln 0.5 - 1; e^3 - 4 = 16.1 -> 10; e^-5 + 4; e^-15 + 14 -> 10; log-ratio 20 -> 10.
+    expected = [0.5 - math.log(0.5) - 1, 10.0, math.exp(-5) + 4, 10.0, 10.0]
+    assert per_token == pytest.approx(expected)
+
+
+def test_parity_with_the_reference_formulas_on_random_tokens():
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(6, 7, generator=g, dtype=torch.float64) * 4
+    old = logp + torch.randn(6, 7, generator=g, dtype=torch.float64) * 1.5  # ratios from ~0.01 to ~100
+    ref = logp + torch.randn(6, 7, generator=g, dtype=torch.float64) * 8  # k3 beyond the clamp
+    adv = torch.randn(6, 1, generator=g, dtype=torch.float64).expand(6, 7)
+    w = torch.rand(6, 7, generator=g, dtype=torch.float64)
+    w = w / w.sum()
+    loss, _ = ppo_clip_loss(logp, old, adv, w, 0.2, 0.28, dual_clip_c=3.0)
+    kl = low_var_kl(logp, ref, w)
+    cells = [(i, j) for i in range(6) for j in range(7)]
+    expected_loss = sum(float(w[i, j]) * dual_clip_token_loss(float(logp[i, j]), float(old[i, j]), float(adv[i, j]), 0.2, 0.28, 3.0) for i, j in cells)
+    expected_kl = sum(float(w[i, j]) * k3_token_kl(float(logp[i, j]), float(ref[i, j])) for i, j in cells)
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-12)
+    assert kl.item() == pytest.approx(expected_kl, rel=1e-12)
+    ratios = (logp - old).exp()
+    assert bool(((adv < 0) & (ratios > 3)).any()) and bool((ref - logp > 3).any())  # both clamps exercised

@@ -38,16 +38,33 @@ def ppo_clip_loss(
     weights: torch.Tensor,
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
+    dual_clip_c: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``L_clip = -agg min(r A, clip(r, 1-eps_low, 1+eps_high) A)``, ``r = exp(logp - old)``."""
+    """``L_clip = agg max(-r A, -clip(r, 1-eps_low, 1+eps_high) A)``, ``r = exp(logp - old)``.
+
+    ``dual_clip_c`` (dual-clip PPO, verl's ``clip_ratio_c``): a token with ``A < 0`` has
+    its loss capped at ``-c A``, so a large ratio on it cannot dominate (no gradient there).
+    Stats: ``clipfrac`` (the ratio clip is active), ``dual_clipfrac`` (the cap is active)
+    and ``approx_kl = agg 0.5 (logp - old)^2``, the second-order ("k2") estimate of
+    ``KL(pi_old || pi)``: a diagnostic, not in the loss.
+    """
     ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high) * advantages
-    loss = -(torch.minimum(unclipped, clipped) * weights).sum()
+    unclipped = -ratio * advantages
+    clipped = -torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high) * advantages
+    per_token = torch.maximum(unclipped, clipped)
+    dual = torch.zeros_like(per_token, dtype=torch.bool)
+    if dual_clip_c is not None:
+        cap = -dual_clip_c * advantages
+        dual = (advantages < 0) & (per_token > cap)
+        per_token = torch.where(dual, cap, per_token)
+    loss = (per_token * weights).sum()
     with torch.no_grad():
-        clipfrac = ((clipped < unclipped).float() * weights).sum()
-        approx_kl = (0.5 * (logp - old_logp) ** 2 * weights).sum()
-    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
+        stats = {
+            "clipfrac": ((clipped > unclipped).float() * weights).sum(),
+            "dual_clipfrac": (dual.float() * weights).sum(),
+            "approx_kl": (0.5 * (logp - old_logp) ** 2 * weights).sum(),
+        }
+    return loss, stats
 
 
 def value_loss(
@@ -64,9 +81,11 @@ def value_loss(
 
 
 def low_var_kl(logp: torch.Tensor, ref_logp: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The k3 estimator ``exp(ref - logp) - (ref - logp) - 1`` of KL(pi || pi_ref)."""
+    """The k3 estimator of ``KL(pi || pi_ref)`` as verl's ``low_var_kl``: ``k3 = exp(d) - d - 1``
+    with ``d = ref - logp`` clamped to [-20, 20], then ``k3`` clamped to [-10, 10]."""
     log_ratio = (ref_logp - logp).clamp(-20, 20)
-    return ((torch.exp(log_ratio) - log_ratio - 1.0) * weights).sum()
+    k3 = (torch.exp(log_ratio) - log_ratio - 1.0).clamp(-10, 10)
+    return (k3 * weights).sum()
 
 
 def trajectory_entropy(entropy: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
