@@ -22,20 +22,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from epo_cli.algos.advantages import entropy_shaped_advantages, gae_over_turns, grpo_advantages, whiten
+from epo_cli.algos.advantages import gae_over_turns, grpo_advantages, whiten
 from epo_cli.algos.history import EntropyHistory
-from epo_cli.algos.losses import (
-    beta_schedule,
-    entropy_coef_schedule,
-    entropy_corridor_penalty,
-    epo_objective,
-    low_var_kl,
-    ppo_clip_loss,
-    token_weights,
-    trajectory_entropy,
-    turn_decay_coef,
-    value_loss,
-)
+from epo_cli.algos.losses import token_weights
+from epo_cli.algos.objective import LossInputs, StepCoefficients, epo_loss, step_coefficients
 from epo_cli.batch import MicroBatch, TurnBatch, collate, length_sorted_chunks
 from epo_cli.distributed import (
     DistContext,
@@ -237,10 +227,7 @@ class Learner:
     # ---------------------------------------------------------------- update
     def _update(self, batch: TurnBatch, owner: torch.Tensor, step: int) -> dict[str, float]:
         spec = self.spec
-        epo = spec.epo
-        total_steps = spec.train.steps
-        beta = beta_schedule(step, total_steps, epo.weighting.gamma) if epo.weighting.dynamic else epo.weighting.constant_beta
-        coef = entropy_coef_schedule(epo.entropy_coef, step, total_steps, epo.decay.step_schedule, epo.decay.step_rate)
+        coefs = step_coefficients(spec.epo, step, spec.train.steps)
         reference = self._entropy_reference(batch)
         stats, norms = UpdateStats(), UpdateStats()
         turn_sums: dict[int, list[float]] = {}  # turn index -> [sum of turn means, count]
@@ -267,7 +254,7 @@ class Learner:
                         w = torch.stack([weight_of[r][:width] for r in micro_rows])
                     last = i == len(chunks) - 1
                     with self._gradient_sync(last), autocast_context(spec.model.autocast, self.policy):
-                        entropy_per_turn, logprob_diff = self._micro_step(batch, micro, w.to(self.device), coef, beta, reference, stats)
+                        entropy_per_turn, logprob_diff = self._micro_step(batch, micro, w.to(self.device), coefs, reference, stats)
                     if epoch == 0 and micro_rows is not None:
                         step_entropy += float((entropy_per_turn * w).sum()) / n_minibatches
                         step_logprob_diff += logprob_diff / n_minibatches
@@ -290,8 +277,8 @@ class Learner:
         metrics["rollout/logprob_diff"] = step_logprob_diff
         for turn, value in sorted(turn_means.items()):
             metrics[f"actor/entropy_turn_{turn}"] = value
-        metrics["epo/beta"] = beta
-        metrics["epo/entropy_coef"] = coef
+        metrics["epo/beta"] = coefs.beta
+        metrics["epo/entropy_coef"] = coefs.entropy_coef
         if reference is not None:
             metrics["epo/entropy_ref"] = float(reference.mean()) if torch.is_tensor(reference) else reference
         metrics["actor/lr"] = self.schedulers[0].get_last_lr()[0]
@@ -326,12 +313,12 @@ class Learner:
             stack.enter_context(no_gradient_sync(module, last))
         return stack
 
-    def _micro_step(self, batch, micro, w, coef, beta, reference, stats: UpdateStats) -> tuple[torch.Tensor, float]:
-        """Forward, loss (Eq. 6 on top of the base objective) and backward for one
-        micro-batch; returns its per-token entropy (detached, on the CPU) and its weighted
-        sampler vs trainer log-prob difference."""
+    def _micro_step(
+        self, batch, micro, w, coefs: StepCoefficients, reference, stats: UpdateStats
+    ) -> tuple[torch.Tensor, float]:
+        """Forward, :func:`epo_loss` and backward for one micro-batch; returns its per-token
+        entropy (detached, on the CPU) and its weighted sampler vs trainer log-prob difference."""
         spec = self.spec
-        epo = spec.epo
         device = self.device
         out = self.actor(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens)
         rows = micro.rows
@@ -340,43 +327,25 @@ class Learner:
         # Sampler vs trainer log-probs of the same tokens under the pre-update policy: large
         # values mean stale sampler weights or a numerics mismatch.
         logprob_diff = float(((batch.padded(batch.sample_logp, rows, width).to(device) - old_logp).abs() * w).sum())
-        advantages = batch.advantages[rows][:, None].expand(-1, width).to(device)
-        if epo.entropy_advantage.enabled:
-            advantages = entropy_shaped_advantages(advantages, out.entropy, epo.entropy_advantage.psi, epo.entropy_advantage.kappa)
-        pg_loss, pg_stats = ppo_clip_loss(out.logp, old_logp, advantages, w, spec.algo.clip_eps_low, spec.algo.clip_eps_high)
-        base_loss = pg_loss
-        if batch.ref_logp is not None:
-            kl = low_var_kl(out.logp, batch.padded(batch.ref_logp, rows, width).to(device), w)
-            base_loss = base_loss + spec.algo.kl_coef * kl
-            stats.add("actor/kl_ref", kl.detach())
-
-        penalty = None
-        if epo.smoothing.enabled and reference is not None:
-            ref = reference[rows][:, None].to(device) if torch.is_tensor(reference) else reference
-            penalty = entropy_corridor_penalty(
-                out.entropy, ref, epo.smoothing.kappa_l, epo.smoothing.kappa_r, epo.smoothing.alpha, epo.smoothing.form
-            )
-            low, high = epo.smoothing.kappa_l * ref, epo.smoothing.kappa_r * ref
-            outside = ((out.entropy < low) | (out.entropy > high)).float()
-            stats.add("epo/smooth_penalty", (penalty.detach() * w).sum())
-            stats.add("epo/out_of_corridor_frac", (outside * w).sum())
-        token_coef = turn_decay_coef(coef, batch.turn_index[rows], epo.decay.turn_decay)[:, None].to(device)
-        loss = epo_objective(base_loss, out.entropy, penalty, w, token_coef, beta)
-
+        inputs = LossInputs(
+            weights=w,
+            advantages=batch.advantages[rows].to(device),
+            old_logp=old_logp,
+            turn_index=batch.turn_index[rows].to(device),
+            ref_logp=None if batch.ref_logp is None else batch.padded(batch.ref_logp, rows, width).to(device),
+            entropy_ref=reference[rows].to(device) if torch.is_tensor(reference) else reference,
+            old_values=batch.values[rows].to(device) if self.is_ppo else None,
+            returns=batch.returns[rows].to(device) if self.is_ppo else None,
+        )
+        values = None
         if self.is_ppo:
             values = out.values if self.shared_critic else self.critic(micro, 1.0, with_logprobs=False).values
-            returns, old_values = batch.returns[rows].to(device), batch.values[rows].to(device)
-            v_loss = value_loss(values, old_values, returns, w.sum(-1), spec.algo.value_clip)
-            stats.add("critic/value_loss", v_loss.detach())
-            loss = loss + spec.algo.vf_coef * v_loss
+        loss, metrics = epo_loss(inputs, out.logp, out.entropy, spec.algo, spec.epo, coefs, values)
         # DDP and FSDP2 average gradients over ranks; the weights already normalize over
         # the global mini-batch, so scale back up to the sum.
         (loss * self.dist.world_size).backward()
-        stats.add("actor/pg_loss", pg_loss.detach())
-        stats.add("actor/clipfrac", pg_stats["clipfrac"])
-        stats.add("actor/approx_kl", pg_stats["approx_kl"])
-        stats.add("actor/entropy_loss_term", trajectory_entropy(out.entropy.detach(), w))
-        stats.add("actor/loss", loss.detach())
+        for name, value in metrics.items():
+            stats.add(name, value)
         return out.entropy.detach().float().cpu(), logprob_diff
 
     def _optimizer_step(self, norms: UpdateStats) -> None:

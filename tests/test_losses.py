@@ -9,7 +9,6 @@ from epo_cli.algos.losses import (
     beta_schedule,
     entropy_coef_schedule,
     entropy_corridor_penalty,
-    epo_objective,
     low_var_kl,
     ppo_clip_loss,
     token_weights,
@@ -17,6 +16,8 @@ from epo_cli.algos.losses import (
     turn_decay_coef,
     value_loss,
 )
+from epo_cli.algos.objective import LossInputs, StepCoefficients, epo_loss
+from epo_cli.spec import AlgoSpec, EPOSpec, SmoothingSpec
 
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
 EPISODES = torch.tensor([0, 0, 1])
@@ -83,13 +84,6 @@ def test_beta_schedule_eq5():
     assert values == sorted(values, reverse=True)
 
 
-def test_epo_objective_eq6():
-    out = epo_objective(torch.tensor(1.0), torch.tensor([2.0]), torch.tensor([0.5]), torch.tensor([1.0]), 0.1, 2.0)
-    assert out.item() == pytest.approx(1.0 - 0.1 * (2.0 - 2.0 * 0.5))
-    base = epo_objective(torch.tensor(1.0), torch.tensor([2.0]), None, torch.tensor([1.0]), 0.1, 2.0)
-    assert base.item() == pytest.approx(0.8)
-
-
 def test_entropy_from_logits_hand_values():
     assert entropy_from_logits(torch.zeros(8)).item() == pytest.approx(math.log(8))
     two = torch.tensor([0.0, math.log(3.0)])  # p = (1/4, 3/4)
@@ -118,11 +112,11 @@ def test_chunked_logprobs_match_full_computation(chunk, compiled):
 
 def _objective_grad(form):
     logits = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.1, 0.0, 0.0, 0.0]], requires_grad=True)
-    entropy = entropy_from_logits(logits)
-    weights = torch.tensor([0.5, 0.5])
+    entropy = entropy_from_logits(logits)[None]
     # Corridor [0.9 * 1.0, 1.2 * 1.0]: token 0 (H~0.4) is below it, token 1 (H~1.38) above.
-    penalty = None if form is None else entropy_corridor_penalty(entropy, 1.0, 0.9, 1.2, 0.1, form)
-    loss = epo_objective(torch.tensor(0.0), entropy, penalty, weights, 0.5, 2.0)
+    smoothing = SmoothingSpec(enabled=form is not None, form=form or "hinge", kappa_l=0.9, kappa_r=1.2, alpha=0.1)
+    inputs = LossInputs(torch.tensor([[0.5, 0.5]]), torch.zeros(1), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), entropy_ref=1.0)
+    loss, _ = epo_loss(inputs, torch.zeros(1, 2), entropy, AlgoSpec(), EPOSpec(smoothing=smoothing), StepCoefficients(0.5, 2.0))
     (grad,) = torch.autograd.grad(loss, logits)
     return grad
 

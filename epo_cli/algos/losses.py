@@ -1,4 +1,5 @@
-"""Losses and EPO terms (EPO_SPEC.md §2-3). Per-token tensors are ``[N, L]`` with a mask.
+"""The terms of the objective (EPO_SPEC.md §2-3); :func:`epo_cli.algos.objective.epo_loss`
+assembles them (Eq. 6). Per-token tensors are ``[N, L]`` with a mask.
 
 Every loss is a weighted token sum ``sum(x * weights)``; :func:`token_weights` makes the
 weights of an aggregation mode sum to 1 over a mini-batch, so summing the losses of its
@@ -137,22 +138,5 @@ def entropy_coef_schedule(coef: float, step: int, total_steps: int, schedule: st
 
 def turn_decay_coef(coef: float, turn_index: torch.Tensor, decay: float | None) -> torch.Tensor:
     """EPO-Decay's per-turn weight ``lambda_t = lambda * d**t`` (constant without decay)."""
-    base = torch.full(turn_index.shape, coef, dtype=torch.float32)
+    base = torch.full(turn_index.shape, coef, dtype=torch.float32, device=turn_index.device)
     return base if decay is None else base * decay ** turn_index.float()
-
-
-def epo_objective(
-    base_loss: torch.Tensor,
-    entropy: torch.Tensor,
-    penalty: torch.Tensor | None,
-    weights: torch.Tensor,
-    entropy_coef: torch.Tensor | float,
-    beta: float,
-) -> torch.Tensor:
-    """Eq. 6: ``L_EPO = L_MT - lambda * (L_H - beta_k * L_smooth)``.
-
-    ``entropy_coef`` is ``lambda`` (a scalar, or per token for EPO-Decay); ``penalty``
-    None gives Eq. 2's ``L_ER = L_MT - lambda * L_H`` (EPO-Base).
-    """
-    regularizer = entropy if penalty is None else entropy - beta * penalty
-    return base_loss - (entropy_coef * regularizer * weights).sum()
