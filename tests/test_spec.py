@@ -64,12 +64,18 @@ def test_spec_file_layer(tmp_path):
         ("env.max_turns=0", "env.max_turns"),
         ("algo.name=sac", "algo.name: got 'sac'"),
         ("rollout.temperature=hot", "rollout.temperature"),
+        ("algo.dual_clip_c=1", "algo.dual_clip_c: Input should be greater than 1"),
     ],
 )
 def test_bad_values_name_the_field(override, fragment):
     with pytest.raises(SpecError) as err:
         resolve_spec(overrides=[override])
     assert fragment in str(err.value)
+
+
+def test_dual_clip_is_on_by_default_and_null_turns_it_off():
+    assert resolve_spec().algo.dual_clip_c == 3.0
+    assert resolve_spec(overrides=["algo.dual_clip_c=null"]).algo.dual_clip_c is None
 
 
 def test_grpo_needs_groups():
@@ -91,6 +97,7 @@ def test_every_preset_in_experiments_validates():
     assert presets, "no presets found"
     for path in presets:
         spec = resolve_spec(path)
+        assert spec.algo.dual_clip_c == 3.0, path
         stem = path.stem.split("_", 1)[1] if path.parent.name == "cpu" else path.stem
         assert stem.replace("_", "+").endswith(spec.algo.name), path  # e.g. cpu/alfworld_pick_grpo_epo
 
@@ -116,6 +123,7 @@ def test_paper_presets_hold_the_paper_settings(env, model, turns, steps, alpha):
         assert (spec.scale, spec.model.name, spec.env.max_turns, spec.train.steps) == ("paper", model, turns, steps)
         assert (spec.rollout.max_prompt_tokens, spec.rollout.max_response_tokens) == (2048, 512)
         assert (spec.rollout.temperature, spec.eval.temperature, spec.eval.every) == (1.0, 0.4, 5)
+        assert spec.algo.dual_clip_c == 3.0  # the EPO reference code's clip_ratio_c in every run
         assert spec.rollout.group_size == (8 if name.startswith("grpo") else 1)
         if name.endswith("epo"):
             smoothing = spec.epo.smoothing
