@@ -147,9 +147,9 @@ class Learner:
     def learn(self, batch: TurnBatch, owner: torch.Tensor, step: int) -> dict[str, float]:
         """Score, compute advantages, update and record the entropy history of one RL
         step. ``owner[row]`` is the rank that runs the passes of each turn sample."""
-        self._score(batch, owner)
+        entropy = self._score(batch, owner)
         self._advantages(batch)
-        metrics = self._update(batch, owner, step)
+        metrics = self._update(batch, owner, step, entropy)
         for scheduler in self.schedulers:
             scheduler.step()
         return metrics
@@ -174,16 +174,19 @@ class Learner:
         return self.spec.algo.ppo_epochs > 1 or minibatches > 1
 
     @torch.no_grad()
-    def _score(self, batch: TurnBatch, owner: torch.Tensor) -> None:
+    def _score(self, batch: TurnBatch, owner: torch.Tensor) -> list[torch.Tensor | None]:
         """No-grad passes for what the update needs before it starts: V(s_t) (PPO), the
         old log-probs (when the policy moves within the step) and reference log-probs.
-        Values are summed over ranks: every rank gets all of them, for GAE and whitening."""
+        Values are summed over ranks: every rank gets all of them, for GAE and whitening.
+
+        Returns the token entropies of this rank's rows under the policy before the
+        update where this pass computes them (with the old log-probs), else Nones."""
         spec = self.spec
         need_old = self._needs_old_logp(batch)
         batch.old_logp = batch.ref_logp = batch.values = None
+        old_logp, ref_logp, entropy = [None] * len(batch), [None] * len(batch), [None] * len(batch)
         if not (need_old or self.is_ppo or self.reference is not None):
-            return  # GRPO in one mini-batch: the update's own forward gives all it needs
-        old_logp, ref_logp = [None] * len(batch), [None] * len(batch)
+            return entropy  # GRPO in one mini-batch: the update's own forward gives all it needs
         values = torch.zeros(len(batch), dtype=torch.float64)
         for rows in self._my_chunks(batch, list(range(len(batch))), owner, spec.optim.micro_batch_size):
             micro = self._collate(batch, rows)
@@ -191,6 +194,7 @@ class Learner:
                 if need_old or self.shared_critic:
                     out = self.actor(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens, with_logprobs=need_old)
                     self._keep(rows, out.values, values, out.logp if need_old else None, old_logp, micro)
+                    self._keep(rows, None, None, out.entropy if need_old else None, entropy, micro)
                 if self.critic is not None:
                     out = self.critic(micro, 1.0, with_logprobs=False)
                     self._keep(rows, out.values, values, None, None, micro)
@@ -200,17 +204,19 @@ class Learner:
         batch.old_logp = old_logp if need_old else None
         batch.ref_logp = ref_logp if self.reference is not None else None
         batch.values = self.dist.all_reduce_sum(values).float() if self.is_ppo else None
+        return entropy
 
     @staticmethod
-    def _keep(rows, out_values, values, out_logp, logp, micro: MicroBatch) -> None:
-        """Write a micro-batch's outputs into the per-row results (padding is dropped)."""
+    def _keep(rows, out_values, values, out_tokens, per_row, micro: MicroBatch) -> None:
+        """Write a micro-batch's outputs into the per-row results (padding is dropped):
+        values ``[B]`` into ``values``, a per-token output ``[B, R]`` into ``per_row``."""
         if rows is None:
             return
         if out_values is not None:
             values[rows] = out_values.double().cpu()
-        if out_logp is not None:
+        if out_tokens is not None:
             for i, row in enumerate(rows):
-                logp[row] = out_logp[i, : int(micro.response_lengths[i])].float().cpu().clone()
+                per_row[row] = out_tokens[i, : int(micro.response_lengths[i])].float().cpu().clone()
 
     def _advantages(self, batch: TurnBatch) -> None:
         algo = self.spec.algo
@@ -225,13 +231,16 @@ class Learner:
         batch.advantages = grpo_advantages(episode_returns, episode_groups)[episode_of_row]
 
     # ---------------------------------------------------------------- update
-    def _update(self, batch: TurnBatch, owner: torch.Tensor, step: int) -> dict[str, float]:
+    def _update(self, batch: TurnBatch, owner: torch.Tensor, step: int, entropy: list[torch.Tensor | None]) -> dict[str, float]:
+        """The mini-batch updates of one step. ``entropy``: per row, the token entropies
+        under the policy before the update (from :meth:`_score`), or Nones; then the
+        policy does not move before the last micro-batch and its forwards give them."""
         spec = self.spec
         coefs = step_coefficients(spec.epo, step, spec.train.steps)
         reference = self._entropy_reference(batch)
         stats, norms = UpdateStats(), UpdateStats()
-        turn_sums: dict[int, list[float]] = {}  # turn index -> [sum of turn means, count]
-        step_entropy = step_logprob_diff = 0.0
+        record_entropy = not self._needs_old_logp(batch)
+        step_logprob_diff = 0.0
         n_minibatches = math.ceil(len(batch) / spec.optim.mini_batch_size)
         for module in self.scorers:
             module.train()
@@ -256,18 +265,14 @@ class Learner:
                     with self._gradient_sync(last), autocast_context(spec.model.autocast, self.policy):
                         entropy_per_turn, logprob_diff = self._micro_step(batch, micro, w.to(self.device), coefs, reference, stats)
                     if epoch == 0 and micro_rows is not None:
-                        step_entropy += float((entropy_per_turn * w).sum()) / n_minibatches
                         step_logprob_diff += logprob_diff / n_minibatches
-                        mask = micro.decision_mask.cpu()
-                        means = (entropy_per_turn * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-                        for row, value in zip(micro_rows, means.tolist()):
-                            entry = turn_sums.setdefault(int(batch.turn_index[row]), [0.0, 0])
-                            entry[0] += value
-                            entry[1] += 1
+                        if record_entropy:
+                            self._keep(micro_rows, None, None, entropy_per_turn, entropy, micro)
                 self._optimizer_step(norms)
                 stats.minibatches += 1
                 norms.minibatches += 1
         stats.all_reduce(self.dist)
+        step_entropy, turn_sums = self._batch_entropy(batch, entropy)
         step_entropy, step_logprob_diff = self.dist.all_reduce_sum(torch.tensor([step_entropy, step_logprob_diff], dtype=torch.float64)).tolist()
         turn_means = self._global_turn_means(turn_sums)
         self.history.append(step_entropy, turn_means)
@@ -287,6 +292,25 @@ class Learner:
             metrics["critic/values_mean"] = float(batch.values.mean())
             metrics["critic/returns_mean"] = float(batch.returns.mean())
         return metrics
+
+    def _batch_entropy(self, batch: TurnBatch, entropy: list[torch.Tensor | None]) -> tuple[float, dict[int, list[float]]]:
+        """This rank's share of ``Hbar_k``, the record behind Eq. 3: the token entropy of
+        the whole batch under one policy (before the step's first update), aggregated like
+        ``L_H`` (Eq. 2) with weights over the whole batch; and per turn index, [sum of turn
+        means, count]. Rows of other ranks are None."""
+        rows = list(range(len(batch)))
+        mask = batch.decision_mask(rows)
+        weights = token_weights(mask, batch.episode_ids, self.spec.algo.loss_agg)
+        total, turn_sums = 0.0, {}
+        for row, values in enumerate(entropy):
+            if values is None:
+                continue
+            n = len(values)
+            total += float((values * weights[row, :n]).sum())
+            entry = turn_sums.setdefault(int(batch.turn_index[row]), [0.0, 0])
+            entry[0] += float((values * mask[row, :n]).sum() / mask[row, :n].sum().clamp(min=1))
+            entry[1] += 1
+        return total, turn_sums
 
     def _global_turn_means(self, turn_sums: dict[int, list[float]]) -> dict[int, float]:
         """Mean entropy per turn index over the turn samples of all ranks."""

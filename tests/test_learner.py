@@ -110,3 +110,31 @@ def test_advantages_and_eq2_token_weights_reach_the_gradient(monkeypatch):
     assert _close(got, _hand_gradient(learner, batch, loss_of(_hand_weights(batch))))
     flat = _hand_weights(batch).gt(0).float()
     assert not _close(got, _hand_gradient(learner, batch, loss_of(flat / flat.sum())))  # token-mean differs
+
+
+def _hand_entropy_record(learner: Learner, batch: TurnBatch) -> tuple[float, dict[int, float]]:
+    """Hbar of the batch by hand under the learner's current policy: Eq. 2 weights over the
+    whole batch; and the mean token entropy per turn index."""
+    with torch.no_grad():
+        micro = collate(batch, list(range(len(batch))), 0)
+        entropy = forward_turns(learner.policy, micro, learner.spec.rollout.temperature).entropy
+    lengths = [len(r) for r in batch.response_ids]
+    turn_means: dict[int, list[float]] = {}
+    for row, (_, _, turn, *_) in enumerate(TURNS):
+        turn_means.setdefault(turn, []).append(float(entropy[row, : lengths[row]].mean()))
+    return float((entropy * _hand_weights(batch)).sum()), {t: sum(v) / len(v) for t, v in turn_means.items()}
+
+
+@pytest.mark.parametrize("mini_batch", [16, 3])
+def test_entropy_history_records_the_pre_update_policy_over_the_whole_batch(mini_batch):
+    # mini_batch 3: three optimizer steps within the RL step; the record still comes from
+    # the policy before the first one (the old-log-prob pass), weighted over all 7 rows.
+    batch = _batch()
+    learner = _learner(f"optim.mini_batch_size={mini_batch}", "optim.micro_batch_size=2", "optim.lr=0.05", "optim.warmup_ratio=0")
+    before, turns_before = _hand_entropy_record(learner, batch)
+    metrics = learner.learn(batch, torch.zeros(len(batch), dtype=torch.long), 0)
+    assert learner.history.step_means == [pytest.approx(before, rel=1e-5)]
+    assert metrics["actor/entropy"] == pytest.approx(before, rel=1e-5)
+    assert learner.history.turn_means[0] == pytest.approx(turns_before, rel=1e-5)
+    after, _ = _hand_entropy_record(learner, batch)
+    assert abs(after - before) > 1e-4 * before  # the updates moved the policy: the record is not after them
