@@ -3,7 +3,8 @@
 A spec is resolved in layers, each overriding the one before:
 
 1. field defaults (the paper's settings, EPO_SPEC.md §5),
-2. the environment's paper preset (turns, alpha, lr, batch sizes),
+2. the algorithm's and then the environment's paper preset (group size, turns, alpha, lr,
+   batch sizes),
 3. the hardware scale: with no GPU, ``scale: cpu`` shrinks episodes, steps and turns so a
    run fits a laptop; ``scale: paper`` keeps the paper's sizes,
 4. a YAML file (``--spec``), 5. CLI flags, 6. ``--set a.b=value`` overrides.
@@ -372,7 +373,8 @@ ENV_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# PPO and GRPO differ in batch sizes, lr and group size (paper §5, ScienceWorld column).
+# PPO and GRPO differ in batch sizes, lr and group size (paper §5, ScienceWorld column);
+# applied before ENV_PRESETS, whose settings win.
 ALGO_PRESETS: dict[str, dict[str, Any]] = {
     "ppo": {"rollout": {"group_size": 1}},
     "grpo": {"rollout": {"group_size": 8}, "optim": {"lr": 5e-6, "mini_batch_size": 128, "micro_batch_size": 16}},
@@ -518,11 +520,12 @@ def resolve_spec(
     scale = _pick(user_layers, "scale", default=None) or detect_scale()
     variant = _pick(user_layers, "algo", "variant", default="epo")
 
-    merged: dict[str, Any] = {}
+    # The algorithm's preset first: an environment's own sizes (ALFWorld: 256/32 for PPO
+    # and GRPO alike) override the ScienceWorld-column ones of ALGO_PRESETS.
+    base = "grpo" if str(algo_name).startswith("grpo") else "ppo"
+    merged = deep_merge({}, ALGO_PRESETS[base])
     if env_name in ENV_PRESETS:
         merged = deep_merge(merged, ENV_PRESETS[env_name])
-    base = "grpo" if str(algo_name).startswith("grpo") else "ppo"
-    merged = deep_merge(merged, ALGO_PRESETS[base])
     if not str(algo_name).endswith("+epo"):
         merged = deep_merge(merged, NO_EPO)
     if scale == "cpu":

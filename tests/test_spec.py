@@ -133,3 +133,17 @@ def test_paper_presets_hold_the_paper_settings(env, model, turns, steps, alpha):
             assert spec.epo.entropy_coef == 0.0 and not spec.epo.smoothing.enabled
     lrs = {name: resolve_spec(ROOT / "experiments" / env / f"{name}.yaml").optim.lr for name in ("ppo", "grpo")}
     assert lrs == ({"ppo": 3e-6, "grpo": 5e-6} if env == "scienceworld" else {"ppo": 5e-6, "grpo": 5e-6})
+
+
+@pytest.mark.parametrize("env", ["scienceworld", "alfworld"])
+@pytest.mark.parametrize("algo", ["ppo", "ppo+epo", "grpo", "grpo+epo"])
+def test_flags_resolve_to_the_same_spec_as_the_preset_file(env, algo):
+    preset = resolve_spec(ROOT / "experiments" / env / f"{algo.replace('+', '_')}.yaml")
+    # The files' machine choices (model, workers, eval size) passed as flags; the rest
+    # (batch sizes, lr, turns, steps, EPO terms) must come out of the built-in layers.
+    flags = {"scale": "paper", "env": {"name": env, "workers": preset.env.workers}, "algo": {"name": algo},
+             "model": preset.model.model_dump(), "eval": {"episodes": preset.eval.episodes}}
+    assert resolve_spec(flags=flags).model_dump() == preset.model_dump()
+    if env == "alfworld":  # the paper's ALFWorld batch sizes, for GRPO too (EPO_SPEC.md §5)
+        assert (preset.optim.mini_batch_size, preset.optim.micro_batch_size) == (256, 32)
+
