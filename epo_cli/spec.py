@@ -339,6 +339,11 @@ class ExperimentSpec(_Section):
     def _consistent(self) -> ExperimentSpec:
         if self.algo.base == "grpo" and self.rollout.group_size < 2:
             raise ValueError("rollout.group_size must be >= 2 for GRPO (group advantages)")
+        if self.algo.variant in ENTROPY_BONUS_VARIANTS and self.epo.entropy_coef == 0:
+            raise ValueError(
+                f"algo.variant {self.algo.variant} changes the entropy bonus, but epo.entropy_coef is 0 "
+                f"({self.algo.name} has none): use {self.algo.base}+epo or set epo.entropy_coef"
+            )
         if self.env.name == "scienceworld" and self.env.data_dir is not None:
             raise ValueError("env.data_dir: ScienceWorld needs no data folder (its splits come from the engine); remove it")
         if self.optim.micro_batch_size > self.optim.mini_batch_size:
@@ -546,7 +551,8 @@ def resolve_spec(
         raise SpecError(format_validation_error(err)) from None
 
 
-# The paper's ablations as named spec changes (EPO_SPEC.md §3 table).
+# The paper's ablations as named spec changes (EPO_SPEC.md §3 table). ``ea`` shapes the
+# advantages: alone on ppo/grpo (the paper's EA baseline), beside L_H on the +epo names.
 VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
     "epo": {},
     "epo-base": {"epo": {"smoothing": {"enabled": False}}},
@@ -555,6 +561,10 @@ VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
     "decay": {"epo": {"smoothing": {"enabled": False}, "decay": {"turn_decay": 0.9, "step_schedule": "linear"}}},
     "ea": {"epo": {"smoothing": {"enabled": False}, "entropy_advantage": {"enabled": True}}},
 }
+
+
+# Variants that only change lambda * (L_H - beta L_smooth): nothing to change without it.
+ENTROPY_BONUS_VARIANTS = ("epo-base", "no-dw", "indicator", "decay")
 
 
 def spec_to_yaml(spec: ExperimentSpec) -> str:

@@ -42,6 +42,18 @@ def test_variants_change_the_named_fields():
     assert resolve_spec(flags={"algo": {"variant": "ea"}}).epo.entropy_advantage.enabled
 
 
+def test_ea_alone_on_plain_algorithms_and_entropy_variants_need_an_entropy_bonus():
+    ea = resolve_spec(flags={"algo": {"name": "grpo", "variant": "ea"}}).epo
+    assert ea.entropy_advantage.enabled and ea.entropy_coef == 0.0 and not ea.smoothing.enabled  # the EA baseline
+    ea_epo = resolve_spec(flags={"algo": {"name": "grpo+epo", "variant": "ea"}}).epo
+    assert ea_epo.entropy_advantage.enabled and ea_epo.entropy_coef == 0.001 and not ea_epo.smoothing.enabled
+    with pytest.raises(SpecError, match="algo.variant decay changes the entropy bonus, but epo.entropy_coef is 0 "
+                                         r"\(grpo has none\): use grpo\+epo or set epo.entropy_coef"):
+        resolve_spec(flags={"algo": {"name": "grpo", "variant": "decay"}})
+    decay = resolve_spec(flags={"algo": {"name": "grpo", "variant": "decay"}}, overrides=["epo.entropy_coef=0.01"]).epo
+    assert (decay.entropy_coef, decay.decay.turn_decay, decay.decay.step_schedule) == (0.01, 0.9, "linear")
+
+
 def test_overrides_apply_last_and_parse_yaml_values():
     spec = resolve_spec(flags={"train": {"steps": 7}}, overrides=["train.steps=9", "epo.smoothing.window=5", "tracking.run_name=abc"])
     assert spec.train.steps == 9 and spec.epo.smoothing.window == 5 and spec.tracking.run_name == "abc"
