@@ -13,7 +13,8 @@ from datetime import date
 from pathlib import Path
 
 from epo_cli.envs.base import TaskInstance
-from epo_cli.envs.registry import load_split, make_engine, make_env_batch
+from epo_cli.envs.pool import make_env_batch
+from epo_cli.envs.registry import load_split, make_engine
 
 SLOTS = 4
 

@@ -37,7 +37,7 @@ from epo_cli.distributed import (
 )
 from epo_cli.forward import TurnScorer
 from epo_cli.models import ValueHead, enable_activation_checkpointing, load_causal_lm
-from epo_cli.rollout import autocast_context
+from epo_cli.precision import autocast_context
 from epo_cli.spec import ExperimentSpec
 
 

@@ -196,7 +196,7 @@ def test_chunked_update_matches_the_full_logits_implementation(tiny_model):
 
 
 def test_bf16_autocast_stays_close_to_fp32(tiny_model):
-    from epo_cli.rollout import autocast_context
+    from epo_cli.precision import autocast_context
 
     batch = TurnBatch([[5, 6, 7, 8]], [[11, 12, 13]], torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), torch.zeros(1))
     micro = collate(batch, [0], pad_id=2)
