@@ -46,9 +46,6 @@ def ablation_variants(ablation: str, base: str) -> list[tuple[str, dict[str, Any
     return table[ablation]
 
 
-ABLATIONS = ("smoothing", "weighting", "penalty-form", "history", "decay", "ea", "baseline")
-
-
 @dataclass
 class ChildSummary:
     variant: str

@@ -13,7 +13,8 @@ from datetime import date
 from pathlib import Path
 
 from epo_cli.envs.base import TaskInstance
-from epo_cli.envs.registry import load_split, make_engine, make_env_batch
+from epo_cli.envs.pool import make_env_batch
+from epo_cli.envs.registry import load_split, make_engine
 
 SLOTS = 4
 
@@ -111,10 +112,12 @@ def _update_case(case: str, model_name: str, samples: int, micro: int, repeats: 
 
     import torch
 
-    from epo_cli.algos.losses import entropy_corridor_penalty, epo_objective, ppo_clip_loss, token_weights
+    from epo_cli.algos.losses import token_weights
+    from epo_cli.algos.objective import LossInputs, StepCoefficients, epo_loss
     from epo_cli.batch import collate, length_sorted_chunks
     from epo_cli.forward import forward_turns
     from epo_cli.models import enable_activation_checkpointing, load_causal_lm, load_tokenizer
+    from epo_cli.spec import AlgoSpec, EPOSpec
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(model_name)
@@ -125,6 +128,14 @@ def _update_case(case: str, model_name: str, samples: int, micro: int, repeats: 
     rows = list(range(samples))
     advantages = torch.linspace(-1, 1, samples)
     pad = tokenizer.pad_token_id
+    algo, epo = AlgoSpec(), EPOSpec()  # the paper's clip, lambda and corridor
+    coefs = StepCoefficients(entropy_coef=epo.entropy_coef, beta=1.5)
+
+    def loss(sample_rows, logp, entropy, w):
+        """The EPO objective of these turn samples, with the history reference Hbar_W = 1."""
+        turns = torch.zeros(len(sample_rows), dtype=torch.long)
+        inputs = LossInputs(w, advantages[sample_rows], logp.detach(), turns, entropy_ref=1.0)
+        return epo_loss(inputs, logp, entropy, algo, epo, coefs)[0]
 
     def ours():
         mask = batch.response_mask(rows)
@@ -133,10 +144,7 @@ def _update_case(case: str, model_name: str, samples: int, micro: int, repeats: 
             m = collate(batch, chunk, pad)
             out = forward_turns(model, m, 1.0, 1024, compiled_head=case == "ours-compiled")
             w = weights[chunk, : m.response_width]
-            adv = advantages[chunk][:, None].expand(-1, m.response_width)
-            loss, _ = ppo_clip_loss(out.logp, out.logp.detach(), adv, w)
-            penalty = entropy_corridor_penalty(out.entropy, 1.0, 0.0, 2.0, 0.05)
-            epo_objective(loss, out.entropy, penalty, w, 0.001, 1.5).backward()
+            loss(chunk, out.logp, out.entropy, w).backward()
 
     def naive():
         # The straightforward way: one padded batch, full-vocabulary fp32 logits for every
@@ -152,10 +160,7 @@ def _update_case(case: str, model_name: str, samples: int, micro: int, repeats: 
             p, n = len(batch.prompt_ids[r]), len(batch.response_ids[r])
             resp[i, p - 1 : p - 1 + n] = 1.0
         w = resp * token_weights(batch.response_mask(rows), batch.episode_ids, "traj-mean").sum(-1, keepdim=True) / resp.sum(-1, keepdim=True)
-        adv = advantages[:, None].expand(-1, width - 1)
-        loss, _ = ppo_clip_loss(target_logp, target_logp.detach(), adv, w)
-        penalty = entropy_corridor_penalty(entropy_all[:, :-1], 1.0, 0.0, 2.0, 0.05)
-        epo_objective(loss, entropy_all[:, :-1], penalty, w, 0.001, 1.5).backward()
+        loss(rows, target_logp, entropy_all[:, :-1], w).backward()
 
     def trl():
         # TRL's own GRPO loss on the same token sequences: prompts left-padded, completions

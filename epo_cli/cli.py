@@ -113,6 +113,18 @@ def _one_process(command: str) -> None:
         _fail(f"epo {command} runs in one process; only `epo train` runs under torchrun (docs/scaling.md)")
 
 
+def _run_errors() -> tuple[type[Exception], ...]:
+    """The failures of a run that the CLI reports as one line (imported when needed: the
+    CLI starts fast)."""
+    from epo_cli.envs.pool import EnvWorkerError
+    from epo_cli.envs.registry import DataError
+    from epo_cli.models import ModelError
+    from epo_cli.rollout import PromptTooLong
+    from epo_cli.tracking import TrackingError
+
+    return (SpecError, DataError, ModelError, TrackingError, PromptTooLong, EnvWorkerError, ValueError, FileNotFoundError)
+
+
 def _resolve(spec_file, sets, **flags):
     try:
         return resolve_spec(spec_file, _flags(**flags), sets)
@@ -146,11 +158,7 @@ def train(
     Data-parallel: torchrun --nproc_per_node N -m epo_cli train ... (docs/scaling.md)."""
     from epo_cli.checkpoint import find_checkpoint
     from epo_cli.distributed import init_distributed, shutdown_distributed
-    from epo_cli.envs.registry import DataError
-    from epo_cli.envs.pool import EnvWorkerError
-    from epo_cli.models import ModelError
-    from epo_cli.rollout import PromptTooLong
-    from epo_cli.tracking import TrackingError, resolve_uri
+    from epo_cli.tracking import resolve_uri
     from epo_cli.trainer import TrainingFinished, TrainingStopped, run_training
 
     checkpoint = None
@@ -192,7 +200,7 @@ def train(
         return
     except TrainingStopped as err:
         _fail(f"{err}; checkpoint {err.checkpoint}; the MLflow run is marked KILLED; continue: epo train --resume {err.checkpoint}")
-    except (SpecError, DataError, ModelError, TrackingError, PromptTooLong, EnvWorkerError, ValueError, FileNotFoundError) as err:
+    except _run_errors() as err:
         _fail(str(err))
     except KeyboardInterrupt:
         _fail("aborted mid-step; the MLflow run is marked KILLED; resume from its last checkpoint with --resume")
@@ -225,12 +233,16 @@ def spec_show(
     run_name: RunName = None,
     tracking_uri: TrackingUri = None,
     scale: Scale = None,
+    strategy: Strategy = None,
+    rollout_backend: RolloutBackend = None,
     task_types: TaskTypes = None,
 ) -> None:
-    """Print the fully resolved spec as YAML (what `epo train` with the same flags runs)."""
+    """Print the fully resolved spec as YAML, each field with its description (what `epo
+    train` with the same flags runs)."""
     resolved = _resolve(spec, set_, env=env, algo=algo, variant=variant, steps=steps, seed=seed, model=model,
-                        run_name=run_name, tracking_uri=tracking_uri, scale=scale, task_types=task_types)
-    sys.stdout.write(spec_to_yaml(resolved))
+                        run_name=run_name, tracking_uri=tracking_uri, scale=scale, strategy=strategy,
+                        rollout_backend=rollout_backend, task_types=task_types)
+    sys.stdout.write(spec_to_yaml(resolved, comments=True))
 
 
 @spec_app.command("check")
@@ -359,18 +371,15 @@ def sft(
 
     Writes a model folder for `epo train --init-from` and `epo eval --model`."""
     _one_process("sft")
-    from epo_cli.envs.registry import DataError
-    from epo_cli.models import ModelError
-    from epo_cli.rollout import PromptTooLong
     from epo_cli.sft import SFTError, run_sft
-    from epo_cli.tracking import TrackingError, resolve_uri
+    from epo_cli.tracking import resolve_uri
 
     resolved = _resolve(spec, set_, env=env, model=model, task_types=task_types, games=games, epochs=epochs, out=out,
                         seed=seed, run_name=run_name, tracking_uri=tracking_uri, scale=scale)
     _quiet_libraries()
     try:
         result = run_sft(resolved, console)
-    except (SFTError, DataError, ModelError, TrackingError, PromptTooLong, ValueError, FileNotFoundError) as err:
+    except (SFTError, *_run_errors()) as err:
         _fail(str(err))
     except KeyboardInterrupt:
         _fail("aborted: no model folder was written; the expert games played so far are cached")
@@ -423,8 +432,6 @@ def eval_(
 
     from epo_cli.checkpoint import find_checkpoint
     from epo_cli.evaluate import evaluate_checkpoint, evaluate_model
-    from epo_cli.models import ModelError
-    from epo_cli.tracking import TrackingError
 
     if (target is None) == (model is None):
         _fail("epo eval takes a run (RUN_ID or a checkpoint folder) or --model NAME_OR_DIR, one of the two")
@@ -448,7 +455,7 @@ def eval_(
                     checkpoint, splits, episodes, temperature, tracking_uri, progress, repeats
                 )
                 title = f"evaluation of {checkpoint} (step {step})"
-    except (SpecError, ModelError, TrackingError, FileNotFoundError, ValueError) as err:
+    except _run_errors() as err:
         _fail(str(err))
     table = Table(title=title)
     for column in ("split", "episodes", "success", "95% CI", "score", "turns", "invalid"):
@@ -560,10 +567,6 @@ def ablate(
     """The paper's ablations: one MLflow parent run, a child per (variant, seed), a summary."""
     _one_process("ablate")
     from epo_cli.ablate import print_summary, run_ablation
-    from epo_cli.envs.pool import EnvWorkerError
-    from epo_cli.envs.registry import DataError
-    from epo_cli.models import ModelError
-    from epo_cli.tracking import TrackingError
 
     base = algo.removesuffix("+epo")
     if base not in ("ppo", "grpo"):
@@ -573,7 +576,7 @@ def ablate(
     flags = _flags(env=env, steps=steps, model=model, tracking_uri=tracking_uri, scale=scale)
     try:
         parent_id, rows = run_ablation(ablation, base, seed_list, spec, flags, set_ or [], console)
-    except (SpecError, DataError, ModelError, TrackingError, EnvWorkerError, ValueError, FileNotFoundError) as err:
+    except _run_errors() as err:
         _fail(str(err))
     print_summary(console, ablation, parent_id, rows)
     console.print(f"summary logged to parent run {parent_id} (summary.csv, summary.md); draw it: epo plot ablation --parent {parent_id}")

@@ -168,7 +168,7 @@ def evaluate_model(spec, model_name: str, splits, progress=None, policy=None) ->
     ``policy``: the model already loaded."""
     import tempfile
 
-    from epo_cli.envs.registry import env_batch_for
+    from epo_cli.envs.pool import env_batch_for
     from epo_cli.models import load_causal_lm, load_tokenizer, model_directory
 
     tokenizer = load_tokenizer(model_name)

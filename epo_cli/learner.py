@@ -22,20 +22,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from epo_cli.algos.advantages import entropy_shaped_advantages, gae_over_turns, grpo_advantages, whiten
+from epo_cli.algos.advantages import gae_over_turns, grpo_advantages, whiten
 from epo_cli.algos.history import EntropyHistory
-from epo_cli.algos.losses import (
-    beta_schedule,
-    entropy_coef_schedule,
-    entropy_corridor_penalty,
-    epo_objective,
-    low_var_kl,
-    ppo_clip_loss,
-    token_weights,
-    trajectory_entropy,
-    turn_decay_coef,
-    value_loss,
-)
+from epo_cli.algos.losses import token_weights
+from epo_cli.algos.objective import LossInputs, StepCoefficients, epo_loss, step_coefficients
 from epo_cli.batch import MicroBatch, TurnBatch, collate, length_sorted_chunks
 from epo_cli.distributed import (
     DistContext,
@@ -47,7 +37,7 @@ from epo_cli.distributed import (
 )
 from epo_cli.forward import TurnScorer
 from epo_cli.models import ValueHead, enable_activation_checkpointing, load_causal_lm
-from epo_cli.rollout import autocast_context
+from epo_cli.precision import autocast_context
 from epo_cli.spec import ExperimentSpec
 
 
@@ -96,8 +86,8 @@ class Learner:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.history = EntropyHistory()
-        # Row of the last step's TurnBatch -> its mean decision-token entropy in the first
-        # update epoch (all ranks; rows without a sampled decision are absent): transcripts.
+        # Row of the last step's TurnBatch -> its mean decision-token entropy under the
+        # policy before the update (all ranks; rows without a sampled decision are absent).
         self.turn_entropies: dict[int, float] = {}
         # The same seed on every rank: all ranks draw the same mini-batch permutation.
         self.generator = torch.Generator().manual_seed(spec.train.seed)
@@ -160,9 +150,9 @@ class Learner:
     def learn(self, batch: TurnBatch, owner: torch.Tensor, step: int) -> dict[str, float]:
         """Score, compute advantages, update and record the entropy history of one RL
         step. ``owner[row]`` is the rank that runs the passes of each turn sample."""
-        self._score(batch, owner)
+        entropy = self._score(batch, owner)
         self._advantages(batch)
-        metrics = self._update(batch, owner, step)
+        metrics = self._update(batch, owner, step, entropy)
         for scheduler in self.schedulers:
             scheduler.step()
         return metrics
@@ -187,16 +177,19 @@ class Learner:
         return self.spec.algo.ppo_epochs > 1 or minibatches > 1
 
     @torch.no_grad()
-    def _score(self, batch: TurnBatch, owner: torch.Tensor) -> None:
+    def _score(self, batch: TurnBatch, owner: torch.Tensor) -> list[torch.Tensor | None]:
         """No-grad passes for what the update needs before it starts: V(s_t) (PPO), the
         old log-probs (when the policy moves within the step) and reference log-probs.
-        Values are summed over ranks: every rank gets all of them, for GAE and whitening."""
+        Values are summed over ranks: every rank gets all of them, for GAE and whitening.
+
+        Returns the token entropies of this rank's rows under the policy before the
+        update where this pass computes them (with the old log-probs), else Nones."""
         spec = self.spec
         need_old = self._needs_old_logp(batch)
         batch.old_logp = batch.ref_logp = batch.values = None
+        old_logp, ref_logp, entropy = [None] * len(batch), [None] * len(batch), [None] * len(batch)
         if not (need_old or self.is_ppo or self.reference is not None):
-            return  # GRPO in one mini-batch: the update's own forward gives all it needs
-        old_logp, ref_logp = [None] * len(batch), [None] * len(batch)
+            return entropy  # GRPO in one mini-batch: the update's own forward gives all it needs
         values = torch.zeros(len(batch), dtype=torch.float64)
         for rows in self._my_chunks(batch, list(range(len(batch))), owner, spec.optim.micro_batch_size):
             micro = self._collate(batch, rows)
@@ -204,6 +197,7 @@ class Learner:
                 if need_old or self.shared_critic:
                     out = self.actor(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens, with_logprobs=need_old)
                     self._keep(rows, out.values, values, out.logp if need_old else None, old_logp, micro)
+                    self._keep(rows, None, None, out.entropy if need_old else None, entropy, micro)
                 if self.critic is not None:
                     out = self.critic(micro, 1.0, with_logprobs=False)
                     self._keep(rows, out.values, values, None, None, micro)
@@ -213,17 +207,19 @@ class Learner:
         batch.old_logp = old_logp if need_old else None
         batch.ref_logp = ref_logp if self.reference is not None else None
         batch.values = self.dist.all_reduce_sum(values).float() if self.is_ppo else None
+        return entropy
 
     @staticmethod
-    def _keep(rows, out_values, values, out_logp, logp, micro: MicroBatch) -> None:
-        """Write a micro-batch's outputs into the per-row results (padding is dropped)."""
+    def _keep(rows, out_values, values, out_tokens, per_row, micro: MicroBatch) -> None:
+        """Write a micro-batch's outputs into the per-row results (padding is dropped):
+        values ``[B]`` into ``values``, a per-token output ``[B, R]`` into ``per_row``."""
         if rows is None:
             return
         if out_values is not None:
             values[rows] = out_values.double().cpu()
-        if out_logp is not None:
+        if out_tokens is not None:
             for i, row in enumerate(rows):
-                logp[row] = out_logp[i, : int(micro.response_lengths[i])].float().cpu().clone()
+                per_row[row] = out_tokens[i, : int(micro.response_lengths[i])].float().cpu().clone()
 
     def _advantages(self, batch: TurnBatch) -> None:
         algo = self.spec.algo
@@ -238,17 +234,16 @@ class Learner:
         batch.advantages = grpo_advantages(episode_returns, episode_groups)[episode_of_row]
 
     # ---------------------------------------------------------------- update
-    def _update(self, batch: TurnBatch, owner: torch.Tensor, step: int) -> dict[str, float]:
+    def _update(self, batch: TurnBatch, owner: torch.Tensor, step: int, entropy: list[torch.Tensor | None]) -> dict[str, float]:
+        """The mini-batch updates of one step. ``entropy``: per row, the token entropies
+        under the policy before the update (from :meth:`_score`), or Nones; then the
+        policy does not move before the last micro-batch and its forwards give them."""
         spec = self.spec
-        epo = spec.epo
-        total_steps = spec.train.steps
-        beta = beta_schedule(step, total_steps, epo.weighting.gamma) if epo.weighting.dynamic else epo.weighting.constant_beta
-        coef = entropy_coef_schedule(epo.entropy_coef, step, total_steps, epo.decay.step_schedule, epo.decay.step_rate)
+        coefs = step_coefficients(spec.epo, step, spec.train.steps)
         reference = self._entropy_reference(batch)
         stats, norms = UpdateStats(), UpdateStats()
-        turn_sums: dict[int, list[float]] = {}  # turn index -> [sum of turn means, count]
-        row_means: dict[int, float] = {}
-        step_entropy = step_logprob_diff = 0.0
+        record_entropy = not self._needs_old_logp(batch)
+        step_logprob_diff = 0.0
         n_minibatches = math.ceil(len(batch) / spec.optim.mini_batch_size)
         for module in self.scorers:
             module.train()
@@ -271,21 +266,16 @@ class Learner:
                         w = torch.stack([weight_of[r][:width] for r in micro_rows])
                     last = i == len(chunks) - 1
                     with self._gradient_sync(last), autocast_context(spec.model.autocast, self.policy):
-                        entropy_per_turn, logprob_diff = self._micro_step(batch, micro, w.to(self.device), coef, beta, reference, stats)
+                        entropy_per_turn, logprob_diff = self._micro_step(batch, micro, w.to(self.device), coefs, reference, stats)
                     if epoch == 0 and micro_rows is not None:
-                        step_entropy += float((entropy_per_turn * w).sum()) / n_minibatches
                         step_logprob_diff += logprob_diff / n_minibatches
-                        mask = micro.decision_mask.cpu()
-                        means = (entropy_per_turn * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-                        row_means.update((row, value) for row, value, n in zip(micro_rows, means.tolist(), mask.sum(-1)) if n > 0)
-                        for row, value in zip(micro_rows, means.tolist()):
-                            entry = turn_sums.setdefault(int(batch.turn_index[row]), [0.0, 0])
-                            entry[0] += value
-                            entry[1] += 1
+                        if record_entropy:
+                            self._keep(micro_rows, None, None, entropy_per_turn, entropy, micro)
                 self._optimizer_step(norms)
                 stats.minibatches += 1
                 norms.minibatches += 1
         stats.all_reduce(self.dist)
+        step_entropy, turn_sums, row_means = self._batch_entropy(batch, entropy)
         step_entropy, step_logprob_diff = self.dist.all_reduce_sum(torch.tensor([step_entropy, step_logprob_diff], dtype=torch.float64)).tolist()
         turn_means = self._global_turn_means(turn_sums, row_means)
         self.history.append(step_entropy, turn_means)
@@ -295,8 +285,8 @@ class Learner:
         metrics["rollout/logprob_diff"] = step_logprob_diff
         for turn, value in sorted(turn_means.items()):
             metrics[f"actor/entropy_turn_{turn}"] = value
-        metrics["epo/beta"] = beta
-        metrics["epo/entropy_coef"] = coef
+        metrics["epo/beta"] = coefs.beta
+        metrics["epo/entropy_coef"] = coefs.entropy_coef
         if reference is not None:
             metrics["epo/entropy_ref"] = float(reference.mean()) if torch.is_tensor(reference) else reference
         metrics["actor/lr"] = self.schedulers[0].get_last_lr()[0]
@@ -305,6 +295,31 @@ class Learner:
             metrics["critic/values_mean"] = float(batch.values.mean())
             metrics["critic/returns_mean"] = float(batch.returns.mean())
         return metrics
+
+    def _batch_entropy(
+        self, batch: TurnBatch, entropy: list[torch.Tensor | None]
+    ) -> tuple[float, dict[int, list[float]], dict[int, float]]:
+        """This rank's share of ``Hbar_k``, the record behind Eq. 3: the token entropy of
+        the whole batch under one policy (before the step's first update), aggregated like
+        ``L_H`` (Eq. 2) with weights over the whole batch; and per turn index, [sum of turn
+        means, count]. Rows of other ranks are None."""
+        rows = list(range(len(batch)))
+        mask = batch.decision_mask(rows)
+        weights = token_weights(mask, batch.episode_ids, self.spec.algo.loss_agg)
+        total, turn_sums, row_means = 0.0, {}, {}
+        for row, values in enumerate(entropy):
+            if values is None:
+                continue
+            n = len(values)
+            total += float((values * weights[row, :n]).sum())
+            decisions = float(mask[row, :n].sum())
+            mean = float((values * mask[row, :n]).sum()) / max(decisions, 1.0)
+            if decisions:
+                row_means[row] = mean
+            entry = turn_sums.setdefault(int(batch.turn_index[row]), [0.0, 0])
+            entry[0] += mean
+            entry[1] += 1
+        return total, turn_sums, row_means
 
     def _global_turn_means(self, turn_sums: dict[int, list[float]], row_means: dict[int, float]) -> dict[int, float]:
         """Mean entropy per turn index over the turn samples of all ranks; also gathers
@@ -334,12 +349,12 @@ class Learner:
             stack.enter_context(no_gradient_sync(module, last))
         return stack
 
-    def _micro_step(self, batch, micro, w, coef, beta, reference, stats: UpdateStats) -> tuple[torch.Tensor, float]:
-        """Forward, loss (Eq. 6 on top of the base objective) and backward for one
-        micro-batch; returns its per-token entropy (detached, on the CPU) and its weighted
-        sampler vs trainer log-prob difference."""
+    def _micro_step(
+        self, batch, micro, w, coefs: StepCoefficients, reference, stats: UpdateStats
+    ) -> tuple[torch.Tensor, float]:
+        """Forward, :func:`epo_loss` and backward for one micro-batch; returns its per-token
+        entropy (detached, on the CPU) and its weighted sampler vs trainer log-prob difference."""
         spec = self.spec
-        epo = spec.epo
         device = self.device
         out = self.actor(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens)
         rows = micro.rows
@@ -348,43 +363,25 @@ class Learner:
         # Sampler vs trainer log-probs of the same tokens under the pre-update policy: large
         # values mean stale sampler weights or a numerics mismatch.
         logprob_diff = float(((batch.padded(batch.sample_logp, rows, width).to(device) - old_logp).abs() * w).sum())
-        advantages = batch.advantages[rows][:, None].expand(-1, width).to(device)
-        if epo.entropy_advantage.enabled:
-            advantages = entropy_shaped_advantages(advantages, out.entropy, epo.entropy_advantage.psi, epo.entropy_advantage.kappa)
-        pg_loss, pg_stats = ppo_clip_loss(out.logp, old_logp, advantages, w, spec.algo.clip_eps_low, spec.algo.clip_eps_high)
-        base_loss = pg_loss
-        if batch.ref_logp is not None:
-            kl = low_var_kl(out.logp, batch.padded(batch.ref_logp, rows, width).to(device), w)
-            base_loss = base_loss + spec.algo.kl_coef * kl
-            stats.add("actor/kl_ref", kl.detach())
-
-        penalty = None
-        if epo.smoothing.enabled and reference is not None:
-            ref = reference[rows][:, None].to(device) if torch.is_tensor(reference) else reference
-            penalty = entropy_corridor_penalty(
-                out.entropy, ref, epo.smoothing.kappa_l, epo.smoothing.kappa_r, epo.smoothing.alpha, epo.smoothing.form
-            )
-            low, high = epo.smoothing.kappa_l * ref, epo.smoothing.kappa_r * ref
-            outside = ((out.entropy < low) | (out.entropy > high)).float()
-            stats.add("epo/smooth_penalty", (penalty.detach() * w).sum())
-            stats.add("epo/out_of_corridor_frac", (outside * w).sum())
-        token_coef = turn_decay_coef(coef, batch.turn_index[rows], epo.decay.turn_decay)[:, None].to(device)
-        loss = epo_objective(base_loss, out.entropy, penalty, w, token_coef, beta)
-
+        inputs = LossInputs(
+            weights=w,
+            advantages=batch.advantages[rows].to(device),
+            old_logp=old_logp,
+            turn_index=batch.turn_index[rows].to(device),
+            ref_logp=None if batch.ref_logp is None else batch.padded(batch.ref_logp, rows, width).to(device),
+            entropy_ref=reference[rows].to(device) if torch.is_tensor(reference) else reference,
+            old_values=batch.values[rows].to(device) if self.is_ppo else None,
+            returns=batch.returns[rows].to(device) if self.is_ppo else None,
+        )
+        values = None
         if self.is_ppo:
             values = out.values if self.shared_critic else self.critic(micro, 1.0, with_logprobs=False).values
-            returns, old_values = batch.returns[rows].to(device), batch.values[rows].to(device)
-            v_loss = value_loss(values, old_values, returns, w.sum(-1), spec.algo.value_clip)
-            stats.add("critic/value_loss", v_loss.detach())
-            loss = loss + spec.algo.vf_coef * v_loss
+        loss, metrics = epo_loss(inputs, out.logp, out.entropy, spec.algo, spec.epo, coefs, values)
         # DDP and FSDP2 average gradients over ranks; the weights already normalize over
         # the global mini-batch, so scale back up to the sum.
         (loss * self.dist.world_size).backward()
-        stats.add("actor/pg_loss", pg_loss.detach())
-        stats.add("actor/clipfrac", pg_stats["clipfrac"])
-        stats.add("actor/approx_kl", pg_stats["approx_kl"])
-        stats.add("actor/entropy_loss_term", trajectory_entropy(out.entropy.detach(), w))
-        stats.add("actor/loss", loss.detach())
+        for name, value in metrics.items():
+            stats.add(name, value)
         return out.entropy.detach().float().cpu(), logprob_diff
 
     def _optimizer_step(self, norms: UpdateStats) -> None:

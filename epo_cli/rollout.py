@@ -17,21 +17,12 @@ import torch
 from epo_cli.constrain import ConstraintFactory, ResponseConstraint
 from epo_cli.envs.base import INVALID_FORMAT_OBSERVATION, EnvStep, PromptState, TaskInstance, build_prompt, check_action
 from epo_cli.envs.registry import max_score_of
-
-STOP_STRING = "</action>"
+from epo_cli.generation import STOP_STRING, Generation
+from epo_cli.precision import autocast_context
 
 
 class PromptTooLong(ValueError):
     """A prompt exceeded rollout.max_prompt_tokens with rollout.on_overflow = error."""
-
-
-@dataclass
-class Generation:
-    token_ids: list[int]
-    logprobs: list[float]
-    text: str
-    # Per token, the set it was drawn from under rollout.constrain (None: full vocabulary).
-    allowed: list[list[int] | None] | None = None
 
 
 class Sampler(Protocol):
@@ -164,16 +155,6 @@ def build_sampler(spec, policy, tokenizer, generator: torch.Generator, model_dir
             options.gpu_memory_utilization, options.cpu_kv_cache_gb, options.enforce_eager, spec.train.seed,
         )
     return TransformersSampler(policy, tokenizer, spec.rollout.generation_batch_size, generator, spec.model.autocast)
-
-
-def autocast_context(mode: str, model):
-    """``torch.autocast`` to bf16 on the model's device, or a no-op for ``"none"``."""
-    import contextlib
-
-    if mode == "none":
-        return contextlib.nullcontext()
-    device = next(model.parameters()).device.type
-    return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
 
 def _as_list(value) -> list:

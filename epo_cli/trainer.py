@@ -18,7 +18,8 @@ from epo_cli import checkpoint as ckpt
 from epo_cli.batch import TurnBatch
 from epo_cli.distributed import DistContext, rank_slice
 from epo_cli.envs.base import TaskSampler, grouped_tasks, of_task_types
-from epo_cli.envs.registry import env_batch_for, load_split
+from epo_cli.envs.pool import env_batch_for
+from epo_cli.envs.registry import load_split
 from epo_cli.evaluate import evaluate_splits, log_evaluation
 from epo_cli.learner import Learner
 from epo_cli.models import load_causal_lm, load_tokenizer, model_directory

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from epo_cli.models import ModelError
-from epo_cli.rollout import STOP_STRING, Generation
+from epo_cli.generation import STOP_STRING, Generation
 
 
 class VLLMUnavailable(ModelError):

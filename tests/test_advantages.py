@@ -29,6 +29,14 @@ def test_grpo_group_advantages():
     assert torch.allclose(adv, torch.tensor([s, -s, 0.0, 0.0]), atol=1e-5)
 
 
+def test_grpo_group_of_one_or_of_equal_returns_has_zero_advantage():
+    adv = grpo_advantages(torch.tensor([1.0, 0.0, 1.0, 0.5, 0.5]), torch.tensor([0, 1, 1, 2, 2]))
+    s = 0.5 / (math.sqrt(0.5) + 1e-6)  # (1 - 0.5) / (unbiased std of (0, 1) + eps)
+    assert adv.tolist() == [0.0, pytest.approx(-s), pytest.approx(s), 0.0, 0.0]
+    shaped = entropy_shaped_advantages(adv[[0, 3]], torch.tensor([5.0, 5.0]), psi=0.4, kappa=2.0)
+    assert shaped.tolist() == [0.0, 0.0]  # EA adds nothing where there is no signal
+
+
 def test_whiten():
     out = whiten(torch.tensor([1.0, 2.0, 3.0]))
     assert torch.allclose(out, torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6)

@@ -91,6 +91,14 @@ def test_spec_show_prints_a_reproducible_spec():
     assert result.exit_code == 0
     data = yaml.safe_load(result.output)
     assert data["algo"]["name"] == "grpo+epo" and data["train"]["seed"] == 3 and data["scale"] in ("cpu", "paper")
+    assert "  kappa_r: 2.0  # Upper corridor bound kappa_r * Hbar (Eq. 4; paper 2.0)." in result.output
+
+
+def test_spec_show_takes_the_flags_of_train():
+    result = runner.invoke(app, ["spec", "show", "--strategy", "fsdp2", "--rollout-backend", "vllm"])
+    assert result.exit_code == 0, result.output
+    data = yaml.safe_load(result.output)
+    assert (data["distributed"]["strategy"], data["rollout"]["backend"]) == ("fsdp2", "vllm")
 
 
 def test_unknown_ablation_and_algo_are_one_line_errors():

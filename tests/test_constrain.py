@@ -117,7 +117,8 @@ def test_constrained_turns_on_the_real_engines_are_all_admissible(env, tokenizer
     accepts each; ScienceWorld's own enumeration lists some commands its parser then
     rejects (about 1 in 10 on these tasks: long referents such as "cup containing red
     paint in cupboard"), so there only the format is checked."""
-    from epo_cli.envs.registry import load_split, make_env_batch
+    from epo_cli.envs.pool import make_env_batch
+    from epo_cli.envs.registry import load_split
     from epo_cli.rollout import RolloutSettings, play_episodes
 
     tasks = load_split(env, None, "iid")[:2]

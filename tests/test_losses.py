@@ -2,13 +2,13 @@ import math
 
 import pytest
 import torch
+from reference_formulas import dual_clip_token_loss, k3_token_kl
 
 from epo_cli.algos.entropy import entropy_from_logits, logprobs_and_entropy
 from epo_cli.algos.losses import (
     beta_schedule,
     entropy_coef_schedule,
     entropy_corridor_penalty,
-    epo_objective,
     low_var_kl,
     ppo_clip_loss,
     token_weights,
@@ -16,6 +16,8 @@ from epo_cli.algos.losses import (
     turn_decay_coef,
     value_loss,
 )
+from epo_cli.algos.objective import LossInputs, StepCoefficients, epo_loss
+from epo_cli.spec import AlgoSpec, EPOSpec, SmoothingSpec
 
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
 EPISODES = torch.tensor([0, 0, 1])
@@ -82,13 +84,6 @@ def test_beta_schedule_eq5():
     assert values == sorted(values, reverse=True)
 
 
-def test_epo_objective_eq6():
-    out = epo_objective(torch.tensor(1.0), torch.tensor([2.0]), torch.tensor([0.5]), torch.tensor([1.0]), 0.1, 2.0)
-    assert out.item() == pytest.approx(1.0 - 0.1 * (2.0 - 2.0 * 0.5))
-    base = epo_objective(torch.tensor(1.0), torch.tensor([2.0]), None, torch.tensor([1.0]), 0.1, 2.0)
-    assert base.item() == pytest.approx(0.8)
-
-
 def test_entropy_from_logits_hand_values():
     assert entropy_from_logits(torch.zeros(8)).item() == pytest.approx(math.log(8))
     two = torch.tensor([0.0, math.log(3.0)])  # p = (1/4, 3/4)
@@ -117,11 +112,11 @@ def test_chunked_logprobs_match_full_computation(chunk, compiled):
 
 def _objective_grad(form):
     logits = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.1, 0.0, 0.0, 0.0]], requires_grad=True)
-    entropy = entropy_from_logits(logits)
-    weights = torch.tensor([0.5, 0.5])
+    entropy = entropy_from_logits(logits)[None]
     # Corridor [0.9 * 1.0, 1.2 * 1.0]: token 0 (H~0.4) is below it, token 1 (H~1.38) above.
-    penalty = None if form is None else entropy_corridor_penalty(entropy, 1.0, 0.9, 1.2, 0.1, form)
-    loss = epo_objective(torch.tensor(0.0), entropy, penalty, weights, 0.5, 2.0)
+    smoothing = SmoothingSpec(enabled=form is not None, form=form or "hinge", kappa_l=0.9, kappa_r=1.2, alpha=0.1)
+    inputs = LossInputs(torch.tensor([[0.5, 0.5]]), torch.zeros(1), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), entropy_ref=1.0)
+    loss, _ = epo_loss(inputs, torch.zeros(1, 2), entropy, AlgoSpec(), EPOSpec(smoothing=smoothing), StepCoefficients(0.5, 2.0))
     (grad,) = torch.autograd.grad(loss, logits)
     return grad
 
@@ -156,3 +151,47 @@ def test_decay_schedules():
     assert entropy_coef_schedule(0.2, 5, 10, "linear") == pytest.approx(0.1)
     assert entropy_coef_schedule(0.2, 5, 10, "exponential", rate=2.0) == pytest.approx(0.2 * math.exp(-1.0))
     assert entropy_coef_schedule(0.2, 5, 10, "none") == 0.2
+
+
+def test_dual_clip_caps_negative_advantage_tokens():
+    # r = 4 and r = 2, both with A = -1, eps = 0.2, c = 3: max(4, 1.2) = 4 is capped at 3;
+    # max(2, 1.2) = 2 is below the cap. A = +1, r = 4: max(-4, -1.2) = -1.2, never capped.
+    logp = torch.tensor([[math.log(4.0)], [math.log(2.0)], [math.log(4.0)]], requires_grad=True)
+    adv = torch.tensor([[-1.0], [-1.0], [1.0]])
+    w = torch.full((3, 1), 1 / 3)
+    loss, stats = ppo_clip_loss(logp, torch.zeros(3, 1), adv, w, 0.2, 0.2, dual_clip_c=3.0)
+    assert loss.item() == pytest.approx((3.0 + 2.0 - 1.2) / 3)
+    assert stats["dual_clipfrac"].item() == pytest.approx(1 / 3)
+    assert stats["clipfrac"].item() == pytest.approx(1 / 3)  # the A = +1 token
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.allclose(grad, torch.tensor([[0.0], [2.0 / 3], [0.0]]))  # capped and clipped tokens: no gradient
+    off, _ = ppo_clip_loss(logp, torch.zeros(3, 1), adv, w, 0.2, 0.2, dual_clip_c=None)
+    assert off.item() == pytest.approx((4.0 + 2.0 - 1.2) / 3)
+
+
+def test_k3_kl_is_clamped_after_it_is_computed():
+    logp = torch.zeros(1, 5)
+    ref = torch.tensor([[math.log(0.5), 3.0, -5.0, -15.0, 25.0]])
+    per_token = [low_var_kl(logp[:, i : i + 1], ref[:, i : i + 1], torch.ones(1, 1)).item() for i in range(5)]
+    # 0.5 - ln 0.5 - 1; e^3 - 4 = 16.1 -> 10; e^-5 + 4; e^-15 + 14 -> 10; log-ratio 20 -> 10.
+    expected = [0.5 - math.log(0.5) - 1, 10.0, math.exp(-5) + 4, 10.0, 10.0]
+    assert per_token == pytest.approx(expected)
+
+
+def test_parity_with_the_reference_formulas_on_random_tokens():
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(6, 7, generator=g, dtype=torch.float64) * 4
+    old = logp + torch.randn(6, 7, generator=g, dtype=torch.float64) * 1.5  # ratios from ~0.01 to ~100
+    ref = logp + torch.randn(6, 7, generator=g, dtype=torch.float64) * 8  # k3 beyond the clamp
+    adv = torch.randn(6, 1, generator=g, dtype=torch.float64).expand(6, 7)
+    w = torch.rand(6, 7, generator=g, dtype=torch.float64)
+    w = w / w.sum()
+    loss, _ = ppo_clip_loss(logp, old, adv, w, 0.2, 0.28, dual_clip_c=3.0)
+    kl = low_var_kl(logp, ref, w)
+    cells = [(i, j) for i in range(6) for j in range(7)]
+    expected_loss = sum(float(w[i, j]) * dual_clip_token_loss(float(logp[i, j]), float(old[i, j]), float(adv[i, j]), 0.2, 0.28, 3.0) for i, j in cells)
+    expected_kl = sum(float(w[i, j]) * k3_token_kl(float(logp[i, j]), float(ref[i, j])) for i, j in cells)
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-12)
+    assert kl.item() == pytest.approx(expected_kl, rel=1e-12)
+    ratios = (logp - old).exp()
+    assert bool(((adv < 0) & (ratios > 3)).any()) and bool((ref - logp > 3).any())  # both clamps exercised

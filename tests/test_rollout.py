@@ -154,7 +154,9 @@ def test_forward_turns_match_a_plain_forward(tiny_model):
 def test_chunked_update_matches_the_full_logits_implementation(tiny_model):
     """Same EPO loss and the same gradients as full-vocabulary logits over a padded batch."""
     from epo_cli.algos.entropy import entropy_from_logits
-    from epo_cli.algos.losses import entropy_corridor_penalty, epo_objective, ppo_clip_loss, token_weights
+    from epo_cli.algos.losses import token_weights
+    from epo_cli.algos.objective import LossInputs, StepCoefficients, epo_loss
+    from epo_cli.spec import AlgoSpec, EPOSpec, SmoothingSpec
 
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (9, 6, 12)]
@@ -163,10 +165,11 @@ def test_chunked_update_matches_the_full_logits_implementation(tiny_model):
     adv = torch.tensor([0.5, -1.0, 2.0])
     weights = token_weights(batch.response_mask([0, 1, 2]), batch.episode_ids, "traj-mean")
 
+    epo = EPOSpec(smoothing=SmoothingSpec(kappa_l=0.5, kappa_r=1.2, alpha=0.05))
+
     def loss_of(logp, entropy, w):
-        clip, _ = ppo_clip_loss(logp, logp.detach() - 0.1, adv[:, None].expand_as(logp), w)
-        penalty = entropy_corridor_penalty(entropy, 3.0, 0.5, 1.2, 0.05)
-        return epo_objective(clip, entropy, penalty, w, 0.01, 1.7)
+        inputs = LossInputs(w, adv, logp.detach() - 0.1, batch.turn_index, entropy_ref=3.0)
+        return epo_loss(inputs, logp, entropy, AlgoSpec(), epo, StepCoefficients(0.01, 1.7))[0]
 
     micro = collate(batch, [0, 1, 2], pad_id=2)
     out = forward_turns(tiny_model, micro, temperature=0.8, chunk_tokens=3)
@@ -193,7 +196,7 @@ def test_chunked_update_matches_the_full_logits_implementation(tiny_model):
 
 
 def test_bf16_autocast_stays_close_to_fp32(tiny_model):
-    from epo_cli.rollout import autocast_context
+    from epo_cli.precision import autocast_context
 
     batch = TurnBatch([[5, 6, 7, 8]], [[11, 12, 13]], torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), torch.zeros(1))
     micro = collate(batch, [0], pad_id=2)

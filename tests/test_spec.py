@@ -5,7 +5,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from epo_cli.spec import CPU_SCALE, SpecError, parse_override, resolve_spec
+from epo_cli.spec import CPU_SCALE, VARIANT_OVERRIDES, VARIANTS, SpecError, parse_override, resolve_spec, spec_to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +42,18 @@ def test_variants_change_the_named_fields():
     assert resolve_spec(flags={"algo": {"variant": "ea"}}).epo.entropy_advantage.enabled
 
 
+def test_ea_alone_on_plain_algorithms_and_entropy_variants_need_an_entropy_bonus():
+    ea = resolve_spec(flags={"algo": {"name": "grpo", "variant": "ea"}}).epo
+    assert ea.entropy_advantage.enabled and ea.entropy_coef == 0.0 and not ea.smoothing.enabled  # the EA baseline
+    ea_epo = resolve_spec(flags={"algo": {"name": "grpo+epo", "variant": "ea"}}).epo
+    assert ea_epo.entropy_advantage.enabled and ea_epo.entropy_coef == 0.001 and not ea_epo.smoothing.enabled
+    with pytest.raises(SpecError, match="algo.variant decay changes the entropy bonus, but epo.entropy_coef is 0 "
+                                         r"\(grpo has none\): use grpo\+epo or set epo.entropy_coef"):
+        resolve_spec(flags={"algo": {"name": "grpo", "variant": "decay"}})
+    decay = resolve_spec(flags={"algo": {"name": "grpo", "variant": "decay"}}, overrides=["epo.entropy_coef=0.01"]).epo
+    assert (decay.entropy_coef, decay.decay.turn_decay, decay.decay.step_schedule) == (0.01, 0.9, "linear")
+
+
 def test_overrides_apply_last_and_parse_yaml_values():
     spec = resolve_spec(flags={"train": {"steps": 7}}, overrides=["train.steps=9", "epo.smoothing.window=5", "tracking.run_name=abc"])
     assert spec.train.steps == 9 and spec.epo.smoothing.window == 5 and spec.tracking.run_name == "abc"
@@ -64,12 +76,18 @@ def test_spec_file_layer(tmp_path):
         ("env.max_turns=0", "env.max_turns"),
         ("algo.name=sac", "algo.name: got 'sac'"),
         ("rollout.temperature=hot", "rollout.temperature"),
+        ("algo.dual_clip_c=1", "algo.dual_clip_c: Input should be greater than 1"),
     ],
 )
 def test_bad_values_name_the_field(override, fragment):
     with pytest.raises(SpecError) as err:
         resolve_spec(overrides=[override])
     assert fragment in str(err.value)
+
+
+def test_dual_clip_is_on_by_default_and_null_turns_it_off():
+    assert resolve_spec().algo.dual_clip_c == 3.0
+    assert resolve_spec(overrides=["algo.dual_clip_c=null"]).algo.dual_clip_c is None
 
 
 def test_grpo_needs_groups():
@@ -91,6 +109,7 @@ def test_every_preset_in_experiments_validates():
     assert presets, "no presets found"
     for path in presets:
         spec = resolve_spec(path)
+        assert spec.algo.dual_clip_c == 3.0, path
         stem = path.stem.split("_", 1)[1] if path.parent.name == "cpu" else path.stem
         assert stem.replace("_", "+").endswith(spec.algo.name), path  # e.g. cpu/alfworld_pick_grpo_epo
 
@@ -116,6 +135,7 @@ def test_paper_presets_hold_the_paper_settings(env, model, turns, steps, alpha):
         assert (spec.scale, spec.model.name, spec.env.max_turns, spec.train.steps) == ("paper", model, turns, steps)
         assert (spec.rollout.max_prompt_tokens, spec.rollout.max_response_tokens) == (2048, 512)
         assert (spec.rollout.temperature, spec.eval.temperature, spec.eval.every) == (1.0, 0.4, 5)
+        assert spec.algo.dual_clip_c == 3.0  # the EPO reference code's clip_ratio_c in every run
         assert spec.rollout.group_size == (8 if name.startswith("grpo") else 1)
         if name.endswith("epo"):
             smoothing = spec.epo.smoothing
@@ -125,3 +145,31 @@ def test_paper_presets_hold_the_paper_settings(env, model, turns, steps, alpha):
             assert spec.epo.entropy_coef == 0.0 and not spec.epo.smoothing.enabled
     lrs = {name: resolve_spec(ROOT / "experiments" / env / f"{name}.yaml").optim.lr for name in ("ppo", "grpo")}
     assert lrs == ({"ppo": 3e-6, "grpo": 5e-6} if env == "scienceworld" else {"ppo": 5e-6, "grpo": 5e-6})
+
+
+@pytest.mark.parametrize("env", ["scienceworld", "alfworld"])
+@pytest.mark.parametrize("algo", ["ppo", "ppo+epo", "grpo", "grpo+epo"])
+def test_flags_resolve_to_the_same_spec_as_the_preset_file(env, algo):
+    preset = resolve_spec(ROOT / "experiments" / env / f"{algo.replace('+', '_')}.yaml")
+    # The files' machine choices (model, workers, eval size) passed as flags; the rest
+    # (batch sizes, lr, turns, steps, EPO terms) must come out of the built-in layers.
+    flags = {"scale": "paper", "env": {"name": env, "workers": preset.env.workers}, "algo": {"name": algo},
+             "model": preset.model.model_dump(), "eval": {"episodes": preset.eval.episodes}}
+    assert resolve_spec(flags=flags).model_dump() == preset.model_dump()
+    if env == "alfworld":  # the paper's ALFWorld batch sizes, for GRPO too (EPO_SPEC.md §5)
+        assert (preset.optim.mini_batch_size, preset.optim.micro_batch_size) == (256, 32)
+
+
+def test_every_field_is_described_and_the_commented_yaml_reads_back():
+    spec = resolve_spec(flags={"env": {"name": "alfworld", "task_types": ["pick_and_place_simple"]}}, overrides=["algo.dual_clip_c=null"])
+    text = spec_to_yaml(spec, comments=True)
+    assert yaml.safe_load(text) == spec.model_dump(mode="json")
+    lines = text.splitlines()
+    assert all("  # " in line for line in lines), [line for line in lines if "  # " not in line]
+    assert "  dual_clip_c: null  # Dual-clip PPO" in text
+    assert "    alpha: 0.1  # Penalty scale alpha (Eq. 4; paper 0.05 ScienceWorld, 0.1 ALFWorld)." in text
+
+
+def test_variants_are_named_once():
+    assert tuple(VARIANT_OVERRIDES) == VARIANTS
+

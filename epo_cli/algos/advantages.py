@@ -32,7 +32,10 @@ def gae_over_turns(
 def grpo_advantages(returns: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``A_j = (R_j - mean_g R) / (std_g R + eps)`` over episodes of one task instance.
 
-    ``std`` is the unbiased sample standard deviation, as in GRPO and verl.
+    ``std`` is the unbiased sample standard deviation, as in GRPO and verl. A group of one
+    episode, like a group whose episodes all have the same return, has ``A = 0`` exactly:
+    no policy-gradient signal (the entropy terms still apply). The spec refuses
+    ``rollout.group_size < 2`` for GRPO.
     """
     advantages = torch.zeros_like(returns, dtype=torch.float32)
     for group in torch.unique(group_ids):
@@ -53,5 +56,8 @@ def whiten(values: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def entropy_shaped_advantages(
     advantages: torch.Tensor, entropy: torch.Tensor, psi: float, kappa: float
 ) -> torch.Tensor:
-    """The EA baseline (Cheng et al. 2025): ``A' = A + min(psi * H.detach(), |A| / kappa)``."""
+    """The EA baseline (Cheng et al. 2025): ``A' = A + min(psi * H.detach(), |A| / kappa)``.
+
+    The bonus is at most ``|A| / kappa``: a zero advantage (a GRPO group of one, or with
+    equal returns) stays zero."""
     return advantages + torch.minimum(psi * entropy.detach(), advantages.abs() / kappa)

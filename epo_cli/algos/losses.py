@@ -1,4 +1,5 @@
-"""Losses and EPO terms (EPO_SPEC.md §2-3). Per-token tensors are ``[N, L]`` with a mask.
+"""The terms of the objective (EPO_SPEC.md §2-3); :func:`epo_cli.algos.objective.epo_loss`
+assembles them (Eq. 6). Per-token tensors are ``[N, L]`` with a mask.
 
 Every loss is a weighted token sum ``sum(x * weights)``; :func:`token_weights` makes the
 weights of an aggregation mode sum to 1 over a mini-batch, so summing the losses of its
@@ -38,16 +39,33 @@ def ppo_clip_loss(
     weights: torch.Tensor,
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
+    dual_clip_c: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``L_clip = -agg min(r A, clip(r, 1-eps_low, 1+eps_high) A)``, ``r = exp(logp - old)``."""
+    """``L_clip = agg max(-r A, -clip(r, 1-eps_low, 1+eps_high) A)``, ``r = exp(logp - old)``.
+
+    ``dual_clip_c`` (dual-clip PPO, verl's ``clip_ratio_c``): a token with ``A < 0`` has
+    its loss capped at ``-c A``, so a large ratio on it cannot dominate (no gradient there).
+    Stats: ``clipfrac`` (the ratio clip is active), ``dual_clipfrac`` (the cap is active)
+    and ``approx_kl = agg 0.5 (logp - old)^2``, the second-order ("k2") estimate of
+    ``KL(pi_old || pi)``: a diagnostic, not in the loss.
+    """
     ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high) * advantages
-    loss = -(torch.minimum(unclipped, clipped) * weights).sum()
+    unclipped = -ratio * advantages
+    clipped = -torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high) * advantages
+    per_token = torch.maximum(unclipped, clipped)
+    dual = torch.zeros_like(per_token, dtype=torch.bool)
+    if dual_clip_c is not None:
+        cap = -dual_clip_c * advantages
+        dual = (advantages < 0) & (per_token > cap)
+        per_token = torch.where(dual, cap, per_token)
+    loss = (per_token * weights).sum()
     with torch.no_grad():
-        clipfrac = ((clipped < unclipped).float() * weights).sum()
-        approx_kl = (0.5 * (logp - old_logp) ** 2 * weights).sum()
-    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
+        stats = {
+            "clipfrac": ((clipped > unclipped).float() * weights).sum(),
+            "dual_clipfrac": (dual.float() * weights).sum(),
+            "approx_kl": (0.5 * (logp - old_logp) ** 2 * weights).sum(),
+        }
+    return loss, stats
 
 
 def value_loss(
@@ -64,9 +82,11 @@ def value_loss(
 
 
 def low_var_kl(logp: torch.Tensor, ref_logp: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The k3 estimator ``exp(ref - logp) - (ref - logp) - 1`` of KL(pi || pi_ref)."""
+    """The k3 estimator of ``KL(pi || pi_ref)`` as verl's ``low_var_kl``: ``k3 = exp(d) - d - 1``
+    with ``d = ref - logp`` clamped to [-20, 20], then ``k3`` clamped to [-10, 10]."""
     log_ratio = (ref_logp - logp).clamp(-20, 20)
-    return ((torch.exp(log_ratio) - log_ratio - 1.0) * weights).sum()
+    k3 = (torch.exp(log_ratio) - log_ratio - 1.0).clamp(-10, 10)
+    return (k3 * weights).sum()
 
 
 def trajectory_entropy(entropy: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -118,22 +138,5 @@ def entropy_coef_schedule(coef: float, step: int, total_steps: int, schedule: st
 
 def turn_decay_coef(coef: float, turn_index: torch.Tensor, decay: float | None) -> torch.Tensor:
     """EPO-Decay's per-turn weight ``lambda_t = lambda * d**t`` (constant without decay)."""
-    base = torch.full(turn_index.shape, coef, dtype=torch.float32)
+    base = torch.full(turn_index.shape, coef, dtype=torch.float32, device=turn_index.device)
     return base if decay is None else base * decay ** turn_index.float()
-
-
-def epo_objective(
-    base_loss: torch.Tensor,
-    entropy: torch.Tensor,
-    penalty: torch.Tensor | None,
-    weights: torch.Tensor,
-    entropy_coef: torch.Tensor | float,
-    beta: float,
-) -> torch.Tensor:
-    """Eq. 6: ``L_EPO = L_MT - lambda * (L_H - beta_k * L_smooth)``.
-
-    ``entropy_coef`` is ``lambda`` (a scalar, or per token for EPO-Decay); ``penalty``
-    None gives Eq. 2's ``L_ER = L_MT - lambda * L_H`` (EPO-Base).
-    """
-    regularizer = entropy if penalty is None else entropy - beta * penalty
-    return base_loss - (entropy_coef * regularizer * weights).sum()

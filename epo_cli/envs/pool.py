@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Sequence
 
 from epo_cli.envs.base import EnvStep, TaskInstance
+from epo_cli.envs.registry import make_engine, title_of
 
 
 class EnvWorkerError(RuntimeError):
@@ -22,8 +23,6 @@ class LocalEnvBatch:
     """Engines in this process, one per episode slot, stepped one after another."""
 
     def __init__(self, env_name: str, options: dict, size: int):
-        from epo_cli.envs.registry import make_engine, title_of
-
         self.title = title_of(env_name)
         self._make_engine = lambda: make_engine(env_name, options)
         self.engines: list = []
@@ -49,8 +48,6 @@ class LocalEnvBatch:
 
 def _worker_main(connection, env_name: str, options: dict) -> None:
     """Serve lists of ("reset", slot, task) / ("step", slot, action) commands."""
-    from epo_cli.envs.registry import make_engine
-
     engines: dict[int, object] = {}
     try:
         while True:
@@ -82,8 +79,6 @@ class EnvPool:
     STARTUP_GRACE_S = 120.0  # a new worker imports its engine and starts it (a JVM) first
 
     def __init__(self, env_name: str, options: dict, workers: int, step_timeout_s: float = 120.0, max_restarts: int = 3):
-        from epo_cli.envs.registry import title_of
-
         self.title = title_of(env_name)
         self.env_name = env_name
         self.options = options
@@ -193,3 +188,17 @@ class EnvPool:
                 process.kill()
             connection.close()
         self._workers = []
+
+
+def make_env_batch(env: str, size: int, options: dict, workers: int = 0, step_timeout_s: float = 120.0):
+    """In-process engines (``workers=0``) or a crash-tolerant pool of worker processes."""
+    if workers <= 0:
+        return LocalEnvBatch(env, options, size)
+    return EnvPool(env, options, workers, step_timeout_s)
+
+
+def env_batch_for(spec, size: int):
+    """The engine batch an ``ExperimentSpec`` asks for (engines enumerate their complete
+    commands when ``rollout.constrain`` needs them)."""
+    options = {**spec.env.engine_options, "valid_actions": spec.rollout.constrain == "admissible"}
+    return make_env_batch(spec.env.name, size, options, spec.env.workers, spec.env.step_timeout_s)

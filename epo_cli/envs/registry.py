@@ -1,4 +1,5 @@
-"""Environment lookup: data directories, splits, engines and engine batches by name."""
+"""Environment lookup by name: data directories, splits and engines (batches of engines:
+``epo_cli.envs.pool``)."""
 
 from __future__ import annotations
 
@@ -107,19 +108,3 @@ def make_engine(env: str, options: dict):
 
         return ToyEngine(env)
     raise ValueError(f"env.name: unknown environment {env!r}; expected one of {', '.join(ENVS)}")
-
-
-def make_env_batch(env: str, size: int, options: dict, workers: int = 0, step_timeout_s: float = 120.0):
-    """In-process engines (``workers=0``) or a crash-tolerant pool of worker processes."""
-    from epo_cli.envs.pool import EnvPool, LocalEnvBatch
-
-    if workers <= 0:
-        return LocalEnvBatch(env, options, size)
-    return EnvPool(env, options, workers, step_timeout_s)
-
-
-def env_batch_for(spec, size: int):
-    """The engine batch an ``ExperimentSpec`` asks for (engines enumerate their complete
-    commands when ``rollout.constrain`` needs them)."""
-    options = {**spec.env.engine_options, "valid_actions": spec.rollout.constrain == "admissible"}
-    return make_env_batch(spec.env.name, size, options, spec.env.workers, spec.env.step_timeout_s)

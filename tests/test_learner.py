@@ -1,0 +1,140 @@
+"""How the learner wires the objective: checked on gradients of the tiny model, against
+losses written out by hand from the batch (EPO_SPEC.md §2-3)."""
+
+import math
+
+import pytest
+import torch
+
+from epo_cli.algos.losses import beta_schedule
+from epo_cli.batch import TurnBatch, collate
+from epo_cli.forward import forward_turns
+from epo_cli.learner import Learner
+from epo_cli.spec import resolve_spec
+
+STEPS = 10
+KAPPA_R, ALPHA, LAMBDA = 2.0, 0.25, 0.5
+# (episode, group, turn, prompt length, response length, reward); episodes 0-1 and 2-3
+# play one task each. Episode 0 wins, 1 loses (A = +-1/sqrt(2)), 2 and 3 both win (A = 0).
+TURNS = [(0, 0, 0, 5, 3, 0.0), (0, 0, 1, 7, 2, 1.0), (1, 0, 0, 4, 4, 0.0), (2, 1, 0, 6, 1, 0.0), (2, 1, 1, 5, 3, 0.0),
+         (2, 1, 2, 3, 2, 1.0), (3, 1, 0, 8, 5, 1.0)]
+
+
+def _learner(*overrides: str) -> Learner:
+    spec = resolve_spec(None, {"algo": {"name": "grpo+epo"}, "model": {"name": "tiny"}}, [
+        "scale=cpu", f"train.steps={STEPS}", "optim.mini_batch_size=16", "optim.micro_batch_size=3",
+        f"epo.entropy_coef={LAMBDA}", f"epo.smoothing.alpha={ALPHA}", f"epo.smoothing.kappa_r={KAPPA_R}", *overrides,
+    ])
+    return Learner(spec, pad_id=0)
+
+
+def _batch(rewards_of=None) -> TurnBatch:
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 500, (p,), generator=g).tolist() for _, _, _, p, _, _ in TURNS]
+    responses = [torch.randint(3, 500, (r,), generator=g).tolist() for _, _, _, _, r, _ in TURNS]
+    column = lambda i, dtype=torch.long: torch.tensor([t[i] for t in TURNS], dtype=dtype)  # noqa: E731
+    rewards = column(5, torch.float32) if rewards_of is None else torch.tensor(rewards_of)
+    return TurnBatch(prompts, responses, column(0), column(1), column(2), rewards, [torch.zeros(len(r)) for r in responses])
+
+
+def _hand_weights(batch: TurnBatch) -> torch.Tensor:
+    """Eq. 2 by hand: 1 / (episodes x turns of the episode x tokens of the turn)."""
+    width = max(len(r) for r in batch.response_ids)
+    weights = torch.zeros(len(batch), width)
+    turns_of = {e: sum(1 for t in TURNS if t[0] == e) for e, *_ in TURNS}
+    for row, (episode, _, _, _, length, _) in enumerate(TURNS):
+        weights[row, :length] = 1.0 / (len(turns_of) * turns_of[episode] * length)
+    return weights
+
+
+def _learner_gradient(learner: Learner, batch: TurnBatch, step: int, monkeypatch) -> dict[str, torch.Tensor]:
+    """The policy gradient the learner steps with (the optimizer step is replaced)."""
+    grads = []
+    monkeypatch.setattr(learner, "_optimizer_step", lambda norms: grads.append(
+        {name: p.grad.clone() for name, p in learner.policy.named_parameters()}))
+    learner.learn(batch, torch.zeros(len(batch), dtype=torch.long), step)
+    assert len(grads) == 1  # one mini-batch
+    return grads[0]
+
+
+def _hand_gradient(learner: Learner, batch: TurnBatch, loss_of) -> dict[str, torch.Tensor]:
+    """The gradient of ``loss_of(logp, entropy)`` over the whole batch in one forward."""
+    learner.policy.zero_grad(set_to_none=True)
+    micro = collate(batch, list(range(len(batch))), 0)
+    out = forward_turns(learner.policy, micro, learner.spec.rollout.temperature)
+    loss_of(out.logp, out.entropy).backward()
+    grads = {name: p.grad.clone() for name, p in learner.policy.named_parameters()}
+    learner.policy.zero_grad(set_to_none=True)
+    return grads
+
+
+def _close(a: dict, b: dict) -> bool:
+    """Every parameter's gradient equal up to float rounding (micro-batches vs one pass)."""
+    return all(float((a[n] - b[n]).norm()) <= 1e-4 * float(b[n].norm()) for n in a)
+
+
+def test_entropy_terms_use_beta_k_of_step_k_and_an_undetached_penalty(monkeypatch):
+    # Equal rewards in each group: A = 0, so the gradient is the entropy terms' alone.
+    batch = _batch([0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0])
+    learner = _learner()
+    learner.history.append(0.1, {})  # Hbar_W = 0.1: every token is above kappa_r * Hbar = 0.2
+    step = 3
+    got = _learner_gradient(learner, batch, step, monkeypatch)
+    w = _hand_weights(batch)
+
+    def entropy_loss(beta, detached_penalty=False):
+        def loss_of(logp, entropy):
+            h = entropy.detach() if detached_penalty else entropy
+            penalty = ALPHA * torch.relu(h - KAPPA_R * 0.1)
+            return -LAMBDA * ((entropy - beta * penalty) * w).sum()
+        return loss_of
+
+    beta_k = 1 + math.exp(-3.0 * step / (STEPS // 2))
+    assert beta_k == pytest.approx(beta_schedule(step, STEPS))
+    assert _close(got, _hand_gradient(learner, batch, entropy_loss(beta_k)))
+    assert not _close(got, _hand_gradient(learner, batch, entropy_loss(beta_schedule(step + 1, STEPS))))
+    assert not _close(got, _hand_gradient(learner, batch, entropy_loss(beta_k, detached_penalty=True)))
+
+
+def test_advantages_and_eq2_token_weights_reach_the_gradient(monkeypatch):
+    batch = _batch()
+    learner = _learner("epo.smoothing.enabled=false")
+    got = _learner_gradient(learner, batch, 0, monkeypatch)
+    s = 1 / math.sqrt(2)
+    advantages = torch.tensor([s, s, -s, 0.0, 0.0, 0.0, 0.0])[:, None]
+
+    def loss_of(weights):
+        # Ratio 1 (one mini-batch, old = current): d(-r A) = -A dlogp; plus -lambda L_H.
+        return lambda logp, entropy: -(advantages * torch.exp(logp - logp.detach()) * weights).sum() - LAMBDA * (entropy * weights).sum()
+
+    assert _close(got, _hand_gradient(learner, batch, loss_of(_hand_weights(batch))))
+    flat = _hand_weights(batch).gt(0).float()
+    assert not _close(got, _hand_gradient(learner, batch, loss_of(flat / flat.sum())))  # token-mean differs
+
+
+def _hand_entropy_record(learner: Learner, batch: TurnBatch) -> tuple[float, dict[int, float]]:
+    """Hbar of the batch by hand under the learner's current policy: Eq. 2 weights over the
+    whole batch; and the mean token entropy per turn index."""
+    with torch.no_grad():
+        micro = collate(batch, list(range(len(batch))), 0)
+        entropy = forward_turns(learner.policy, micro, learner.spec.rollout.temperature).entropy
+    lengths = [len(r) for r in batch.response_ids]
+    turn_means: dict[int, list[float]] = {}
+    for row, (_, _, turn, *_) in enumerate(TURNS):
+        turn_means.setdefault(turn, []).append(float(entropy[row, : lengths[row]].mean()))
+    return float((entropy * _hand_weights(batch)).sum()), {t: sum(v) / len(v) for t, v in turn_means.items()}
+
+
+@pytest.mark.parametrize("mini_batch", [16, 3])
+def test_entropy_history_records_the_pre_update_policy_over_the_whole_batch(mini_batch):
+    # mini_batch 3: three optimizer steps within the RL step; the record still comes from
+    # the policy before the first one (the old-log-prob pass), weighted over all 7 rows.
+    batch = _batch()
+    learner = _learner(f"optim.mini_batch_size={mini_batch}", "optim.micro_batch_size=2", "optim.lr=0.05", "optim.warmup_ratio=0")
+    before, turns_before = _hand_entropy_record(learner, batch)
+    metrics = learner.learn(batch, torch.zeros(len(batch), dtype=torch.long), 0)
+    assert learner.history.step_means == [pytest.approx(before, rel=1e-5)]
+    assert metrics["actor/entropy"] == pytest.approx(before, rel=1e-5)
+    assert learner.history.turn_means[0] == pytest.approx(turns_before, rel=1e-5)
+    after, _ = _hand_entropy_record(learner, batch)
+    assert abs(after - before) > 1e-4 * before  # the updates moved the policy: the record is not after them
