@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from epo_cli.spec import ExperimentSpec, resolve_spec, spec_to_yaml
+from epo_cli.spec import ExperimentSpec, SpecError, resolve_spec, spec_to_yaml
 from epo_cli.tracking import Tracker, connect, resolve_uri
 
 
@@ -131,6 +131,8 @@ def run_ablation(
         for seed in seeds
     }
     first = next(iter(specs.values()))
+    if first.tracking.backend != "mlflow":
+        raise SpecError(f"tracking.backend: epo ablate needs 'mlflow' (it finds finished arms in the store), got {first.tracking.backend!r}")
     where = f"tracking: {resolve_uri(first.tracking.uri)}; checkpoints: {first.checkpoint.dir}"
     console.print(where, highlight=False, soft_wrap=True)
     key = _parent_key(ablation, resolve_spec(spec_file, deep_merge_all(flags, _algo(base)), overrides), seeds)

@@ -582,8 +582,8 @@ def main() -> None:
         "rollout": lambda: render_rollout(args.model, 8, 32, *rollout_rows(args.model, 8, 32)),
         "scaling": lambda: render_scaling(args.model, args.samples, scaling_rows(args.model, args.samples, args.repeats)),
     }
-    kept = ""  # the parts not re-measured, from the existing file
-    if args.only and args.out.exists():
+    kept = ""  # the parts not re-measured (and the GPU check's, never measured here), from the existing file
+    if args.out.exists():
         text = args.out.read_text()
         kept = text[text.index("<!-- bench:") :] if "<!-- bench:" in text else ""
     document = render_header() + "\n" + kept

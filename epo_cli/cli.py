@@ -78,13 +78,16 @@ def _flags(**fields: Any) -> dict[str, Any]:
     return out
 
 
-def _quiet_libraries() -> None:
-    """Our progress bars and tables are the output; silence the libraries' own."""
+def _quiet_libraries(tracking_backend: str = "mlflow") -> None:
+    """Our progress bars and tables are the output; silence the libraries' own (MLflow
+    only where it is the tracking backend: elsewhere it is never imported)."""
     import logging
     import os
 
-    import mlflow  # noqa: F401  (configures its loggers on import: quiet them after)
     import transformers
+
+    if tracking_backend == "mlflow":
+        import mlflow  # noqa: F401  (configures its loggers on import: quiet them after)
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     transformers.utils.logging.set_verbosity_error()
@@ -180,7 +183,7 @@ def train(
     resolved = _resolve(spec, set_, env=env, algo=algo, variant=variant, steps=steps, seed=seed, model=model,
                         run_name=run_name, tracking_uri=tracking_uri, scale=scale, strategy=strategy,
                         rollout_backend=rollout_backend, task_types=task_types)
-    _quiet_libraries()
+    _quiet_libraries(resolved.tracking.backend)
     dist = init_distributed(resolved.distributed.timeout_minutes)
     out = console if dist.is_main else Console(quiet=True)  # rank 0 speaks for the job
     out.print(
@@ -189,7 +192,8 @@ def train(
         f"<= {resolved.env.max_turns} turns, model {resolved.model.name}"
         + (f", {dist.world_size} processes ({resolved.distributed.strategy})" if dist.enabled else "")
     )
-    where = f"tracking: {resolve_uri(resolved.tracking.uri)}; checkpoints: {resolved.checkpoint.dir}"
+    store = resolve_uri(resolved.tracking.uri, resolved.tracking.backend)
+    where = f"tracking ({resolved.tracking.backend}): {store}; checkpoints: {resolved.checkpoint.dir}"
     out.print(where, highlight=False, soft_wrap=True)
     if resolved.scale == "paper" and dist.device.type != "cuda":
         out.print("[yellow]warning:[/] paper scale without a GPU will take a very long time")
@@ -217,7 +221,7 @@ def train(
         if key in last:
             table.add_row(key, f"{last[key]:.4g}")
     console.print(table)
-    console.print(f"MLflow: {resolve_uri(resolved.tracking.uri)} (run {run_id}); checkpoint: {checkpoint_root}")
+    console.print(f"{resolved.tracking.backend}: {store} (run {run_id}); checkpoint: {checkpoint_root}")
 
 
 @spec_app.command("show")
@@ -376,7 +380,7 @@ def sft(
 
     resolved = _resolve(spec, set_, env=env, model=model, task_types=task_types, games=games, epochs=epochs, out=out,
                         seed=seed, run_name=run_name, tracking_uri=tracking_uri, scale=scale)
-    _quiet_libraries()
+    _quiet_libraries(resolved.tracking.backend)
     try:
         result = run_sft(resolved, console)
     except (SFTError, *_run_errors()) as err:
@@ -391,7 +395,8 @@ def sft(
         if key in result.metrics:
             table.add_row(key, f"{result.metrics[key]:.4g}")
     console.print(table)
-    console.print(f"MLflow: {resolve_uri(resolved.tracking.uri)} (run {result.run_id}); model: {result.output_dir}")
+    store = resolve_uri(resolved.tracking.uri, resolved.tracking.backend)
+    console.print(f"{resolved.tracking.backend}: {store} (run {result.run_id}); model: {result.output_dir}")
     types = f" --task-types {','.join(resolved.env.task_types)}" if resolved.env.task_types else ""
     console.print(f"next: epo train --init-from {result.output_dir} --env {resolved.env.name}{types}")
 

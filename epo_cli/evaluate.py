@@ -198,7 +198,7 @@ def evaluate_checkpoint(
     known. Returns (results, run id, checkpoint step)."""
     from epo_cli.checkpoint import POLICY_DIR, load_policy, read_meta
     from epo_cli.spec import resolve_spec
-    from epo_cli.tracking import Tracker
+    from epo_cli.tracking import open_tracker
 
     meta = read_meta(checkpoint_dir)
     overrides = []
@@ -213,7 +213,7 @@ def evaluate_checkpoint(
     results = evaluate_model(spec, str(checkpoint_dir / POLICY_DIR), splits, progress, policy)
     run_id = meta.get("mlflow_run_id")
     if run_id:
-        tracker = Tracker(tracking_uri or spec.tracking.uri, spec.tracking.experiment, None, run_id=run_id, resume=False)
+        tracker = open_tracker(spec.tracking, run_id=run_id, resume=False, uri=tracking_uri)
         log_evaluation(tracker, results, int(meta["step"]), spec.tracking.transcripts)
     return results, run_id, int(meta["step"])
 

@@ -226,9 +226,9 @@ def run_sft(spec: ExperimentSpec, console: Console) -> SFTResult:
     from epo_cli.models import load_causal_lm, load_tokenizer
     from epo_cli.progress import progress_bar
     from epo_cli.spec import flatten, spec_to_yaml
-    from epo_cli.tracking import Tracker, connect
+    from epo_cli.tracking import check_store, open_tracker
 
-    connect(spec.tracking.uri, spec.tracking.experiment)  # an unusable store fails before any work
+    check_store(spec.tracking)  # an unusable store fails before any work
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     tokenizer = load_tokenizer(spec.model.name)
     settings = RolloutSettings.from_spec(spec)
@@ -261,7 +261,7 @@ def run_sft(spec: ExperimentSpec, console: Console) -> SFTResult:
 
         enable_activation_checkpointing(model)
     tags = {"epo.kind": "sft", "epo.env": spec.env.name, "epo.scale": spec.scale}
-    tracker = Tracker(spec.tracking.uri, spec.tracking.experiment, spec.tracking.run_name, tags=tags)
+    tracker = open_tracker(spec.tracking, spec.tracking.run_name, tags=tags)
     status = "FAILED"
     try:
         tracker.log_params(flatten(spec.model_dump(mode="json")))

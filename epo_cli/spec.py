@@ -295,10 +295,17 @@ class EvalSpec(_Section):
 
 
 class TrackingSpec(_Section):
-    """MLflow logging."""
+    """Where runs are logged: MLflow, or JSONL files where MLflow is not installed."""
 
+    backend: Literal["mlflow", "jsonl"] = Field(
+        "mlflow",
+        description="'mlflow' (epo eval RUN, plot and ablate read it), or 'jsonl': plain files per run "
+        "(run.json, params.json, metrics.jsonl, episodes/) for a machine without MLflow; mlflow is then never imported.",
+    )
     uri: str | None = Field(
-        None, description="MLflow URI; default $MLFLOW_TRACKING_URI, else the SQLite store $EPO_HOME/mlflow.db (~/.epo)."
+        None,
+        description="MLflow URI; default $MLFLOW_TRACKING_URI, else the SQLite store $EPO_HOME/mlflow.db (~/.epo). "
+        "With backend jsonl: the runs folder (default $EPO_HOME/runs).",
     )
     experiment: str = Field("epo", description="MLflow experiment name.")
     run_name: str | None = Field(None, description="MLflow run name (default: MLflow's).")

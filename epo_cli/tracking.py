@@ -1,9 +1,12 @@
-"""MLflow tracking: a SQLite store under the epo home by default, metrics in one batch per step."""
+"""Run tracking: MLflow (a SQLite store under the epo home by default, metrics in one
+batch per step), or plain JSONL files for machines without MLflow (``tracking.backend``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +19,11 @@ class TrackingError(RuntimeError):
     """The MLflow store cannot be used; raised before any training starts."""
 
 
-def resolve_uri(uri: str | None) -> str:
-    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``$EPO_HOME/mlflow.db`` (its folder created)."""
+def resolve_uri(uri: str | None, backend: str = "mlflow") -> str:
+    """MLflow: ``uri``, else ``$MLFLOW_TRACKING_URI``, else ``$EPO_HOME/mlflow.db`` (its
+    folder created). JSONL: the folder ``uri``, else ``$EPO_HOME/runs``."""
+    if backend == "jsonl":
+        return str(Path(uri).expanduser().absolute() if uri else epo_home() / "runs")
     if uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return uri or os.environ["MLFLOW_TRACKING_URI"]
     home = epo_home()
@@ -98,3 +104,98 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+class JsonlTracker:
+    """One run as plain files, for a machine without MLflow (``tracking.backend: jsonl``):
+    ``<root>/<experiment>/<run_id>/`` holds ``run.json`` (name, tags, status),
+    ``params.json``, ``metrics.jsonl`` (one line per logged step) and the artifacts
+    (``spec.yaml``, ``episodes/*.jsonl``, which ``epo show FILE`` reads)."""
+
+    def __init__(
+        self,
+        root: str,
+        experiment: str,
+        run_name: str | None,
+        run_id: str | None = None,
+        resume: bool = True,
+        tags: dict[str, str] | None = None,
+    ):
+        self.uri = root
+        self.experiment_id = experiment
+        self.run_id = run_id or uuid.uuid4().hex
+        self.folder = Path(root) / experiment / self.run_id
+        info_file = self.folder / "run.json"
+        if run_id is not None:
+            if not info_file.exists():
+                raise TrackingError(f"run {run_id}: no {info_file}")
+            self.info = json.loads(info_file.read_text())
+            if resume:
+                self._set_status("RUNNING")
+        else:
+            self.folder.mkdir(parents=True)
+            self.info = {"run_id": self.run_id, "run_name": run_name or self.run_id[:8], "tags": tags or {},
+                         "start_time": time.time(), "status": "RUNNING"}
+            self._write_info()
+        self.run_name = self.info["run_name"]
+
+    def _write_info(self) -> None:
+        staged = self.folder / "run.json.tmp"
+        staged.write_text(json.dumps(self.info, indent=1))
+        staged.replace(self.folder / "run.json")
+
+    def _set_status(self, status: str) -> None:
+        self.info["status"] = status
+        self._write_info()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        path = self.folder / "params.json"
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**saved, **{k: str(v) for k, v in params.items()}}, indent=1))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        line = json.dumps({"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}})
+        with open(self.folder / "metrics.jsonl", "a") as out:
+            out.write(line + "\n")
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        target = self.folder / artifact_file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._set_status(status)
+
+
+RunTracker = Tracker | JsonlTracker
+
+
+def read_jsonl_metrics(run_folder: Path) -> list[dict[str, float]]:
+    """The per-step metric lines a :class:`JsonlTracker` wrote, in order."""
+    path = Path(run_folder) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_store(tracking) -> None:
+    """Fail before any work when ``tracking`` (a TrackingSpec) cannot record a run."""
+    if tracking.backend == "mlflow":
+        connect(tracking.uri, tracking.experiment)
+        return
+    folder = Path(resolve_uri(tracking.uri, "jsonl")) / tracking.experiment
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{uuid.uuid4().hex}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise TrackingError(f"tracking.uri {folder}: not a writable folder ({err.strerror})") from None
+
+
+def open_tracker(tracking, run_name: str | None = None, run_id: str | None = None, resume: bool = True,
+                 tags: dict[str, str] | None = None, uri: str | None = None):
+    """A new run, or ``run_id`` reopened, in the store ``tracking`` (a TrackingSpec) names;
+    ``uri`` overrides ``tracking.uri``. MLflow is imported only by its own backend."""
+    uri = uri or tracking.uri
+    if tracking.backend == "jsonl":
+        return JsonlTracker(resolve_uri(uri, "jsonl"), tracking.experiment, run_name, run_id, resume, tags)
+    return Tracker(uri, tracking.experiment, run_name, run_id, resume, tags)

@@ -25,7 +25,7 @@ from epo_cli.learner import Learner
 from epo_cli.models import load_causal_lm, load_tokenizer, model_directory
 from epo_cli.rollout import RolloutSettings, Sampler, build_sampler, play_episodes
 from epo_cli.spec import ExperimentSpec, flatten, spec_to_yaml
-from epo_cli.tracking import Tracker, connect
+from epo_cli.tracking import RunTracker, check_store, open_tracker
 from epo_cli.transcripts import episodes_jsonl, train_file
 
 
@@ -89,7 +89,7 @@ class Trainer:
         return self.spec.train.seed + RANK_SEED_STRIDE * self.dist.rank
 
     # ----------------------------------------------------------------- the run
-    def fit(self, tracker: Tracker | None, checkpoint_root: Path, run_id: str) -> dict[str, float]:
+    def fit(self, tracker: RunTracker | None, checkpoint_root: Path, run_id: str) -> dict[str, float]:
         """Train for the remaining steps, logging each to ``tracker`` (rank 0; None on the
         others); checkpoint every ``checkpoint.every`` steps, at the end, and when stopped
         early."""
@@ -116,7 +116,7 @@ class Trainer:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         self.console.print("[yellow]stopping after this step (Ctrl-C again to abort at once)[/]")
 
-    def _loop(self, progress: Progress, tracker: Tracker | None, checkpoint_root: Path, run_id: str) -> dict[str, float]:
+    def _loop(self, progress: Progress, tracker: RunTracker | None, checkpoint_root: Path, run_id: str) -> dict[str, float]:
         spec = self.spec
         last: dict[str, float] = {}
         steps_task = progress.add_task("RL steps", total=spec.train.steps, completed=self.step, info="")
@@ -160,6 +160,9 @@ class Trainer:
     def train_step(self, progress: Progress | None = None, turns_task=None) -> tuple[dict[str, float], list]:
         """One RL step; returns its metrics and the episodes of all ranks."""
         spec = self.spec
+        on_cuda = self.dist.device.type == "cuda"
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(self.dist.device)
         started = time.perf_counter()
         tasks, group_ids = grouped_tasks(self.task_sampler, spec.rollout.tasks_per_step, spec.rollout.group_size)
         first = self.my_groups.start * spec.rollout.group_size
@@ -212,6 +215,8 @@ class Trainer:
             "env/worker_restarts": sum(restarts for _, restarts in gathered),
             **update_metrics,
         }
+        if on_cuda:
+            metrics["perf/peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
         for task_type in sorted({e.task.task_type for e in episodes}):
             of_type = [e for e in episodes if e.task.task_type == task_type]
             metrics[f"train/success/{task_type}"] = sum(e.won for e in of_type) / len(of_type)
@@ -285,7 +290,7 @@ def run_training(
     MLflow; the others learn the run id from it."""
     dist = dist or DistContext()
     if dist.is_main:
-        connect(spec.tracking.uri, spec.tracking.experiment)  # an unusable store fails here, before any work
+        check_store(spec.tracking)  # an unusable store fails here, before any work
     trainer = Trainer(spec, console, dist)  # data, model and engines: failures here leave no run behind
     tracker = None
     status = "FAILED"
@@ -295,12 +300,12 @@ def run_training(
             if trainer.step >= spec.train.steps:
                 raise TrainingFinished(f"run {run_id} already finished all {spec.train.steps} steps; nothing to train")
             if dist.is_main:
-                tracker = Tracker(spec.tracking.uri, spec.tracking.experiment, None, run_id=run_id, resume=True)
+                tracker = open_tracker(spec.tracking, run_id=run_id, resume=True)
             console.print(f"resuming run {run_id} at step {trainer.step} of {spec.train.steps}")
         elif dist.is_main:
             run_tags = {"epo.env": spec.env.name, "epo.algo": spec.algo.name, "epo.variant": spec.algo.variant,
                         "epo.scale": spec.scale, "epo.world_size": str(dist.world_size), **(tags or {})}
-            tracker = Tracker(spec.tracking.uri, spec.tracking.experiment, spec.tracking.run_name, tags=run_tags)
+            tracker = open_tracker(spec.tracking, spec.tracking.run_name, tags=run_tags)
             tracker.log_params(flatten(spec.model_dump(mode="json")))
             tracker.log_text(spec_to_yaml(spec), "spec.yaml")
         if resume_from is None:

@@ -30,7 +30,7 @@ def test_quick_start_from_any_directory(tmp_path, monkeypatch):
 
     # 1. train (2 steps, a checkpoint after each), with the default store and checkpoint root
     output = _invoke("train", "--env", "scienceworld", "--algo", "ppo+epo", *TINY, "--steps", "2", "--set", "checkpoint.every=1")
-    assert f"tracking: sqlite:///{home}/mlflow.db; checkpoints: {home}/checkpoints" in output
+    assert f"tracking (mlflow): sqlite:///{home}/mlflow.db; checkpoints: {home}/checkpoints" in output
     assert list(first.iterdir()) == []  # nothing written where the user stands
     client = MlflowClient(f"sqlite:///{home}/mlflow.db")
     experiment = client.get_experiment_by_name("epo")
