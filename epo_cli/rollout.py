@@ -53,14 +53,24 @@ class Sampler(Protocol):
 class TransformersSampler:
     """Sampling with a transformers causal LM: left-padded batch, KV cache, stop on EOS or
     on ``</action>``. Returns each response's own tokens (never padding) and the sampling
-    log-probs."""
+    log-probs.
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, generator: torch.Generator | None = None, autocast: str = "none"):
+    Every response draws from a random stream of its own (seeded from ``generator`` in row
+    order), one uniform number per sampled token, so a response depends neither on what
+    the other rows of its batch generate nor on how many forward passes produced it. Under a constraint, a token
+    that is the only one allowed is appended without sampling (log-prob 0, no draw); with
+    ``fast_forward`` (the default) a run of such tokens is fed to the model in the same
+    forward pass as the token before it, so an action costs about one pass per real choice.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, generator: torch.Generator | None = None,
+                 autocast: str = "none", fast_forward: bool = True):
         self.model = model
         self.autocast = autocast
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.generator = generator
+        self.fast_forward = fast_forward
         self.eos_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -98,47 +108,85 @@ class TransformersSampler:
         input_ids, attention = input_ids.to(device), attention.to(device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
-        next_position = positions[:, -1:] + 1
-        finished = torch.zeros(len(prompts), dtype=torch.bool)
-        tokens: list[list[int]] = [[] for _ in prompts]
-        logprobs: list[list[float]] = [[] for _ in prompts]
-        allowed: list[list[list[int] | None]] = [[] for _ in prompts]
-        for _ in range(max_new_tokens):
-            # Sampled on the CPU, where the generator lives (one [batch, vocab] copy per token).
-            logits = out.logits[:, -1].cpu()
-            running = torch.nonzero(~finished).flatten().tolist()
-            sets = {row: constraints[row].allowed() for row in running} if constraints is not None else {}
-            if sets:
-                logits = restrict_logits(logits, sets)
-            token, token_logp = sample_token(logits, temperature, top_p, self.generator)
+        next_position = positions[:, -1] + 1
+        last_logits = out.logits[:, -1]
+        seeds = torch.randint(0, 2**62, (len(prompts),), generator=self.generator).tolist()
+        streams = [torch.Generator().manual_seed(seed) for seed in seeds]
+        responses = [_Response() for _ in prompts]
+        while True:
+            running = [row for row, r in enumerate(responses) if not r.finished]
+            # Sampled on the CPU, where the random streams live (one [batch, vocab] copy per pass).
+            logits = last_logits.cpu()
+            choosing = [row for row in running if not _forced(constraints, row)]
+            sets = {row: constraints[row].allowed() for row in choosing} if constraints is not None else {}
+            if choosing:
+                restricted = restrict_logits(logits[choosing], {i: sets[row] for i, row in enumerate(choosing)}) if sets else logits[choosing]
+                uniforms = torch.cat([torch.rand(1, generator=streams[row]) for row in choosing])
+                sampled, sampled_logp = sample_token(restricted, temperature, top_p, uniforms)
+            for response in responses:
+                response.fed = []
+            for i, row in enumerate(choosing):
+                self._append(responses[row], int(sampled[i]), float(sampled_logp[i]), sets.get(row), constraints, row, max_new_tokens)
             for row in running:
-                tokens[row].append(int(token[row]))
-                logprobs[row].append(float(token_logp[row]))
-                if constraints is not None:  # the constraint alone ends the response
-                    allowed[row].append(sets[row])
-                    constraints[row].advance(int(token[row]))
-                    finished[row] = constraints[row].done
-                    continue
-                tail = self.tokenizer.decode(tokens[row][-8:])
-                if int(token[row]) in self.eos_ids or STOP_STRING in tail:
-                    finished[row] = True
-            if finished.all():
+                response = responses[row]
+                while not response.finished and _forced(constraints, row) and (self.fast_forward or not response.fed):
+                    forced = constraints[row].allowed()
+                    self._append(response, forced[0], 0.0, forced, constraints, row, max_new_tokens)
+            if all(r.finished for r in responses):
                 break
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            attention = torch.cat([attention, torch.ones((len(prompts), 1), dtype=torch.long, device=device)], dim=1)
-            out = self.model(
-                input_ids=token.unsqueeze(-1).to(device),
-                attention_mask=attention,
-                position_ids=next_position,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
-            next_position = next_position + 1
+            # One pass over every row's new tokens (right-padded; padding is masked out).
+            step = max(len(r.fed) for r in responses)
+            fed = torch.full((len(prompts), step), pad, dtype=torch.long)
+            mask = torch.zeros((len(prompts), step), dtype=torch.long)
+            for row, response in enumerate(responses):
+                fed[row, : len(response.fed)] = torch.tensor(response.fed, dtype=torch.long)
+                mask[row, : len(response.fed)] = 1
+            fed_positions = next_position[:, None] + torch.arange(step, device=device)[None, :]
+            attention = torch.cat([attention, mask.to(device)], dim=1)
+            out = self.model(input_ids=fed.to(device), attention_mask=attention, position_ids=fed_positions,
+                             past_key_values=out.past_key_values, use_cache=True)
+            counts = mask.sum(-1).to(device)
+            last_logits = out.logits[torch.arange(len(prompts), device=device), (counts - 1).clamp(min=0)]
+            next_position = next_position + counts
         self.model.train(was_training)
         return [
-            Generation(t, lp, self.tokenizer.decode(t, skip_special_tokens=True), a if constraints is not None else None)
-            for t, lp, a in zip(tokens, logprobs, allowed)
+            Generation(r.tokens, r.logprobs, self.tokenizer.decode(r.tokens, skip_special_tokens=True),
+                       r.allowed if constraints is not None else None)
+            for r in responses
         ]
+
+    def _append(self, response: _Response, token: int, logp: float, allowed, constraints, row: int, budget: int) -> None:
+        """Add one token to a response; it ends at the constraint's end (constrained), at
+        EOS or ``</action>`` (free), or at ``budget`` tokens."""
+        response.tokens.append(token)
+        response.fed.append(token)
+        response.logprobs.append(logp)
+        if constraints is not None:  # the constraint alone ends the response
+            response.allowed.append(allowed)
+            constraints[row].advance(token)
+            response.finished = constraints[row].done
+        else:
+            response.finished = token in self.eos_ids or STOP_STRING in self.tokenizer.decode(response.tokens[-8:])
+        response.finished = response.finished or len(response.tokens) >= budget
+
+
+@dataclass
+class _Response:
+    """A response being generated: its tokens so far and what the next pass feeds."""
+
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    allowed: list[list[int] | None] = field(default_factory=list)
+    fed: list[int] = field(default_factory=list)
+    finished: bool = False
+
+
+def _forced(constraints, row: int) -> bool:
+    """Whether the next token of ``row`` is the only one its constraint allows."""
+    if constraints is None or constraints[row].done:
+        return False
+    allowed = constraints[row].allowed()
+    return allowed is not None and len(allowed) == 1
 
 
 def build_sampler(spec, policy, tokenizer, generator: torch.Generator, model_dir=None) -> Sampler:
@@ -154,7 +202,8 @@ def build_sampler(spec, policy, tokenizer, generator: torch.Generator, model_dir
             "bfloat16" if spec.model.autocast == "bf16" else spec.model.dtype,
             options.gpu_memory_utilization, options.cpu_kv_cache_gb, options.enforce_eager, spec.train.seed,
         )
-    return TransformersSampler(policy, tokenizer, spec.rollout.generation_batch_size, generator, spec.model.autocast)
+    return TransformersSampler(policy, tokenizer, spec.rollout.generation_batch_size, generator, spec.model.autocast,
+                               spec.rollout.fast_forward)
 
 
 def _as_list(value) -> list:
@@ -176,10 +225,12 @@ def restrict_logits(logits: torch.Tensor, allowed: dict[int, list[int] | None]) 
 
 
 def sample_token(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+    logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample from ``softmax(logits / T)`` (nucleus-filtered when ``top_p < 1``; greedy when
-    ``T == 0``); return the tokens and their log-probs under the tempered distribution."""
+    """Sample one token per row from ``softmax(logits / T)`` (nucleus-filtered when
+    ``top_p < 1``; greedy when ``T == 0``) by inverting its CDF at ``uniforms`` (one number
+    in [0, 1) per row); return the tokens and their log-probs under the tempered
+    distribution."""
     logits = logits.float()
     if temperature == 0:
         token = logits.argmax(-1)
@@ -191,7 +242,10 @@ def sample_token(
         drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum(-1)
+    # The first index whose CDF exceeds u * total: always a token of positive probability.
+    token = torch.searchsorted(cdf, (uniforms[:, None] * cdf[:, -1:]).contiguous(), right=True).squeeze(-1)
+    token = token.clamp(max=probs.shape[-1] - 1)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 

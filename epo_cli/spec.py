@@ -156,6 +156,11 @@ class RolloutSpec(_Section):
     think_tokens: int = Field(
         0, ge=0, description="With constrain=admissible: free tokens allowed inside <think> before </think> is forced."
     )
+    fast_forward: bool = Field(
+        True,
+        description="With constrain=admissible (transformers sampler): feed each run of forced tokens (the only "
+        "allowed one) in one forward pass instead of one pass per token; the same samples, fewer passes.",
+    )
 
 
 class SmoothingSpec(_Section):

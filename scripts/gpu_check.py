@@ -6,7 +6,8 @@ Stages, each recorded even when another fails:
 2. train: ``epo train --env toy --algo ppo+epo`` for a few steps with bf16 autocast, for a
    SmolLM2-135M-shaped and a ~1B-shaped (Llama-3.2-1B) model, randomly initialized (no
    weights travel): rollout and update tokens/s, peak GPU memory, update MFU;
-3. compile: stage 2's small model with ``model.compile_lm_head`` on.
+3. stage 2's small model with ``model.compile_lm_head`` on, and with
+   ``rollout.fast_forward`` off (one forward pass per forced token, the slow baseline).
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` (the tables for docs/benchmarks.md) under
 ``--out``. ``--device cpu --dry`` runs every stage at tiny sizes (CI keeps it working).
@@ -88,11 +89,12 @@ def main() -> None:
             continue
         if shape == shapes[0]:
             record(f"parity {shape}", lambda: parity(model_dirs[shape], args.device))
-        record(f"train {shape} bf16", lambda: train(model_dirs[shape], made["parameters"], args, work, shape, steps, episodes, False))
+        record(f"train {shape} bf16", lambda: train(model_dirs[shape], made["parameters"], args, work, shape, steps, episodes))
     first = report["stages"][0]
     if first["ok"]:
-        record(f"train {shapes[0]} bf16 compile_lm_head",
-               lambda: train(model_dirs[shapes[0]], first["parameters"], args, work, shapes[0] + "-compiled", steps, episodes, True))
+        for option, setting in (("compile_lm_head", "model.compile_lm_head=true"), ("no fast_forward", "rollout.fast_forward=false")):
+            record(f"train {shapes[0]} bf16 {option}", lambda: train(model_dirs[shapes[0]], first["parameters"], args, work,
+                                                                      f"{shapes[0]}-{option.replace(' ', '-')}", steps, episodes, setting))
     print(markdown_table(report))
     failed = [s["stage"] for s in report["stages"] if not s["ok"]]
     if failed:
@@ -181,7 +183,7 @@ def parity(model_dir: Path, device: str) -> dict:
 
 
 def train(model_dir: Path, parameters: int, args, work: Path, label: str, steps: int, episodes: int,
-          compile_head: bool) -> dict:
+          setting: str | None = None) -> dict:
     """``epo train --env toy`` in its own process (JSONL tracking: no MLflow needed); the
     rates are means over the steps after the first (warm-up, compilation). MFU counts 6 N
     FLOPs per update token (one forward and backward pass) and 2 N per generated token."""
@@ -193,7 +195,7 @@ def train(model_dir: Path, parameters: int, args, work: Path, label: str, steps:
         "--model", str(model_dir), "--steps", str(steps), "--run-name", f"gpu-check-{label}",
         "--set", "tracking.backend=jsonl", "--set", f"tracking.uri={runs}",
         "--set", f"checkpoint.dir={work / f'checkpoints-{label}'}", "--set", "checkpoint.every=0",
-        "--set", "model.autocast=bf16", "--set", f"model.compile_lm_head={str(compile_head).lower()}",
+        "--set", "model.autocast=bf16", *(["--set", setting] if setting else []),
         "--set", "optim.lr=1e-5", "--set", "optim.critic_lr=1e-5",
         "--set", f"rollout.tasks_per_step={episodes}", "--set", f"optim.mini_batch_size={min(episodes, 256)}",
         "--set", f"optim.micro_batch_size={min(episodes, 64)}", "--set", f"rollout.generation_batch_size={min(episodes, 128)}",

@@ -135,3 +135,55 @@ def test_constrained_turns_on_the_real_engines_are_all_admissible(env, tokenizer
     assert turns and all(turn.valid for turn in turns)
     if env == "alfworld":
         assert all(turn.accepted for turn in turns)
+
+
+class CountingModel(torch.nn.Module):
+    """A model wrapper that counts forward passes and the tokens fed to them."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.generation_config = inner.generation_config
+        self.passes = 0
+
+    def forward(self, **kw):
+        self.passes += 1
+        return self.inner(**kw)
+
+
+@pytest.mark.parametrize("think_tokens", [0, 3])
+def test_fast_forward_gives_the_step_by_step_episode_in_fewer_passes(tokenizer, tiny_model, think_tokens):
+    """Forced runs fed in one pass (fast_forward) and one token per pass give the same
+    responses, log-probs and allowed sets under the same seed; forced tokens draw nothing."""
+    factory = ConstraintFactory(tokenizer, think_tokens=think_tokens)
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in
+               ("Your task: open the fridge.", "Your task: put an apple on the countertop, then look.", "Go.")]
+    results = {}
+    for fast in (True, False):
+        model = CountingModel(tiny_model)
+        sampler = TransformersSampler(model, tokenizer, generator=torch.Generator().manual_seed(3), fast_forward=fast)
+        generations = sampler.generate(prompts, 40, 1.0, 1.0, [factory(ACTIONS) for _ in prompts])
+        results[fast] = (generations, model.passes)
+    (fast_gens, fast_passes), (slow_gens, slow_passes) = results[True], results[False]
+    for fast, slow in zip(fast_gens, slow_gens):
+        assert fast.token_ids == slow.token_ids and fast.allowed == slow.allowed
+        assert torch.allclose(torch.tensor(fast.logprobs), torch.tensor(slow.logprobs), atol=1e-5)
+        assert parse_action(fast.text) in ACTIONS
+        forced = [i for i, s in enumerate(fast.allowed) if s is not None and len(s) == 1]
+        assert forced and all(fast.logprobs[i] == 0.0 for i in forced)
+    longest = max(len(g.token_ids) for g in slow_gens)
+    assert slow_passes == longest  # the prefill, then one pass per token but the last
+    choices = max(sum(s is None or len(s) > 1 for s in g.allowed) for g in fast_gens)
+    assert fast_passes <= choices + 1 < slow_passes
+
+
+def test_a_response_does_not_depend_on_its_batch_mates(tokenizer, tiny_model):
+    """Row 0's response is the same whatever the other prompts of its batch are."""
+    factory = ConstraintFactory(tokenizer, think_tokens=2)
+    first = tokenizer("Your task: open the fridge.", add_special_tokens=False)["input_ids"]
+    answers = []
+    for mate in ("Go.", "A much longer prompt about cabinets, countertops and a fridge."):
+        sampler = TransformersSampler(tiny_model, tokenizer, generator=torch.Generator().manual_seed(5))
+        prompts = [first, tokenizer(mate, add_special_tokens=False)["input_ids"]]
+        answers.append(sampler.generate(prompts, 40, 1.0, 1.0, [factory(ACTIONS) for _ in prompts])[0].token_ids)
+    assert answers[0] == answers[1]

@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from epo_cli.batch import TurnBatch, collate
@@ -119,9 +121,19 @@ def test_sample_token_greedy_and_top_p():
     logits = torch.tensor([[0.0, 5.0, 1.0]])
     token, logp = sample_token(logits, 0.0, 1.0, None)
     assert token.tolist() == [1]
-    g = torch.Generator().manual_seed(0)
-    draws = {int(sample_token(logits, 1.0, 0.5, g)[0]) for _ in range(50)}
+    draws = {int(sample_token(logits, 1.0, 0.5, torch.tensor([u / 50]))[0]) for u in range(50)}
     assert draws == {1}  # top-p 0.5 keeps only the dominant token
+
+
+def test_sample_token_inverts_the_cdf_at_the_uniform():
+    # softmax([0, ln 3]) = [0.25, 0.75]: u below 0.25 picks token 0, at or above it token 1.
+    logits = torch.tensor([[0.0, math.log(3.0)]] * 3)
+    token, logp = sample_token(logits, 1.0, 1.0, torch.tensor([0.1, 0.25, 0.9]))
+    assert token.tolist() == [0, 1, 1]
+    assert torch.allclose(logp, torch.tensor([math.log(0.25), math.log(0.75), math.log(0.75)]))
+    # A token of probability 0 (masked) is never drawn, even at u = 0.
+    masked = torch.tensor([[float("-inf"), 0.0, 0.0]])
+    assert sample_token(masked, 1.0, 1.0, torch.tensor([0.0]))[0].tolist() == [1]
 
 
 def test_forward_turns_match_a_plain_forward(tiny_model):
