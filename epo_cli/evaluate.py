@@ -12,7 +12,7 @@ import torch
 from epo_cli.distributed import DistContext
 from epo_cli.envs.base import TaskInstance, of_task_types, stratified_order
 from epo_cli.envs.registry import load_split, max_score_of
-from epo_cli.rollout import EnvBatch, RolloutSettings, Sampler, build_sampler, play_episodes
+from epo_cli.rollout import EnvBatch, RolloutSettings, Sampler, build_sampler, episode_stats, play_episodes
 
 EVAL_SEED = 20250926  # fixed: the same episodes for every run, checkpoint and seed
 EVAL_SPLITS = {"iid", "ood", "l2"}
@@ -119,22 +119,18 @@ def evaluate(
     episodes = [episode for part in dist.all_gather_objects(played) for episode in part]
     for number, episode in enumerate(episodes):  # numbered over the split, not per batch
         episode.episode_id = episode.group_id = number
-    per_type: dict[str, tuple[int, int]] = {}
-    for episode in episodes:
-        wins, n = per_type.get(episode.task.task_type, (0, 0))
-        per_type[episode.task.task_type] = (wins + int(episode.won), n + 1)
-    turns = [turn for episode in episodes for turn in episode.turns]
+    stats = episode_stats(episodes)
     return EvalResult(
         split=split,
-        episodes=len(episodes),
-        successes=sum(e.won for e in episodes),
-        mean_turns=len(turns) / max(len(episodes), 1),
-        invalid_action_rate=sum(not t.valid for t in turns) / max(len(turns), 1),
-        per_type=dict(sorted(per_type.items())),
+        episodes=stats.episodes,
+        successes=stats.successes,
+        mean_turns=stats.mean_turns,
+        invalid_action_rate=stats.invalid_action_rate,
+        per_type=stats.per_type,
         outcomes=[
             EpisodeOutcome(
                 f"{e.task.env}:{e.task.name}", e.task.seed, e.won, max(e.score, 0.0) / max_score_of(e.task.env),
-                len(e.turns), sum(not t.valid for t in e.turns),
+                len(e.turns), e.invalid_turns,
             )
             for e in episodes
         ],

@@ -304,6 +304,42 @@ class Episode:
     def total_reward(self) -> float:
         return sum(turn.reward for turn in self.turns)
 
+    @property
+    def invalid_turns(self) -> int:
+        return sum(not turn.valid for turn in self.turns)
+
+
+@dataclass(frozen=True)
+class EpisodeStats:
+    """What a list of episodes came to: the trainer's ``train/*`` and an evaluation's
+    ``eval/SPLIT/*`` success, turn and invalid-action figures."""
+
+    episodes: int
+    successes: int
+    mean_turns: float
+    invalid_action_rate: float  # of all turns
+    per_type: dict[str, tuple[int, int]]  # task type -> (successes, episodes), sorted by type
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / max(self.episodes, 1)
+
+
+def episode_stats(episodes: Sequence[Episode]) -> EpisodeStats:
+    """The figures of ``episodes`` (rates are 0 where there are no episodes or turns)."""
+    per_type: dict[str, tuple[int, int]] = {}
+    for episode in episodes:
+        wins, n = per_type.get(episode.task.task_type, (0, 0))
+        per_type[episode.task.task_type] = (wins + int(episode.won), n + 1)
+    turns = sum(len(episode.turns) for episode in episodes)
+    return EpisodeStats(
+        episodes=len(episodes),
+        successes=sum(episode.won for episode in episodes),
+        mean_turns=turns / max(len(episodes), 1),
+        invalid_action_rate=sum(episode.invalid_turns for episode in episodes) / max(turns, 1),
+        per_type=dict(sorted(per_type.items())),
+    )
+
 
 class EnvBatch(Protocol):
     """Engines that play a batch of episodes side by side (in process or in workers)."""

@@ -23,7 +23,7 @@ from epo_cli.envs.registry import load_split
 from epo_cli.evaluate import evaluate_splits, log_evaluation
 from epo_cli.learner import Learner
 from epo_cli.models import load_causal_lm, load_tokenizer, model_directory
-from epo_cli.rollout import RolloutSettings, Sampler, build_sampler, play_episodes
+from epo_cli.rollout import RolloutSettings, Sampler, build_sampler, episode_stats, play_episodes
 from epo_cli.spec import ExperimentSpec, flatten, spec_to_yaml
 from epo_cli.tracking import RunTracker, check_store, open_tracker
 from epo_cli.transcripts import episodes_jsonl, train_file
@@ -197,11 +197,12 @@ class Trainer:
         for row, turn in enumerate(turns):
             turn.entropy = self.learner.turn_entropies.get(row)
         response_tokens = sum(len(t.response_ids) for t in turns)
+        stats = episode_stats(episodes)
         metrics = {
             "train/reward_mean": sum(e.total_reward for e in episodes) / len(episodes),
-            "train/success_rate": sum(e.won for e in episodes) / len(episodes),
-            "train/episode_turns": len(turns) / len(episodes),
-            "train/invalid_action_rate": sum(not t.valid for t in turns) / len(turns),
+            "train/success_rate": stats.success_rate,
+            "train/episode_turns": stats.mean_turns,
+            "train/invalid_action_rate": stats.invalid_action_rate,
             "train/inadmissible_action_rate": sum(t.valid and not t.accepted for t in turns) / len(turns),
             "rollout/response_tokens_mean": response_tokens / len(turns),
             "rollout/prompt_tokens_mean": sum(len(t.prompt_ids) for t in turns) / len(turns),
@@ -217,9 +218,8 @@ class Trainer:
         }
         if on_cuda:
             metrics["perf/peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
-        for task_type in sorted({e.task.task_type for e in episodes}):
-            of_type = [e for e in episodes if e.task.task_type == task_type]
-            metrics[f"train/success/{task_type}"] = sum(e.won for e in of_type) / len(of_type)
+        for task_type, (wins, n) in stats.per_type.items():
+            metrics[f"train/success/{task_type}"] = wins / n
         return metrics, episodes
 
     # ------------------------------------------------------------- persistence

@@ -51,7 +51,7 @@ def episodes_jsonl(episodes: Sequence, transcribed: int | str = "all") -> str:
             "episode": e.episode_id, "group": e.group_id, "task_type": e.task.task_type, "task": str(e.task.task_id),
             "name": e.task.name, "variation": e.task.variation, "won": e.won, "score": e.score, "turns": len(e.turns),
             "reward": round(e.total_reward, 6), "actions": [t.action for t in e.turns],
-            "invalid_turns": sum(not t.valid for t in e.turns),
+            "invalid_turns": e.invalid_turns,
         }
         if index < limit:
             record["transcript"] = [turn_record(t) for t in e.turns]

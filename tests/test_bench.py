@@ -1,44 +1,67 @@
 """The benchmark code runs (no timing is asserted: numbers live in docs/benchmarks.md)."""
 
+import sys
+
 import pytest
 
-from epo_cli import bench
+from epo_cli.bench import cli, envs, merge_part, rollout, scaling, update
+from epo_cli.bench import compile as compile_part
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_update_cases_run_on_the_same_tokens():
-    naive = bench._update_case("naive", "tiny", 2, 1, 1)
-    ours = bench._update_case("ours", "tiny", 2, 1, 1)
+    naive = update._update_case("naive", "tiny", 2, 1, 1)
+    ours = update._update_case("ours", "tiny", 2, 1, 1)
     assert naive["tokens"] == ours["tokens"] > 0 and naive["params"] == ours["params"]
-    text = bench.render_update("tiny", 2, 1, naive, ours, ours, ours, ours, naive, 1e9, 5e8)
+    text = update.render_update("tiny", 2, 1, naive, ours, ours, ours, ours, naive, 1e9, 5e8)
     assert "| ours |" in text and "MFU | 50.0%" in text
 
 
+@pytest.mark.slow
 def test_rollout_cases_and_env_rows_render():
-    raw = bench._rollout_case("raw", "tiny", 2, 4)
-    ours = bench._rollout_case("ours", "tiny", 2, 4)
+    raw = rollout._rollout_case("raw", "tiny", 2, 4)
+    ours = rollout._rollout_case("ours", "tiny", 2, 4)
     assert raw["tokens"] == ours["tokens"] == 8  # a random tiny model never stops early
-    assert "tokens/s" in bench.render_rollout("tiny", 2, 4, raw, ours)
-    assert "| alfworld | pool, 2 workers | 10.0 | 2.00x |" in bench.render_envs([("alfworld", "pool, 2 workers", 10.0, 2.0)])
+    assert "tokens/s" in rollout.render_rollout("tiny", 2, 4, raw, ours)
+    assert "| alfworld | pool, 2 workers | 10.0 | 2.00x |" in envs.render_envs([("alfworld", "pool, 2 workers", 10.0, 2.0)])
 
 
+@pytest.mark.slow
 def test_scaling_rows_measure_one_and_two_processes():
-    rows = bench.scaling_rows("tiny", 4, 1)
+    rows = scaling.scaling_rows("tiny", 4, 1)
     assert [(label, world) for label, world, _ in rows] == [("one process", 1), ("ddp", 2), ("fsdp2", 2)]
     assert len({result["tokens"] for _, _, result in rows}) == 1  # the same global batch everywhere
-    assert "| ddp | 2 |" in bench.render_scaling("tiny", 4, rows)
+    assert "| ddp | 2 |" in scaling.render_scaling("tiny", 4, rows)
 
 
 def test_a_partial_run_replaces_only_its_part():
-    document = bench.merge_part(bench.merge_part("# B\n", "envs", "envs v1"), "update", "update v1")
-    document = bench.merge_part(document, "envs", "envs v2")
+    document = merge_part(merge_part("# B\n", "envs", "envs v1"), "update", "update v1")
+    document = merge_part(document, "envs", "envs v2")
     assert document.index("envs v2") < document.index("update v1") and "envs v1" not in document
     assert document.count("<!-- bench:envs -->") == 1
 
 
+def test_main_keeps_the_blocks_it_does_not_measure(tmp_path, monkeypatch):
+    out = tmp_path / "benchmarks.md"
+    old = merge_part(merge_part(merge_part("# Benchmarks\n\nMeasured long ago.\n", "envs", "envs v1"), "update", "update v1"),
+                     "gpu", "gpu v1")
+    out.write_text(old)
+    monkeypatch.setitem(cli.MEASURE, "envs", lambda args: f"envs v2, {args.steps} steps")
+    monkeypatch.setattr(sys, "argv", ["bench", "--only", "envs", "--steps", "3", "--out", str(out)])
+    cli.main()
+    document = out.read_text()
+    assert document.startswith("# Benchmarks\n\nMeasured ") and "long ago" not in document
+    assert "envs v2, 3 steps" in document and "envs v1" not in document
+    assert document.index("envs v2") < document.index("update v1") < document.index("gpu v1")
+
+
+def test_the_parts_keep_their_names_and_order():
+    assert cli.PARTS == ("envs", "update", "compile", "rollout", "scaling")
+
+
+@pytest.mark.slow
 def test_compile_rows_time_eager_and_compiled_chunks():
-    eager = bench._chunk_case(False, "tiny", 8, 1)
-    compiled = bench._chunk_case(True, "tiny", 8, 1)
+    eager = compile_part._chunk_case(False, "tiny", 8, 1)
+    compiled = compile_part._chunk_case(True, "tiny", 8, 1)
     assert eager > 0 and compiled > 0
-    assert "| 8 | " in bench.render_compile("tiny", [(8, eager, compiled)])
+    assert "| 8 | " in compile_part.render_compile("tiny", [(8, eager, compiled)])

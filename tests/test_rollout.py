@@ -6,7 +6,17 @@ from epo_cli.batch import TurnBatch, collate
 from epo_cli.envs.base import INVALID_FORMAT_OBSERVATION, EnvStep, TaskInstance
 from epo_cli.forward import forward_turns
 from epo_cli.models import ValueHead
-from epo_cli.rollout import Generation, RolloutSettings, TransformersSampler, encode_prompt, play_episodes, sample_token
+from epo_cli.rollout import (
+    Episode,
+    Generation,
+    RolloutSettings,
+    TransformersSampler,
+    Turn,
+    encode_prompt,
+    episode_stats,
+    play_episodes,
+    sample_token,
+)
 
 
 class ScriptedSampler:
@@ -62,6 +72,21 @@ def test_episode_rewards_invalid_turns_and_termination(tokenizer):
     batch = TurnBatch.from_episodes(episodes)
     assert batch.episode_ids.tolist() == [0, 0, 1, 1, 1]
     assert batch.turn_index.tolist() == [0, 1, 0, 1, 2]
+
+
+def test_episode_stats_are_the_train_and_eval_figures():
+    def episode(task_type, won, actions):
+        turns = [Turn([1], [2], "", action, i, [0.0]) for i, action in enumerate(actions)]
+        return Episode(TaskInstance("fake", task_type, 0, 0), 0, 0, turns, won=won)
+
+    episodes = [episode("b", True, ["go", None]), episode("a", False, [None, None, "go"]), episode("b", False, ["go"])]
+    stats = episode_stats(episodes)
+    assert (stats.episodes, stats.successes, stats.success_rate) == (3, 1, 1 / 3)
+    assert stats.mean_turns == 6 / 3 and stats.invalid_action_rate == 3 / 6
+    assert stats.per_type == {"a": (0, 1), "b": (1, 2)} and list(stats.per_type) == ["a", "b"]
+    assert [e.invalid_turns for e in episodes] == [1, 2, 0]
+    empty = episode_stats([])
+    assert (empty.success_rate, empty.mean_turns, empty.invalid_action_rate, empty.per_type) == (0.0, 0.0, 0.0, {})
 
 
 def test_invalid_turn_is_shown_in_the_next_prompt(tokenizer):

@@ -1,0 +1,27 @@
+"""What several benchmark parts share: a synthetic batch of turn samples (the update and
+scaling parts) and running a case in a fresh process (so that its memory and its warm
+caches are its own)."""
+
+from __future__ import annotations
+
+
+def synthetic_batch(vocab: int, samples: int, prompt: int, response: int, seed: int = 0):
+    """Turn samples with the CPU-scale shape: long prompts, short responses of varied length."""
+    import torch
+
+    from epo_cli.batch import TurnBatch
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, (prompt - 16 * (i % 4),), generator=g).tolist() for i in range(samples)]
+    responses = [torch.randint(3, vocab, (response - 6 * (i % 5),), generator=g).tolist() for i in range(samples)]
+    n = samples
+    sample_logp = [torch.zeros(len(r)) for r in responses]
+    return TurnBatch(prompts, responses, torch.arange(n) // 2, torch.arange(n) // 4, torch.arange(n) % 2, torch.zeros(n), sample_logp)
+
+
+def in_fresh_process(function, *args):
+    """``function(*args)`` in a new spawned process; its return value."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
