@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from epo_cli.bench import cli, envs, merge_part, rollout, scaling, update
+from epo_cli.bench import cli, envs, merge_part, recipe_rollout, rollout, scaling, update
 from epo_cli.bench import compile as compile_part
 
 
@@ -24,6 +24,17 @@ def test_rollout_cases_and_env_rows_render():
     assert raw["tokens"] == ours["tokens"] == 8  # a random tiny model never stops early
     assert "tokens/s" in rollout.render_rollout("tiny", 2, 4, raw, ours)
     assert "| alfworld | pool, 2 workers | 10.0 | 2.00x |" in envs.render_envs([("alfworld", "pool, 2 workers", 10.0, 2.0)])
+
+
+@pytest.mark.slow
+def test_recipe_rollout_plays_the_same_step_either_way():
+    """One step of the ALFWorld recipe on the real engine, with the tiny model."""
+    spec_file = recipe_rollout.RECIPES["ALFWorld pick_and_place_simple"]
+    slow = recipe_rollout._recipe_case(spec_file, "tiny", fast_forward=False)
+    fast = recipe_rollout._recipe_case(spec_file, "tiny", fast_forward=True)
+    assert fast["episodes"] == 8 and fast["responses"] == slow["responses"] and fast["turns"] > 0
+    table = recipe_rollout.render_recipe_rollout("tiny", [("ALFWorld", slow, fast)])
+    assert "| ALFWorld | 8 |" in table and table.rstrip().endswith("| yes |")
 
 
 @pytest.mark.slow
@@ -56,7 +67,7 @@ def test_main_keeps_the_blocks_it_does_not_measure(tmp_path, monkeypatch):
 
 
 def test_the_parts_keep_their_names_and_order():
-    assert cli.PARTS == ("envs", "update", "compile", "rollout", "scaling")
+    assert cli.PARTS == ("envs", "update", "compile", "rollout", "recipe_rollout", "scaling")
 
 
 @pytest.mark.slow

@@ -9,12 +9,12 @@ import argparse
 from pathlib import Path
 
 from epo_cli.bench import compile as compile_part
-from epo_cli.bench import envs, rollout, scaling, update
+from epo_cli.bench import envs, recipe_rollout, rollout, scaling, update
 from epo_cli.bench.document import kept_blocks, merge_part, render_header
 
 # Each part's block of docs/benchmarks.md, measured from the command line's arguments.
 MEASURE = {"envs": envs.measure, "update": update.measure, "compile": compile_part.measure,
-           "rollout": rollout.measure, "scaling": scaling.measure}
+           "rollout": rollout.measure, "recipe_rollout": recipe_rollout.measure, "scaling": scaling.measure}
 PARTS = tuple(MEASURE)
 
 
