@@ -1,4 +1,10 @@
-"""Turn samples: one training sample per turn, padded into micro-batches on demand."""
+"""Turn samples: one training sample per turn, padded into micro-batches on demand.
+
+A micro-batch holds one right-padded token sequence per row: a turn's ``prompt +
+response`` (:func:`collate`), or, in the packed update (``rollout.prompt_format:
+conversation``), a whole segment of an episode, whose sequence holds every turn of it
+(:func:`pack`). Either way its per-turn fields (response spans, allowed sets) are per turn.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,10 @@ class TurnBatch:
     rewards: torch.Tensor
     sample_logp: list[torch.Tensor] | None = None  # the sampler's own log-probs, per turn
     allowed: list[list[list[int] | None] | None] | None = None  # rollout.constrain: per turn, per token
+    # The batch-wide segment of each turn: the turns of a segment (rollout.prompt_format:
+    # conversation, see epo_cli.prompts) are prefixes of one token sequence, the last
+    # one's prompt + response. None: every turn is a segment of its own.
+    segment_ids: torch.Tensor | None = None
     # Filled in by the trainer before the update.
     old_logp: list[torch.Tensor] | None = None
     ref_logp: list[torch.Tensor] | None = None
@@ -31,6 +41,8 @@ class TurnBatch:
     @classmethod
     def from_episodes(cls, episodes: list[Episode]) -> TurnBatch:
         turns = [(episode, turn) for episode in episodes for turn in episode.turns]
+        keys = [(e.episode_id, "turn", t.turn_index) if t.segment is None else (e.episode_id, t.segment) for e, t in turns]
+        segment_of = {key: i for i, key in enumerate(dict.fromkeys(keys))}  # ids in row order
         return cls(
             prompt_ids=[turn.prompt_ids for _, turn in turns],
             response_ids=[turn.response_ids for _, turn in turns],
@@ -40,6 +52,7 @@ class TurnBatch:
             rewards=torch.tensor([t.reward for _, t in turns], dtype=torch.float32),
             sample_logp=[torch.tensor(t.sample_logprobs, dtype=torch.float32) for _, t in turns],
             allowed=[t.allowed_tokens for _, t in turns] if any(t.allowed_tokens for _, t in turns) else None,
+            segment_ids=torch.tensor([segment_of[key] for key in keys], dtype=torch.long),
         )
 
     def __len__(self) -> int:
@@ -47,6 +60,15 @@ class TurnBatch:
 
     def sequence_length(self, row: int) -> int:
         return len(self.prompt_ids[row]) + len(self.response_ids[row])
+
+    def segments(self) -> list[list[int]]:
+        """The rows of each segment, by segment id, each in row (turn) order."""
+        if self.segment_ids is None:
+            return [[row] for row in range(len(self))]
+        rows: dict[int, list[int]] = {}
+        for row, segment in enumerate(self.segment_ids.tolist()):
+            rows.setdefault(segment, []).append(row)
+        return [rows[segment] for segment in sorted(rows)]
 
     def response_mask(self, rows: list[int], width: int | None = None) -> torch.Tensor:
         lengths = torch.tensor([len(self.response_ids[r]) for r in rows])
@@ -76,16 +98,27 @@ class TurnBatch:
 
 @dataclass
 class MicroBatch:
-    """Right-padded ``prompt + response`` sequences and where their response tokens are."""
+    """Right-padded token sequences ``[S, W]`` and where the response tokens of its ``B``
+    turns are: turn ``i``'s response starts at column ``prompt_lengths[i]`` of sequence
+    ``sequence_rows[i]``."""
 
-    rows: list[int]
+    rows: list[int]  # the turns (TurnBatch rows)
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    prompt_lengths: torch.Tensor
-    response_lengths: torch.Tensor
+    prompt_lengths: torch.Tensor  # [B]
+    response_lengths: torch.Tensor  # [B]
     # ``[B, R, K]`` allowed token ids of each response token, -1-padded; a row of all -1
     # is the full vocabulary. None: no constrained token in the micro-batch.
     allowed: torch.Tensor | None = None
+    # [B] the sequence of each turn; None: one sequence per turn, in order.
+    sequence_rows: torch.Tensor | None = None
+
+    @property
+    def turn_sequences(self) -> torch.Tensor:
+        """``sequence_rows``, filled in."""
+        if self.sequence_rows is not None:
+            return self.sequence_rows
+        return torch.arange(len(self.rows), device=self.input_ids.device)
 
     @property
     def response_width(self) -> int:
@@ -106,7 +139,8 @@ class MicroBatch:
     def to(self, device: torch.device) -> MicroBatch:
         if self.input_ids.device == device:
             return self
-        tensors = (self.input_ids, self.attention_mask, self.prompt_lengths, self.response_lengths, self.allowed)
+        tensors = (self.input_ids, self.attention_mask, self.prompt_lengths, self.response_lengths, self.allowed,
+                   self.sequence_rows)
         return MicroBatch(self.rows, *(t.to(device, non_blocking=True) if t is not None else None for t in tensors))
 
 
@@ -116,13 +150,28 @@ def forced_tokens(allowed: torch.Tensor) -> torch.Tensor:
 
 
 def collate(batch: TurnBatch, rows: list[int], pad_id: int) -> MicroBatch:
-    width = max(batch.sequence_length(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        sequence = batch.prompt_ids[row] + batch.response_ids[row]
+    """One right-padded ``prompt + response`` sequence per turn of ``rows``."""
+    return pack(batch, [[row] for row in rows], pad_id)
+
+
+def pack(batch: TurnBatch, segments: list[list[int]], pad_id: int) -> MicroBatch:
+    """One right-padded sequence per segment (its turns' rows, in turn order): the last
+    turn's ``prompt + response``, of which every earlier turn's ``prompt + response`` must
+    be a prefix. Sequences never share a row, so attention never crosses a segment."""
+    sequences = [batch.prompt_ids[rows[-1]] + batch.response_ids[rows[-1]] for rows in segments]
+    for rows, sequence in zip(segments, sequences):
+        for row in rows[:-1]:
+            prompt, response = batch.prompt_ids[row], batch.response_ids[row]
+            end = len(prompt) + len(response)
+            if sequence[: len(prompt)] != prompt or sequence[len(prompt) : end] != response:
+                raise ValueError(f"turn sample {row}: its prompt and response are no prefix of its segment's sequence")
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, sequence in enumerate(sequences):
         input_ids[i, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
         attention[i, : len(sequence)] = 1
+    rows = [row for segment in segments for row in segment]
     return MicroBatch(
         rows=rows,
         input_ids=input_ids,
@@ -130,6 +179,7 @@ def collate(batch: TurnBatch, rows: list[int], pad_id: int) -> MicroBatch:
         prompt_lengths=torch.tensor([len(batch.prompt_ids[r]) for r in rows]),
         response_lengths=torch.tensor([len(batch.response_ids[r]) for r in rows]),
         allowed=_allowed_tensor(batch, rows),
+        sequence_rows=torch.tensor([i for i, segment in enumerate(segments) for _ in segment]),
     )
 
 
@@ -150,7 +200,8 @@ def _allowed_tensor(batch: TurnBatch, rows: list[int]) -> torch.Tensor | None:
     return out
 
 
-def length_sorted_chunks(batch: TurnBatch, rows: list[int], size: int) -> list[list[int]]:
-    """Split ``rows`` into micro-batches of similar length to cut padding waste."""
-    ordered = sorted(rows, key=batch.sequence_length)
+def length_sorted_chunks(batch: TurnBatch, rows: list[int], size: int, length=None) -> list[list[int]]:
+    """Split ``rows`` into micro-batches of similar length to cut padding waste (``length``
+    of an item: its sequence's by default, for items that are rows)."""
+    ordered = sorted(rows, key=length or batch.sequence_length)
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]

@@ -122,7 +122,7 @@ def _run_errors() -> tuple[type[Exception], ...]:
     from epo_cli.envs.pool import EnvWorkerError
     from epo_cli.envs.registry import DataError
     from epo_cli.models import ModelError
-    from epo_cli.rollout import PromptTooLong
+    from epo_cli.prompts import PromptTooLong
     from epo_cli.tracking import TrackingError
 
     return (SpecError, DataError, ModelError, TrackingError, PromptTooLong, EnvWorkerError, ValueError, FileNotFoundError)

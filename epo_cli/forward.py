@@ -1,4 +1,8 @@
-"""The training forward pass over turn samples: response log-probs, entropy and values."""
+"""The training forward pass over turn samples: response log-probs, entropy and values.
+
+The same pass serves both micro-batch layouts of :mod:`epo_cli.batch`: a sequence per turn,
+or a packed sequence per segment holding several turns (``rollout.prompt_format:
+conversation``); outputs are per turn either way."""
 
 from __future__ import annotations
 
@@ -20,10 +24,10 @@ class TurnOutputs:
     values: torch.Tensor | None
 
 
-def response_positions(micro: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row, column-in-sequence, column-in-response) of every response token."""
+def response_positions(micro: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(turn, its sequence, column-in-sequence, column-in-response) of every response token."""
     rows, cols = torch.nonzero(micro.response_mask, as_tuple=True)
-    return rows, micro.prompt_lengths[rows] + cols, cols
+    return rows, micro.turn_sequences[rows], micro.prompt_lengths[rows] + cols, cols
 
 
 def forward_turns(
@@ -35,17 +39,17 @@ def forward_turns(
     with_logprobs: bool = True,
     compiled_head: bool = False,
 ) -> TurnOutputs:
-    """Run the backbone once; apply the LM head only at the response positions (the
-    logits of prompt tokens are never formed) and the value head at each turn's last
-    prompt token, ``V(s_t)``."""
+    """Run the backbone once over the micro-batch's sequences; apply the LM head only at
+    the response positions of its turns (the logits of prompt tokens are never formed) and
+    the value head at each turn's last prompt token, ``V(s_t)``."""
     hidden = model.base_model(input_ids=micro.input_ids, attention_mask=micro.attention_mask).last_hidden_state
     logp = entropy = values = None
     if with_logprobs:
-        rows, seq_cols, resp_cols = response_positions(micro)
+        rows, sequences, seq_cols, resp_cols = response_positions(micro)
         flat_logp, flat_entropy = response_logprobs_and_entropy(
-            hidden[rows, seq_cols - 1],
+            hidden[sequences, seq_cols - 1],
             model.get_output_embeddings().weight,
-            micro.input_ids[rows, seq_cols],
+            micro.input_ids[sequences, seq_cols],
             micro.allowed[rows, resp_cols] if micro.allowed is not None else None,
             temperature,
             chunk_tokens,
@@ -55,7 +59,7 @@ def forward_turns(
         logp = torch.zeros(shape, dtype=flat_logp.dtype, device=hidden.device).index_put((rows, resp_cols), flat_logp)
         entropy = torch.zeros(shape, dtype=flat_entropy.dtype, device=hidden.device).index_put((rows, resp_cols), flat_entropy)
     if value_head is not None:
-        last_prompt = hidden[torch.arange(len(micro.rows), device=hidden.device), micro.prompt_lengths - 1]
+        last_prompt = hidden[micro.turn_sequences, micro.prompt_lengths - 1]
         values = value_head(last_prompt)
     return TurnOutputs(logp, entropy, values)
 

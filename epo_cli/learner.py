@@ -1,6 +1,11 @@
 """The update of one RL step on a batch of turn samples: score -> advantages -> PPO/GRPO
 loss with the EPO terms -> optimizer step -> entropy history (EPO_SPEC.md §2-3).
 
+The passes run over units of turn samples: one turn each, or, with
+``rollout.prompt_format: conversation``, one segment of an episode each (the packed update:
+one sequence scores all the segment's turns, :func:`epo_cli.batch.pack`). Mini-batches are
+then made of whole segments; the loss per turn is the same.
+
 Under ``torchrun`` every rank holds the same global batch and runs the passes of the rows
 it owns; loss weights are normalized over the global mini-batch, so the gradient summed
 over ranks is exactly the one-process gradient of the same batch.
@@ -26,7 +31,7 @@ from epo_cli.algos.advantages import gae_over_turns, grpo_advantages, whiten
 from epo_cli.algos.history import EntropyHistory
 from epo_cli.algos.losses import token_weights
 from epo_cli.algos.objective import LossInputs, StepCoefficients, epo_loss, step_coefficients
-from epo_cli.batch import MicroBatch, TurnBatch, collate, length_sorted_chunks
+from epo_cli.batch import MicroBatch, TurnBatch, length_sorted_chunks, pack
 from epo_cli.distributed import (
     DistContext,
     balanced_chunks,
@@ -157,24 +162,48 @@ class Learner:
             scheduler.step()
         return metrics
 
-    def _my_chunks(self, batch: TurnBatch, rows: list[int], owner: torch.Tensor, size: int) -> list[list[int] | None]:
-        """This rank's length-sorted micro-batches of ``rows``, padded to the same count
-        on every rank."""
+    def _units(self, batch: TurnBatch) -> list[list[int]]:
+        """The rows of each unit the passes are made of: one turn each, or, in the packed
+        update (``rollout.prompt_format: conversation``), one segment each."""
+        if self.spec.rollout.prompt_format == "conversation":
+            return batch.segments()
+        return [[row] for row in range(len(batch))]
+
+    def _minibatch_count(self, batch: TurnBatch, units: list[list[int]]) -> int:
+        """Mini-batches per epoch: as many as turns in ``optim.mini_batch_size`` make (at
+        most one per unit)."""
+        return min(math.ceil(len(batch) / self.spec.optim.mini_batch_size), len(units))
+
+    def _minibatches(self, batch: TurnBatch, units: list[list[int]]) -> list[list[int]]:
+        """One epoch's mini-batches of units, in a fresh random order: slices of
+        ``optim.mini_batch_size`` turns, or, with segments, :meth:`_minibatch_count`
+        mini-batches of whole segments (as many segments in each as can be)."""
+        order = torch.randperm(len(units), generator=self.generator)
+        size = self.spec.optim.mini_batch_size
+        if all(len(unit) == 1 for unit in units):
+            return [order[start : start + size].tolist() for start in range(0, len(order), size)]
+        return [part.tolist() for part in order.tensor_split(self._minibatch_count(batch, units))]
+
+    def _my_chunks(self, batch: TurnBatch, units: list[list[int]], chosen: list[int], owner: torch.Tensor,
+                   size: int) -> list[list[int] | None]:
+        """This rank's length-sorted micro-batches of ``size`` of the ``chosen`` units,
+        padded to the same count on every rank. A unit's rows belong to one episode, so to
+        one rank."""
+        length = lambda unit: batch.sequence_length(units[unit][-1])  # noqa: E731
         by_rank = [
-            length_sorted_chunks(batch, [r for r in rows if int(owner[r]) == rank], size)
+            length_sorted_chunks(batch, [u for u in chosen if int(owner[units[u][0]]) == rank], size, length)
             for rank in range(self.dist.world_size)
         ]
         return balanced_chunks(by_rank, self.dist.rank)
 
-    def _collate(self, batch: TurnBatch, rows: list[int] | None) -> MicroBatch:
-        """A micro-batch on the device; ``None`` (padding) becomes row 0, weighted zero."""
-        return collate(batch, rows if rows is not None else [0], self.pad_id).to(self.device)
+    def _collate(self, batch: TurnBatch, units: list[list[int]], chunk: list[int] | None) -> MicroBatch:
+        """A micro-batch of units on the device; ``None`` (padding) becomes unit 0, weighted zero."""
+        return pack(batch, [units[u] for u in (chunk if chunk is not None else [0])], self.pad_id).to(self.device)
 
     def _needs_old_logp(self, batch: TurnBatch) -> bool:
         """Old log-probs need their own pass only if the policy changes within the step;
         otherwise the first forward of the update yields them exactly (ratio = 1)."""
-        minibatches = math.ceil(len(batch) / self.spec.optim.mini_batch_size)
-        return self.spec.algo.ppo_epochs > 1 or minibatches > 1
+        return self.spec.algo.ppo_epochs > 1 or self._minibatch_count(batch, self._units(batch)) > 1
 
     @torch.no_grad()
     def _score(self, batch: TurnBatch, owner: torch.Tensor) -> list[torch.Tensor | None]:
@@ -191,8 +220,10 @@ class Learner:
         if not (need_old or self.is_ppo or self.reference is not None):
             return entropy  # GRPO in one mini-batch: the update's own forward gives all it needs
         values = torch.zeros(len(batch), dtype=torch.float64)
-        for rows in self._my_chunks(batch, list(range(len(batch))), owner, spec.optim.micro_batch_size):
-            micro = self._collate(batch, rows)
+        units = self._units(batch)
+        for chunk in self._my_chunks(batch, units, list(range(len(units))), owner, spec.optim.micro_batch_size):
+            micro = self._collate(batch, units, chunk)
+            rows = micro.rows if chunk is not None else None
             with autocast_context(spec.model.autocast, self.policy):
                 if need_old or self.shared_critic:
                     out = self.actor(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens, with_logprobs=need_old)
@@ -244,33 +275,33 @@ class Learner:
         stats, norms = UpdateStats(), UpdateStats()
         record_entropy = not self._needs_old_logp(batch)
         step_logprob_diff = 0.0
-        n_minibatches = math.ceil(len(batch) / spec.optim.mini_batch_size)
+        units = self._units(batch)
+        n_minibatches = self._minibatch_count(batch, units)
         for module in self.scorers:
             module.train()
         for epoch in range(spec.algo.ppo_epochs):
-            order = torch.randperm(len(batch), generator=self.generator).tolist()
-            for start in range(0, len(order), spec.optim.mini_batch_size):
-                rows = order[start : start + spec.optim.mini_batch_size]
+            for minibatch in self._minibatches(batch, units):
+                rows = [row for unit in minibatch for row in units[unit]]
                 # Weights of the whole (global) mini-batch: they sum to 1 over all ranks.
                 weights = token_weights(batch.decision_mask(rows), batch.episode_ids[rows], spec.algo.loss_agg)
                 weight_of = {row: weights[i] for i, row in enumerate(rows)}
                 for optimizer in self.optimizers:
                     optimizer.zero_grad(set_to_none=True)
-                chunks = self._my_chunks(batch, rows, owner, spec.optim.micro_batch_size)
-                for i, micro_rows in enumerate(chunks):
-                    micro = self._collate(batch, micro_rows)
+                chunks = self._my_chunks(batch, units, minibatch, owner, spec.optim.micro_batch_size)
+                for i, chunk in enumerate(chunks):
+                    micro = self._collate(batch, units, chunk)
                     width = micro.response_width
-                    if micro_rows is None:
-                        w = torch.zeros(1, width)
+                    if chunk is None:
+                        w = torch.zeros(len(micro.rows), width)
                     else:
-                        w = torch.stack([weight_of[r][:width] for r in micro_rows])
+                        w = torch.stack([weight_of[r][:width] for r in micro.rows])
                     last = i == len(chunks) - 1
                     with self._gradient_sync(last), autocast_context(spec.model.autocast, self.policy):
                         entropy_per_turn, logprob_diff = self._micro_step(batch, micro, w.to(self.device), coefs, reference, stats)
-                    if epoch == 0 and micro_rows is not None:
+                    if epoch == 0 and chunk is not None:
                         step_logprob_diff += logprob_diff / n_minibatches
                         if record_entropy:
-                            self._keep(micro_rows, None, None, entropy_per_turn, entropy, micro)
+                            self._keep(micro.rows, None, None, entropy_per_turn, entropy, micro)
                 self._optimizer_step(norms)
                 stats.minibatches += 1
                 norms.minibatches += 1

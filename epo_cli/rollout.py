@@ -2,7 +2,8 @@
 
 The output is a list of :class:`Episode`, each a list of :class:`Turn` records holding
 exactly the tokens the policy saw and wrote; :func:`flatten_turns` makes them training
-samples (one per turn, EPO_SPEC.md §1).
+samples (one per turn, EPO_SPEC.md §1). Prompts come from :mod:`epo_cli.prompts`, in
+``rollout.prompt_format``.
 """
 
 from __future__ import annotations
@@ -19,10 +20,7 @@ from epo_cli.envs.base import INVALID_FORMAT_OBSERVATION, EnvStep, PromptState, 
 from epo_cli.envs.registry import max_score_of
 from epo_cli.generation import STOP_STRING, Generation
 from epo_cli.precision import autocast_context
-
-
-class PromptTooLong(ValueError):
-    """A prompt exceeded rollout.max_prompt_tokens with rollout.on_overflow = error."""
+from epo_cli.prompts import Conversation, encode_prompt
 
 
 class Sampler(Protocol):
@@ -249,23 +247,6 @@ def sample_token(
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
-def encode_prompt(tokenizer, messages: list[dict[str, str]], max_tokens: int, on_overflow: str) -> tuple[list[int], int]:
-    """Chat-template token ids, and how many tokens were cut to fit ``max_tokens``.
-
-    An overlong prompt loses its middle: the head (task) and the tail (current
-    observation, admissible actions, answer format, generation prompt) are kept.
-    """
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    overflow = len(ids) - max_tokens
-    if overflow <= 0:
-        return ids, 0
-    if on_overflow == "error":
-        raise PromptTooLong(f"a prompt of {len(ids)} tokens exceeds rollout.max_prompt_tokens={max_tokens}")
-    head = max_tokens // 3
-    return ids[:head] + ids[len(ids) - (max_tokens - head) :], overflow
-
-
 @dataclass
 class Turn:
     prompt_ids: list[int]
@@ -277,6 +258,10 @@ class Turn:
     allowed_tokens: list[list[int] | None] | None = None  # rollout.constrain: per token, see constrain.py
     reward: float = 0.0
     prompt_tokens_cut: int = 0
+    # rollout.prompt_format: conversation: the episode's segment this turn belongs to; its
+    # prompt is that segment's token sequence up to the turn's response. None: windowed,
+    # the turn is a segment of its own.
+    segment: int | None = None
     accepted: bool = False  # a valid action the engine recognized
     # What a reader of the transcript needs (epo_cli/transcripts.py):
     observation: str = ""  # the observation the turn answered
@@ -367,6 +352,7 @@ class RolloutSettings:
     think_tokens: int = 0
     reward: str = "success"
     max_score: float = 1.0
+    prompt_format: str = "windowed"
 
     @classmethod
     def from_spec(cls, spec, temperature: float | None = None) -> RolloutSettings:
@@ -386,6 +372,7 @@ class RolloutSettings:
             think_tokens=spec.rollout.think_tokens,
             reward=spec.algo.reward,
             max_score=max_score_of(spec.env.name),
+            prompt_format=spec.rollout.prompt_format,
         )
 
     def outcome(self, episode: Episode) -> float:
@@ -417,6 +404,13 @@ def play_episodes(
     first = envs.reset(tasks)
     states = [PromptState(step.task_description, step.observation, step.actions) for step in first]
     commands = [step.commands for step in first]
+    conversations = None
+    if settings.prompt_format == "conversation":
+        conversations = [
+            Conversation(tokenizer, envs.title, settings.max_turns, settings.max_prompt_tokens, settings.on_overflow,
+                         settings.max_listed_actions)
+            for _ in episodes
+        ]
     constraint_for = ConstraintFactory(tokenizer, settings.think_tokens) if settings.constrain == "admissible" else None
     active = list(range(len(episodes)))
     for turn_index in range(settings.max_turns):
@@ -424,8 +418,11 @@ def play_episodes(
             break
         prompts, cuts = [], []
         for slot in active:
-            messages = build_prompt(envs.title, states[slot], turn_index, settings.max_turns, settings.history_length, settings.max_listed_actions)
-            ids, cut = encode_prompt(tokenizer, messages, settings.max_prompt_tokens, settings.on_overflow)
+            if conversations is not None:
+                ids, cut = conversations[slot].prompt(states[slot], turn_index)
+            else:
+                messages = build_prompt(envs.title, states[slot], turn_index, settings.max_turns, settings.history_length, settings.max_listed_actions)
+                ids, cut = encode_prompt(tokenizer, messages, settings.max_prompt_tokens, settings.on_overflow)
             prompts.append(ids)
             cuts.append(cut)
         constraints = [constraint_for(commands[slot]) for slot in active] if constraint_for is not None else None
@@ -443,6 +440,9 @@ def play_episodes(
                 generation.allowed, prompt_tokens_cut=cut, observation=state.observation,
                 listed_actions=state.actions[: settings.max_listed_actions], invalid_reason=invalid_reason,
             )
+            if conversations is not None:
+                conversations[slot].answer(generation.token_ids)
+                turn.segment = conversations[slot].segment
             if action is None:
                 turn.reward -= settings.invalid_action_penalty
                 observation = INVALID_FORMAT_OBSERVATION

@@ -26,7 +26,8 @@ from epo_cli.envs.registry import title_of
 from epo_cli.expert import ExpertTrajectory, expert_trajectories
 from epo_cli.forward import forward_turns
 from epo_cli.precision import autocast_context
-from epo_cli.rollout import RolloutSettings, TransformersSampler, encode_prompt
+from epo_cli.prompts import encode_prompt
+from epo_cli.rollout import RolloutSettings, TransformersSampler
 from epo_cli.spec import ExperimentSpec
 
 THINK_TEMPLATE = "The next step is to {action}."

@@ -137,7 +137,14 @@ class RolloutSpec(_Section):
         description="A prompt over max_prompt_tokens: cut its middle (counted in "
         "rollout/truncated_prompts) or stop the run.",
     )
-    history_length: int = Field(2, ge=0, description="Past (observation, action) pairs shown.")
+    prompt_format: Literal["windowed", "conversation"] = Field(
+        "windowed",
+        description="'windowed' (the paper's, EPO_SPEC.md §6): every turn's prompt is rebuilt from the task, a "
+        "window of history and the admissible actions. 'conversation': one chat per episode (each turn's prompt "
+        "extends the last turn's prompt and response, token for token; a new segment starts at a turn boundary "
+        "past max_prompt_tokens), trained with one packed forward per segment (docs/algorithm.md).",
+    )
+    history_length: int = Field(2, ge=0, description="Past (observation, action) pairs shown (windowed format).")
     max_listed_actions: int = Field(
         60, gt=0, description="Admissible actions listed in the prompt at most."
     )
@@ -279,8 +286,12 @@ class OptimSpec(_Section):
     min_lr_ratio: float = Field(0.2, ge=0, le=1, description="Cosine floor as a share of the peak lr (EPO_SPEC.md §5: 0.2).")
     num_cycles: float = Field(0.5, gt=0, description="Cosine cycles over the run (EPO_SPEC.md §5: 0.5).")
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip per optimizer step.")
-    mini_batch_size: int = Field(64, gt=0, description="Turn samples per optimizer step.")
-    micro_batch_size: int = Field(8, gt=0, description="Turn samples per forward pass.")
+    mini_batch_size: int = Field(
+        64, gt=0, description="Turn samples per optimizer step (conversation format: whole segments, about as many turns)."
+    )
+    micro_batch_size: int = Field(
+        8, gt=0, description="Turn samples per forward pass (conversation format: segments, each one packed sequence)."
+    )
 
 
 class TrainSpec(_Section):

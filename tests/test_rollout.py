@@ -6,13 +6,13 @@ from epo_cli.batch import TurnBatch, collate
 from epo_cli.envs.base import INVALID_FORMAT_OBSERVATION, EnvStep, TaskInstance
 from epo_cli.forward import forward_turns
 from epo_cli.models import ValueHead
+from epo_cli.prompts import encode_prompt
 from epo_cli.rollout import (
     Episode,
     Generation,
     RolloutSettings,
     TransformersSampler,
     Turn,
-    encode_prompt,
     episode_stats,
     play_episodes,
     sample_token,

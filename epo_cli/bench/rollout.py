@@ -15,7 +15,8 @@ def _rollout_case(case: str, model_name: str, prompts: int, new_tokens: int) -> 
 
     from epo_cli.envs.base import PromptState, build_prompt
     from epo_cli.models import load_causal_lm, load_tokenizer
-    from epo_cli.rollout import TransformersSampler, encode_prompt
+    from epo_cli.prompts import encode_prompt
+    from epo_cli.rollout import TransformersSampler
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(model_name)

@@ -142,14 +142,37 @@ def build_prompt(
         for observation, action in recent:
             lines.append(f"[Observation] {observation.strip()}\n[Your action] {action}")
     lines.append(f"Current observation: {state.observation.strip()}")
-    if state.actions:
-        shown = state.actions[:max_listed_actions]
-        more = len(state.actions) - len(shown)
-        suffix = f" (and {more} more)" if more > 0 else ""
-        lines.append("Admissible actions: " + ", ".join(shown) + suffix)
+    lines += _admissible_line(state.actions, max_listed_actions)
     lines.append(ANSWER_FORMAT)
     system = f"You are an expert agent acting in {env_title}, a text-based environment."
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(lines)}]
+
+
+def _admissible_line(actions: list[str], max_listed_actions: int) -> list[str]:
+    """The admissible-actions line (at most ``max_listed_actions`` named), or none."""
+    if not actions:
+        return []
+    shown = actions[:max_listed_actions]
+    more = len(actions) - len(shown)
+    suffix = f" (and {more} more)" if more > 0 else ""
+    return ["Admissible actions: " + ", ".join(shown) + suffix]
+
+
+def conversation_opening(
+    env_title: str, state: PromptState, turn: int, max_turns: int, max_listed_actions: int = 60
+) -> list[dict[str, str]]:
+    """The system and first user message of a conversation (``rollout.prompt_format:
+    conversation``), or of a new segment of one: :func:`build_prompt` without the
+    window of history (task, step count, actions taken so far, the current observation,
+    the admissible actions, the answer format). At turn 0 it is the windowed prompt."""
+    return build_prompt(env_title, state, turn, max_turns, 0, max_listed_actions)
+
+
+def conversation_turn(state: PromptState, turn: int, max_turns: int, max_listed_actions: int = 60) -> str:
+    """The user message after the assistant's answer of the turn before: the step count,
+    the new observation and the admissible actions."""
+    lines = [f"Step {turn + 1} of {max_turns}.", f"Observation: {state.observation.strip()}"]
+    return "\n".join(lines + _admissible_line(state.actions, max_listed_actions))
 
 
 def of_task_types(tasks: list[TaskInstance], task_types: list[str] | None, split: str) -> list[TaskInstance]:
