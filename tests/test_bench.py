@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from epo_cli.bench import cli, envs, merge_part, recipe_rollout, rollout, scaling, update
+from epo_cli.bench import cli, envs, merge_part, packed, recipe_rollout, rollout, scaling, update
 from epo_cli.bench import compile as compile_part
 
 
@@ -67,7 +67,7 @@ def test_main_keeps_the_blocks_it_does_not_measure(tmp_path, monkeypatch):
 
 
 def test_the_parts_keep_their_names_and_order():
-    assert cli.PARTS == ("envs", "update", "compile", "rollout", "recipe_rollout", "scaling")
+    assert cli.PARTS == ("envs", "update", "compile", "rollout", "recipe_rollout", "scaling", "packed")
 
 
 @pytest.mark.slow
@@ -76,3 +76,11 @@ def test_compile_rows_time_eager_and_compiled_chunks():
     compiled = compile_part._chunk_case(True, "tiny", 8, 1)
     assert eager > 0 and compiled > 0
     assert "| 8 | " in compile_part.render_compile("tiny", [(8, eager, compiled)])
+
+
+@pytest.mark.slow
+def test_packed_case_plays_and_times_both_paths():
+    result = packed._packed_case("alfworld", "tiny", 1, 1, max_turns=2)
+    assert result["turns"] >= 1 and result["segments"] >= 1
+    assert result["packed_tokens"] <= result["per_turn_tokens"] and result["packed_s"] > 0 and result["per_turn_s"] > 0
+    assert "| alfworld | 1 |" in packed.render_packed("tiny", [("alfworld", result)])

@@ -1,7 +1,7 @@
 """Benchmarks into docs/benchmarks.md (``python -m epo_cli.bench``, ``nox -s bench``).
 
 One module per measured part (``--only PART``): ``envs``, ``update``, ``compile``,
-``rollout``, ``scaling``. ``common`` holds what several parts use, ``document`` the page's
+``rollout``, ``scaling``, ``packed``. ``common`` holds what several parts use, ``document`` the page's
 header and its ``<!-- bench:PART -->`` blocks, ``cli`` the arguments and ``main``.
 """
 

@@ -9,12 +9,13 @@ import argparse
 from pathlib import Path
 
 from epo_cli.bench import compile as compile_part
-from epo_cli.bench import envs, recipe_rollout, rollout, scaling, update
+from epo_cli.bench import envs, packed, recipe_rollout, rollout, scaling, update
 from epo_cli.bench.document import kept_blocks, merge_part, render_header
 
 # Each part's block of docs/benchmarks.md, measured from the command line's arguments.
 MEASURE = {"envs": envs.measure, "update": update.measure, "compile": compile_part.measure,
-           "rollout": rollout.measure, "recipe_rollout": recipe_rollout.measure, "scaling": scaling.measure}
+           "rollout": rollout.measure, "recipe_rollout": recipe_rollout.measure, "scaling": scaling.measure,
+           "packed": packed.measure}
 PARTS = tuple(MEASURE)
 
 
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--episodes", type=int, default=8, help="Episodes per environment (packed).")
     parser.add_argument("--only", choices=PARTS, action="append", help="Measure only these parts (repeatable).")
     args = parser.parse_args()
     # The parts not re-measured (and the GPU check's, never measured here) stay from the existing file.

@@ -1,0 +1,106 @@
+"""The ``packed`` part: the update on real ALFWorld and ScienceWorld episodes in the
+conversation prompt format (``rollout.prompt_format: conversation``), one sequence per turn
+against one packed sequence per segment: tokens run through the backbone and seconds per
+update, with the settings of the CPU recipes (experiments/cpu/*_grpo_epo.yaml)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from epo_cli.bench.common import in_fresh_process
+
+RECIPES = {
+    "alfworld": "alfworld_pick_grpo_epo.yaml",
+    "scienceworld": "scienceworld_find_grpo_epo.yaml",
+}
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments" / "cpu"
+
+
+def _packed_case(env: str, model_name: str, episodes: int, repeats: int, max_turns: int | None = None) -> dict:
+    """Play ``episodes`` episodes of the recipe's tasks in the conversation format, then
+    time ``repeats`` updates (after one warm-up) on them through each path."""
+    import torch
+
+    from epo_cli.batch import TurnBatch
+    from epo_cli.envs.base import of_task_types
+    from epo_cli.envs.pool import env_batch_for
+    from epo_cli.envs.registry import load_split
+    from epo_cli.learner import Learner
+    from epo_cli.models import load_tokenizer
+    from epo_cli.rollout import RolloutSettings, build_sampler, play_episodes
+    from epo_cli.spec import resolve_spec
+
+    overrides = [f"model.name={model_name}", "rollout.prompt_format=conversation", "env.workers=0"]
+    if max_turns is not None:
+        overrides.append(f"env.max_turns={max_turns}")
+    spec = resolve_spec(EXPERIMENTS / RECIPES[env], None, overrides)
+    torch.manual_seed(spec.train.seed)
+    tokenizer = load_tokenizer(model_name)
+    learner = Learner(spec, tokenizer.pad_token_id)
+    group = min(spec.rollout.group_size, episodes)
+    split = of_task_types(load_split(env, spec.env.data_dir, spec.env.train_split), spec.env.task_types, spec.env.train_split)
+    tasks = [split[i // group] for i in range(episodes)]
+    envs = env_batch_for(spec, episodes)
+    try:
+        sampler = build_sampler(spec, learner.policy, tokenizer, torch.Generator().manual_seed(spec.train.seed))
+        played = play_episodes(sampler, tokenizer, envs, tasks, [i // group for i in range(episodes)],
+                               RolloutSettings.from_spec(spec))
+    finally:
+        envs.close()
+    batch = TurnBatch.from_episodes(played)
+    owner = torch.zeros(len(batch), dtype=torch.long)
+    result = {"episodes": episodes, "turns": len(batch), "segments": len(batch.segments())}
+    for path, prompt_format in (("per_turn", "windowed"), ("packed", "conversation")):
+        learner.spec.rollout.prompt_format = prompt_format  # the learner's path; the episodes stay
+        units = learner._units(batch)
+        result[f"{path}_tokens"] = sum(batch.sequence_length(rows[-1]) for rows in units)
+        times = []
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            learner.learn(batch, owner, 0)
+            times.append(time.perf_counter() - started)
+        result[f"{path}_s"] = sum(times[1:]) / repeats
+    return result
+
+
+def packed_rows(model_name: str, episodes: int, repeats: int, max_turns: int | None = None) -> list[tuple[str, dict]]:
+    return [(env, in_fresh_process(_packed_case, env, model_name, episodes, repeats, max_turns)) for env in RECIPES]
+
+
+def render_packed(model_name: str, rows: list[tuple[str, dict]]) -> str:
+    lines = [
+        "",
+        "## Packed update: one forward per episode segment",
+        "",
+        f"{model_name}, episodes played in the conversation prompt format (`rollout.prompt_format: conversation`) "
+        "with the CPU recipes' settings (experiments/cpu/alfworld_pick_grpo_epo.yaml, "
+        "experiments/cpu/scienceworld_find_grpo_epo.yaml: `rollout.constrain: admissible`, GRPO+EPO, their "
+        "mini- and micro-batch sizes), then the same update on the same episodes through each path: one sequence "
+        "per turn (each turn re-reads its whole prompt) or one packed sequence per segment. Tokens: the sequence "
+        "tokens of one pass over the batch; seconds: one `Learner.learn` (scoring passes, forward, EPO loss, "
+        "backward, AdamW), mean of timed repeats after one warm-up.",
+        "",
+        "| env | episodes | turns | segments | tokens per-turn | tokens packed | token ratio | s per-turn | "
+        "s packed | time ratio | time ratio / token ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for env, r in rows:
+        token_ratio = r["per_turn_tokens"] / r["packed_tokens"]
+        time_ratio = r["per_turn_s"] / r["packed_s"]
+        lines.append(
+            f"| {env} | {r['episodes']} | {r['turns']} | {r['segments']} | {r['per_turn_tokens']} | {r['packed_tokens']} | "
+            f"{token_ratio:.2f}x | {r['per_turn_s']:.2f} | {r['packed_s']:.2f} | {time_ratio:.2f}x | "
+            f"{time_ratio / token_ratio:.2f} |"
+        )
+    lines += [
+        "",
+        "A last column below 1 means a packed token costs more than a per-turn one: packed sequences are longer "
+        "(attention grows with their square) and a micro-batch of segments holds fewer, longer rows.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def measure(args) -> str:
+    """This part's block, measured with the command line's ``--model``, ``--episodes`` and ``--repeats``."""
+    return render_packed(args.model, packed_rows(args.model, args.episodes, args.repeats))
