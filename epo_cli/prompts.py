@@ -76,16 +76,14 @@ class Conversation:
     """One episode's chat as token ids (``rollout.prompt_format: conversation``).
 
     :meth:`prompt` gives a turn's prompt, :meth:`answer` records the response; ``segment``
-    counts the segments started so far, minus one (the current segment's index)."""
+    counts the segments started so far, minus one (the current segment's index).
+    ``settings``: the episode's ``rollout.RolloutSettings`` (turns, prompt limit, overflow
+    rule, listed actions)."""
 
-    def __init__(self, tokenizer, env_title: str, max_turns: int, max_prompt_tokens: int, on_overflow: str,
-                 max_listed_actions: int):
+    def __init__(self, tokenizer, env_title: str, settings):
         self.tokenizer = tokenizer
         self.env_title = env_title
-        self.max_turns = max_turns
-        self.max_prompt_tokens = max_prompt_tokens
-        self.on_overflow = on_overflow
-        self.max_listed_actions = max_listed_actions
+        self.settings = settings
         self.template = user_turn_template(tokenizer)
         self.segment = -1
         self.ids: list[int] = []  # the current segment: its last prompt and, once answered, response
@@ -94,16 +92,17 @@ class Conversation:
     def prompt(self, state: PromptState, turn: int) -> tuple[list[int], int]:
         """The prompt of ``turn`` and how many tokens were cut from it (only a segment's
         opening is ever cut: a continuation that does not fit opens a new segment)."""
+        settings = self.settings
         if self.last_response is not None:
-            delta = user_turn_ids(self.tokenizer, self.template, conversation_turn(state, turn, self.max_turns, self.max_listed_actions),
-                                  self.last_response)
-            if len(self.ids) + len(delta) <= self.max_prompt_tokens:
+            content = conversation_turn(state, turn, settings.max_turns, settings.max_listed_actions)
+            delta = user_turn_ids(self.tokenizer, self.template, content, self.last_response)
+            if len(self.ids) + len(delta) <= settings.max_prompt_tokens:
                 self.ids = self.ids + delta
                 self.last_response = None
                 return list(self.ids), 0
         self.segment += 1
-        messages = conversation_opening(self.env_title, state, turn, self.max_turns, self.max_listed_actions)
-        self.ids, cut = encode_prompt(self.tokenizer, messages, self.max_prompt_tokens, self.on_overflow)
+        messages = conversation_opening(self.env_title, state, turn, settings.max_turns, settings.max_listed_actions)
+        self.ids, cut = encode_prompt(self.tokenizer, messages, settings.max_prompt_tokens, settings.on_overflow)
         self.last_response = None
         return list(self.ids), cut
 

@@ -406,11 +406,7 @@ def play_episodes(
     commands = [step.commands for step in first]
     conversations = None
     if settings.prompt_format == "conversation":
-        conversations = [
-            Conversation(tokenizer, envs.title, settings.max_turns, settings.max_prompt_tokens, settings.on_overflow,
-                         settings.max_listed_actions)
-            for _ in episodes
-        ]
+        conversations = [Conversation(tokenizer, envs.title, settings) for _ in episodes]
     constraint_for = ConstraintFactory(tokenizer, settings.think_tokens) if settings.constrain == "admissible" else None
     active = list(range(len(episodes)))
     for turn_index in range(settings.max_turns):

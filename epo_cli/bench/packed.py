@@ -79,7 +79,9 @@ def render_packed(model_name: str, rows: list[tuple[str, dict]]) -> str:
         "mini- and micro-batch sizes), then the same update on the same episodes through each path: one sequence "
         "per turn (each turn re-reads its whole prompt) or one packed sequence per segment. Tokens: the sequence "
         "tokens of one pass over the batch; seconds: one `Learner.learn` (scoring passes, forward, EPO loss, "
-        "backward, AdamW), mean of timed repeats after one warm-up.",
+        "backward, AdamW), mean of timed repeats after one warm-up. A last column below 1 means a packed token "
+        "costs more than a per-turn one: packed sequences are longer (attention grows with their square) and a "
+        "micro-batch of segments holds fewer, longer rows.",
         "",
         "| env | episodes | turns | segments | tokens per-turn | tokens packed | token ratio | s per-turn | "
         "s packed | time ratio | time ratio / token ratio |",
@@ -93,11 +95,6 @@ def render_packed(model_name: str, rows: list[tuple[str, dict]]) -> str:
             f"{token_ratio:.2f}x | {r['per_turn_s']:.2f} | {r['packed_s']:.2f} | {time_ratio:.2f}x | "
             f"{time_ratio / token_ratio:.2f} |"
         )
-    lines += [
-        "",
-        "A last column below 1 means a packed token costs more than a per-turn one: packed sequences are longer "
-        "(attention grows with their square) and a micro-batch of segments holds fewer, longer rows.",
-    ]
     return "\n".join(lines) + "\n"
 
 
