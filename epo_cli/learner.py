@@ -162,12 +162,17 @@ class Learner:
             scheduler.step()
         return metrics
 
-    def _units(self, batch: TurnBatch) -> list[list[int]]:
+    def units(self, batch: TurnBatch) -> list[list[int]]:
         """The rows of each unit the passes are made of: one turn each, or, in the packed
         update (``rollout.prompt_format: conversation``), one segment each."""
         if self.spec.rollout.prompt_format == "conversation":
             return batch.segments()
         return [[row] for row in range(len(batch))]
+
+    def pass_tokens(self, batch: TurnBatch) -> int:
+        """The sequence tokens of one pass over ``batch``: every unit's, a turn's prompt +
+        response or a segment's (its last turn's), padding left out."""
+        return sum(batch.sequence_length(rows[-1]) for rows in self.units(batch))
 
     def _minibatch_count(self, batch: TurnBatch, units: list[list[int]]) -> int:
         """Mini-batches per epoch: as many as turns in ``optim.mini_batch_size`` make (at
@@ -203,7 +208,7 @@ class Learner:
     def _needs_old_logp(self, batch: TurnBatch) -> bool:
         """Old log-probs need their own pass only if the policy changes within the step;
         otherwise the first forward of the update yields them exactly (ratio = 1)."""
-        return self.spec.algo.ppo_epochs > 1 or self._minibatch_count(batch, self._units(batch)) > 1
+        return self.spec.algo.ppo_epochs > 1 or self._minibatch_count(batch, self.units(batch)) > 1
 
     @torch.no_grad()
     def _score(self, batch: TurnBatch, owner: torch.Tensor) -> list[torch.Tensor | None]:
@@ -220,7 +225,7 @@ class Learner:
         if not (need_old or self.is_ppo or self.reference is not None):
             return entropy  # GRPO in one mini-batch: the update's own forward gives all it needs
         values = torch.zeros(len(batch), dtype=torch.float64)
-        units = self._units(batch)
+        units = self.units(batch)
         for chunk in self._my_chunks(batch, units, list(range(len(units))), owner, spec.optim.micro_batch_size):
             micro = self._collate(batch, units, chunk)
             rows = micro.rows if chunk is not None else None
@@ -275,7 +280,7 @@ class Learner:
         stats, norms = UpdateStats(), UpdateStats()
         record_entropy = not self._needs_old_logp(batch)
         step_logprob_diff = 0.0
-        units = self._units(batch)
+        units = self.units(batch)
         n_minibatches = self._minibatch_count(batch, units)
         for module in self.scorers:
             module.train()

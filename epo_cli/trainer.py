@@ -211,7 +211,7 @@ class Trainer:
             "perf/rollout_tokens_per_s": response_tokens / max(rollout_s, 1e-9),
             "perf/rollout_s": rollout_s,
             "perf/update_s": update_s,
-            "perf/update_tokens_per_s": sum(batch.sequence_length(r) for r in range(len(batch))) / max(update_s, 1e-9),
+            "perf/update_tokens_per_s": self.learner.pass_tokens(batch) / max(update_s, 1e-9),
             "perf/step_s": time.perf_counter() - started,
             "env/worker_restarts": sum(restarts for _, restarts in gathered),
             **update_metrics,

@@ -220,7 +220,7 @@ def test_packed_update_gives_the_per_turn_loss_and_gradients(tokenizer, monkeypa
 def test_packed_minibatches_hold_whole_segments(tokenizer):
     batch = TurnBatch.from_episodes(_episodes(tokenizer))  # 12 turns in 3 segments
     learner = _learner("grpo+epo", "conversation", "optim.mini_batch_size=5")
-    units = learner._units(batch)
+    units = learner.units(batch)
     assert units == batch.segments() and len(units) == 3
     minibatches = learner._minibatches(batch, units)
     assert len(minibatches) == 3 and sorted(u for m in minibatches for u in m) == [0, 1, 2]

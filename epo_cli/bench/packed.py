@@ -53,8 +53,7 @@ def _packed_case(env: str, model_name: str, episodes: int, repeats: int, max_tur
     result = {"episodes": episodes, "turns": len(batch), "segments": len(batch.segments())}
     for path, prompt_format in (("per_turn", "windowed"), ("packed", "conversation")):
         learner.spec.rollout.prompt_format = prompt_format  # the learner's path; the episodes stay
-        units = learner._units(batch)
-        result[f"{path}_tokens"] = sum(batch.sequence_length(rows[-1]) for rows in units)
+        result[f"{path}_tokens"] = learner.pass_tokens(batch)
         times = []
         for _ in range(repeats + 1):
             started = time.perf_counter()
