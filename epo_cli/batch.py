@@ -15,9 +15,14 @@ import torch
 from epo_cli.rollout import Episode
 
 
+FILLED_IN_LATER = frozenset({"old_logp", "ref_logp", "values", "advantages", "returns"})
+
+
 @dataclass
 class TurnBatch:
-    """The turns of a step's episodes, ordered by episode then turn."""
+    """The turns of a step's episodes, ordered by episode then turn. Only the fields of
+    :data:`FILLED_IN_LATER` may be assigned after construction (``dataclasses.replace``
+    makes a changed copy)."""
 
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
@@ -54,6 +59,11 @@ class TurnBatch:
             allowed=[t.allowed_tokens for _, t in turns] if any(t.allowed_tokens for _, t in turns) else None,
             segment_ids=torch.tensor([segment_of[key] for key in keys], dtype=torch.long),
         )
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self.__dict__ and name not in FILLED_IN_LATER:
+            raise AttributeError(f"TurnBatch.{name} is fixed once the batch is built")
+        super().__setattr__(name, value)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)

@@ -3,6 +3,8 @@ conversation): every turn's prompt extends the one before token for token, and o
 forward per segment gives the per-turn forwards' log-probs, entropies, values, loss and
 gradients."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -134,26 +136,31 @@ def test_windowed_turns_are_segments_of_their_own(tokenizer):
     episodes = play_episodes(TokenSampler(tokenizer), tokenizer, WordyEnvs(), [TaskInstance("fake", "t", 0, 0)], [0], settings)
     batch = TurnBatch.from_episodes(episodes)
     assert batch.segments() == [[0], [1], [2]]
+    batch.advantages = torch.zeros(3)  # the learner fills these in; the rollout's fields stay
+    with pytest.raises(AttributeError, match="fixed"):
+        batch.segment_ids = None
 
 
-def _constrained(batch: TurnBatch, vocab: int) -> None:
-    """Allowed sets on some response tokens: forced (one token), a choice, the full vocabulary."""
+def _constrained(batch: TurnBatch, vocab: int) -> TurnBatch:
+    """``batch`` with allowed sets on its response tokens: forced (one token), a choice,
+    the full vocabulary, in turn."""
     g = torch.Generator().manual_seed(3)
-    batch.allowed = []
+    allowed = []
     for response in batch.response_ids:
         sets = []
         for j, token in enumerate(response):
             kind = j % 3
             others = torch.randint(3, vocab, (4,), generator=g).tolist()
             sets.append([token] if kind == 0 else sorted({token, *others}) if kind == 1 else None)
-        batch.allowed.append(sets)
+        allowed.append(sets)
+    return replace(batch, allowed=allowed)
 
 
 @pytest.mark.parametrize("constrained", [False, True])
 def test_packed_forward_matches_the_per_turn_forward(tiny_model, tokenizer, constrained):
     batch = TurnBatch.from_episodes(_episodes(tokenizer))
     if constrained:
-        _constrained(batch, len(tokenizer))
+        batch = _constrained(batch, len(tokenizer))
     head = ValueHead(tiny_model.config.hidden_size)
     torch.nn.init.normal_(head.proj.weight, generator=torch.Generator().manual_seed(0))
     pad = tokenizer.pad_token_id
@@ -202,9 +209,7 @@ def test_packed_update_gives_the_per_turn_loss_and_gradients(tokenizer, monkeypa
         episode.turns[-1].reward = float(episode.won) * (1 + episode.episode_id)
     results = {}
     for prompt_format in ("windowed", "conversation"):
-        batch = TurnBatch.from_episodes(episodes)
-        _constrained(batch, len(tokenizer))
-        batch.sample_logp = [torch.zeros(len(r)) for r in batch.response_ids]
+        batch = _constrained(TurnBatch.from_episodes(episodes), len(tokenizer))
         results[prompt_format] = _step(_learner(algo, prompt_format), batch, monkeypatch)
     (m_turn, g_turn), (m_packed, g_packed) = results["windowed"], results["conversation"]
     for key in ("actor/loss", "actor/pg_loss", "actor/entropy", "actor/entropy_loss_term", "epo/smooth_penalty"):
