@@ -80,7 +80,7 @@ def test_compile_rows_time_eager_and_compiled_chunks():
 
 @pytest.mark.slow
 def test_packed_case_plays_and_times_both_paths():
-    result = packed._packed_case("alfworld", "tiny", 1, 1, max_turns=2)
+    result = packed._packed_case(recipe_rollout.RECIPES["ALFWorld pick_and_place_simple"], "tiny", 1, 1, max_turns=2)
     assert result["turns"] >= 1 and result["segments"] >= 1
     assert result["packed_tokens"] <= result["per_turn_tokens"] and result["packed_s"] > 0 and result["per_turn_s"] > 0
-    assert "| alfworld | 1 |" in packed.render_packed("tiny", [("alfworld", result)])
+    assert "| ALFWorld | 1 |" in packed.render_packed("tiny", [("ALFWorld", result)])

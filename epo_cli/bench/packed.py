@@ -9,17 +9,13 @@ import time
 from pathlib import Path
 
 from epo_cli.bench.common import in_fresh_process
-
-RECIPES = {
-    "alfworld": "alfworld_pick_grpo_epo.yaml",
-    "scienceworld": "scienceworld_find_grpo_epo.yaml",
-}
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments" / "cpu"
+from epo_cli.bench.recipe_rollout import RECIPES
 
 
-def _packed_case(env: str, model_name: str, episodes: int, repeats: int, max_turns: int | None = None) -> dict:
-    """Play ``episodes`` episodes of the recipe's tasks in the conversation format, then
-    time ``repeats`` updates (after one warm-up) on them through each path."""
+def _packed_case(spec_file: Path, model_name: str, episodes: int, repeats: int, max_turns: int | None = None) -> dict:
+    """Play ``episodes`` episodes of a recipe's tasks (``group_size`` per task) in the
+    conversation format, then time ``repeats`` updates (after one warm-up) on them
+    through each path."""
     import torch
 
     from epo_cli.batch import TurnBatch
@@ -34,12 +30,12 @@ def _packed_case(env: str, model_name: str, episodes: int, repeats: int, max_tur
     overrides = [f"model.name={model_name}", "rollout.prompt_format=conversation", "env.workers=0"]
     if max_turns is not None:
         overrides.append(f"env.max_turns={max_turns}")
-    spec = resolve_spec(EXPERIMENTS / RECIPES[env], None, overrides)
+    spec = resolve_spec(spec_file, None, overrides)
     torch.manual_seed(spec.train.seed)
     tokenizer = load_tokenizer(model_name)
     learner = Learner(spec, tokenizer.pad_token_id)
     group = min(spec.rollout.group_size, episodes)
-    split = of_task_types(load_split(env, spec.env.data_dir, spec.env.train_split), spec.env.task_types, spec.env.train_split)
+    split = of_task_types(load_split(spec.env.name, spec.env.data_dir, spec.env.train_split), spec.env.task_types, spec.env.train_split)
     tasks = [split[i // group] for i in range(episodes)]
     envs = env_batch_for(spec, episodes)
     try:
@@ -64,7 +60,9 @@ def _packed_case(env: str, model_name: str, episodes: int, repeats: int, max_tur
 
 
 def packed_rows(model_name: str, episodes: int, repeats: int, max_turns: int | None = None) -> list[tuple[str, dict]]:
-    return [(env, in_fresh_process(_packed_case, env, model_name, episodes, repeats, max_turns)) for env in RECIPES]
+    """(recipe, its figures) for each CPU recipe, each in a fresh process."""
+    return [(name, in_fresh_process(_packed_case, spec_file, model_name, episodes, repeats, max_turns))
+            for name, spec_file in RECIPES.items()]
 
 
 def render_packed(model_name: str, rows: list[tuple[str, dict]]) -> str:
@@ -82,15 +80,15 @@ def render_packed(model_name: str, rows: list[tuple[str, dict]]) -> str:
         "costs more than a per-turn one: packed sequences are longer (attention grows with their square) and a "
         "micro-batch of segments holds fewer, longer rows.",
         "",
-        "| env | episodes | turns | segments | tokens per-turn | tokens packed | token ratio | s per-turn | "
+        "| recipe | episodes | turns | segments | tokens per-turn | tokens packed | token ratio | s per-turn | "
         "s packed | time ratio | time ratio / token ratio |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for env, r in rows:
+    for name, r in rows:
         token_ratio = r["per_turn_tokens"] / r["packed_tokens"]
         time_ratio = r["per_turn_s"] / r["packed_s"]
         lines.append(
-            f"| {env} | {r['episodes']} | {r['turns']} | {r['segments']} | {r['per_turn_tokens']} | {r['packed_tokens']} | "
+            f"| {name} | {r['episodes']} | {r['turns']} | {r['segments']} | {r['per_turn_tokens']} | {r['packed_tokens']} | "
             f"{token_ratio:.2f}x | {r['per_turn_s']:.2f} | {r['packed_s']:.2f} | {time_ratio:.2f}x | "
             f"{time_ratio / token_ratio:.2f} |"
         )
