@@ -708,9 +708,12 @@ def _read_text(path: Path) -> str:
 
 def _run_episodes(target: str | None, step: int | None, split: str | None, experiment: str, tracking_uri: str | None) -> tuple[str, str]:
     """(label, text) of a run's episode file: of ``split`` (None: training) at ``step``."""
+    import os
     import tempfile
 
     from epo_cli.tracking import connect, resolve_uri
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the table is the output
     from epo_cli.transcripts import ARTIFACT_DIR, choose_file, transcript_files
 
     client, experiment_id = connect(tracking_uri, experiment)

@@ -20,8 +20,10 @@ def synthetic_batch(vocab: int, samples: int, prompt: int, response: int, seed: 
 
 
 def in_fresh_process(function, *args):
-    """``function(*args)`` in a new spawned process; its return value."""
+    """``function(*args)`` in a new spawned process (not a daemon: it may start engine
+    workers of its own); its return value."""
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
