@@ -6,8 +6,10 @@ Stages, each recorded even when another fails:
 2. train: ``epo train --env toy --algo ppo+epo`` for a few steps with bf16 autocast, for a
    SmolLM2-135M-shaped and a ~1B-shaped (Llama-3.2-1B) model, randomly initialized (no
    weights travel): rollout and update tokens/s, peak GPU memory, update MFU;
-3. stage 2's small model with ``model.compile_lm_head`` on, and with
-   ``rollout.fast_forward`` off (one forward pass per forced token, the slow baseline).
+3. stage 2's small model with ``model.compile_lm_head`` on; with ``rollout.fast_forward``
+   off (one forward pass per forced token, the slow baseline); and on the multi-turn toy
+   in the windowed prompt format (one sequence per turn) and in the conversation format
+   (the packed update: one sequence per episode).
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` (the tables for docs/benchmarks.md) under
 ``--out``. ``--device cpu --dry`` runs every stage at tiny sizes (CI keeps it working).
@@ -34,6 +36,15 @@ SHAPES = {  # LlamaConfig fields of randomly initialized models
     "dry": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, rope_theta=10000.0),
 }
+# The training runs: (name, env, --set settings). The first shape runs them all, the
+# larger ones only the first.
+VARIANTS = (
+    ("", "toy", ()),
+    ("compile_lm_head", "toy", ("model.compile_lm_head=true",)),
+    ("no fast_forward", "toy", ("rollout.fast_forward=false",)),
+    ("multiturn windowed", "toy-multiturn", ()),
+    ("multiturn packed", "toy-multiturn", ("rollout.prompt_format=conversation",)),
+)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per card (vendor figures)
 FP32_TOLERANCE = 2e-3  # max |difference| of log-probs and entropies, CPU fp32 vs GPU fp32 (nats)
 PROMPTS = (
@@ -55,6 +66,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="RL steps per training stage (the first is warm-up).")
     parser.add_argument("--stage-timeout", type=int, default=200, help="Seconds allowed to one training stage.")
     parser.add_argument("--merge", type=Path, help="Only merge this gpu_check.json into --out (a benchmarks.md).")
+    parser.add_argument("--stages", nargs="*", help="Run only the stages whose names contain one of these words.")
     args = parser.parse_args()
     if args.merge:
         from epo_cli.bench import merge_part
@@ -82,19 +94,25 @@ def main() -> None:
         write_report(report, args.out)
         return result
 
+    def chosen(name: str) -> bool:
+        return not args.stages or any(word in name for word in args.stages)
+
     model_dirs = {}
     for shape in shapes:
+        runs = [(f"train {shape} bf16 {name}".strip(), env, settings)
+                for name, env, settings in (VARIANTS if shape == shapes[0] else VARIANTS[:1])]
+        runs = [run for run in runs if chosen(run[0])]
+        parity_stage = f"parity {shape}" if shape == shapes[0] and chosen("parity") else None
+        if not runs and parity_stage is None:
+            continue
         made = record(f"model {shape}", lambda: make_model(shape, args.tokenizer, work / shape, args.device, model_dirs))
         if not made["ok"]:
             continue
-        if shape == shapes[0]:
-            record(f"parity {shape}", lambda: parity(model_dirs[shape], args.device))
-        record(f"train {shape} bf16", lambda: train(model_dirs[shape], made["parameters"], args, work, shape, steps, episodes))
-    first = report["stages"][0]
-    if first["ok"]:
-        for option, setting in (("compile_lm_head", "model.compile_lm_head=true"), ("no fast_forward", "rollout.fast_forward=false")):
-            record(f"train {shapes[0]} bf16 {option}", lambda: train(model_dirs[shapes[0]], first["parameters"], args, work,
-                                                                      f"{shapes[0]}-{option.replace(' ', '-')}", steps, episodes, setting))
+        if parity_stage:
+            record(parity_stage, lambda: parity(model_dirs[shape], args.device))
+        for name, env, settings in runs:
+            record(name, lambda: train(model_dirs[shape], made["parameters"], args, work, name.replace(" ", "-"), env,
+                                       steps, episodes, settings))
     print(markdown_table(report))
     failed = [s["stage"] for s in report["stages"] if not s["ok"]]
     if failed:
@@ -182,20 +200,20 @@ def parity(model_dir: Path, device: str) -> dict:
     return result
 
 
-def train(model_dir: Path, parameters: int, args, work: Path, label: str, steps: int, episodes: int,
-          setting: str | None = None) -> dict:
-    """``epo train --env toy`` in its own process (JSONL tracking: no MLflow needed); the
+def train(model_dir: Path, parameters: int, args, work: Path, label: str, env: str, steps: int, episodes: int,
+          settings: tuple[str, ...] = ()) -> dict:
+    """``epo train --env ENV`` (a toy) in its own process (JSONL tracking: no MLflow needed); the
     rates are means over the steps after the first (warm-up, compilation). MFU counts 6 N
     FLOPs per update token (one forward and backward pass) and 2 N per generated token."""
     from epo_cli.tracking import read_jsonl_metrics
 
     runs = work / f"runs-{label}"
     command = [
-        sys.executable, "-m", "epo_cli", "train", "--env", "toy", "--algo", "ppo+epo", "--scale", "paper",
+        sys.executable, "-m", "epo_cli", "train", "--env", env, "--algo", "ppo+epo", "--scale", "paper",
         "--model", str(model_dir), "--steps", str(steps), "--run-name", f"gpu-check-{label}",
         "--set", "tracking.backend=jsonl", "--set", f"tracking.uri={runs}",
         "--set", f"checkpoint.dir={work / f'checkpoints-{label}'}", "--set", "checkpoint.every=0",
-        "--set", "model.autocast=bf16", *(["--set", setting] if setting else []),
+        "--set", "model.autocast=bf16", *[part for setting in settings for part in ("--set", setting)],
         "--set", "optim.lr=1e-5", "--set", "optim.critic_lr=1e-5",
         "--set", f"rollout.tasks_per_step={episodes}", "--set", f"optim.mini_batch_size={min(episodes, 256)}",
         "--set", f"optim.micro_batch_size={min(episodes, 64)}", "--set", f"rollout.generation_batch_size={min(episodes, 128)}",
@@ -212,8 +230,7 @@ def train(model_dir: Path, parameters: int, args, work: Path, label: str, steps:
     timed = lines[1:] or lines
 
     def mean(key: str) -> float | None:
-        values = [line[key] for line in timed if key in line]
-        return sum(values) / len(values) if values else None
+        return mean_of([line for line in timed if key in line], lambda line: line[key])
 
     peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in report_card(args.device)), None)
     update_rate, rollout_rate = mean("perf/update_tokens_per_s"), mean("perf/rollout_tokens_per_s")
@@ -225,11 +242,17 @@ def train(model_dir: Path, parameters: int, args, work: Path, label: str, steps:
         "update_s": mean("perf/update_s"),
         "rollout_tokens_per_s": rollout_rate,
         "update_tokens_per_s": update_rate,
+        "update_tokens": mean_of(timed, lambda line: line["perf/update_tokens_per_s"] * line["perf/update_s"]),
         "peak_gpu_memory_gib": mean("perf/peak_gpu_memory_gb"),
         "update_mfu": 6 * parameters * update_rate / peak if peak and update_rate else None,
         "rollout_mfu": 2 * parameters * rollout_rate / peak if peak and rollout_rate else None,
         "success_rate_last": lines[-1].get("train/success_rate"),
     }
+
+
+def mean_of(lines: list[dict], value) -> float | None:
+    values = [value(line) for line in lines]
+    return sum(values) / len(values) if values else None
 
 
 def report_card(device: str) -> str:
@@ -252,6 +275,7 @@ TRAIN_COLUMNS = (  # (header, key, format)
     ("step s", "step_s", "{:.2f}"),
     ("rollout s", "rollout_s", "{:.2f}"),
     ("update s", "update_s", "{:.2f}"),
+    ("update tokens", "update_tokens", "{:,.0f}"),
     ("rollout tok/s", "rollout_tokens_per_s", "{:,.0f}"),
     ("update tok/s", "update_tokens_per_s", "{:,.0f}"),
     ("peak GiB", "peak_gpu_memory_gib", "{:.1f}"),

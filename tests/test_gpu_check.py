@@ -26,13 +26,16 @@ def test_gpu_check_dry_mode_runs_every_stage_without_mlflow(tmp_path):
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     stages = {s["stage"]: s for s in report["stages"]}
-    assert list(stages) == ["model dry", "parity dry", "train dry bf16", "train dry bf16 compile_lm_head",
-                            "train dry bf16 no fast_forward"]
+    runs = ["train dry bf16", "train dry bf16 compile_lm_head", "train dry bf16 no fast_forward",
+            "train dry bf16 multiturn windowed", "train dry bf16 multiturn packed"]
+    assert list(stages) == ["model dry", "parity dry", *runs]
     parity = stages["parity dry"]
     assert parity["fp32_max_abs_logp"] == 0.0 and 0 < parity["bf16_max_abs_logp"] < 0.1  # same device; bf16 differs
-    for name in ("train dry bf16", "train dry bf16 compile_lm_head", "train dry bf16 no fast_forward"):
+    for name in runs:
         train = stages[name]
         assert train["steps"] == 2 and train["update_tokens_per_s"] > 0 and train["rollout_tokens_per_s"] > 0
         assert train["peak_gpu_memory_gib"] is None and train["update_mfu"] is None  # CPU: no GPU figures
+    # The packed update reads each multi-turn episode once instead of once per turn.
+    assert stages["train dry bf16 multiturn packed"]["update_tokens"] < stages["train dry bf16 multiturn windowed"]["update_tokens"]
     table = (out / "gpu_check.md").read_text()
     assert "| cpu fp32 | 0.00e+00 |" in table and "| train dry bf16 | 3M | 8 |" in table
