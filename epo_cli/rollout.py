@@ -55,8 +55,9 @@ class TransformersSampler:
 
     Every response draws from a random stream of its own (seeded from ``generator`` in row
     order), one uniform number per sampled token, so a response depends neither on what
-    the other rows of its batch generate nor on how many forward passes produced it. Under a constraint, a token
-    that is the only one allowed is appended without sampling (log-prob 0, no draw); with
+    the other rows of its batch generate nor on how many forward passes produced it. Under
+    a constraint, a token that is the only one allowed is appended without sampling
+    (log-prob 0, no draw); with
     ``fast_forward`` (the default) a run of such tokens is fed to the model in the same
     forward pass as the token before it, so an action costs about one pass per real choice.
     """

@@ -111,8 +111,8 @@ def main() -> None:
         if parity_stage:
             record(parity_stage, lambda: parity(model_dirs[shape], args.device))
         for name, env, settings in runs:
-            record(name, lambda: train(model_dirs[shape], made["parameters"], args, work, name.replace(" ", "-"), env,
-                                       steps, episodes, settings))
+            record(name, lambda: train(model_dirs[shape], made["parameters"], report["environment"]["card"], args, work,
+                                       name.replace(" ", "-"), env, steps, episodes, settings))
     print(markdown_table(report))
     failed = [s["stage"] for s in report["stages"] if not s["ok"]]
     if failed:
@@ -124,8 +124,8 @@ def environment(device: str) -> dict:
     import torch
     import transformers
 
-    info = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "device": device, "card": "cpu"}
+    info = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": device, "card": "cpu"}
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         info.update(card=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
@@ -200,8 +200,8 @@ def parity(model_dir: Path, device: str) -> dict:
     return result
 
 
-def train(model_dir: Path, parameters: int, args, work: Path, label: str, env: str, steps: int, episodes: int,
-          settings: tuple[str, ...] = ()) -> dict:
+def train(model_dir: Path, parameters: int, card: str, args, work: Path, label: str, env: str, steps: int,
+          episodes: int, settings: tuple[str, ...] = ()) -> dict:
     """``epo train --env ENV`` (a toy) in its own process (JSONL tracking: no MLflow needed); the
     rates are means over the steps after the first (warm-up, compilation). MFU counts 6 N
     FLOPs per update token (one forward and backward pass) and 2 N per generated token."""
@@ -232,7 +232,7 @@ def train(model_dir: Path, parameters: int, args, work: Path, label: str, env: s
     def mean(key: str) -> float | None:
         return mean_of([line for line in timed if key in line], lambda line: line[key])
 
-    peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in report_card(args.device)), None)
+    peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in card), None)
     update_rate, rollout_rate = mean("perf/update_tokens_per_s"), mean("perf/rollout_tokens_per_s")
     return {
         "steps": len(lines),
@@ -253,14 +253,6 @@ def train(model_dir: Path, parameters: int, args, work: Path, label: str, env: s
 def mean_of(lines: list[dict], value) -> float | None:
     values = [value(line) for line in lines]
     return sum(values) / len(values) if values else None
-
-
-def report_card(device: str) -> str:
-    if device != "cuda":
-        return "cpu"
-    import torch
-
-    return torch.cuda.get_device_name(0)
 
 
 def write_report(report: dict, out: Path) -> None:
