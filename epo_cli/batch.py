@@ -8,6 +8,7 @@ conversation``), a whole segment of an episode, whose sequence holds every turn 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -208,6 +209,22 @@ def _allowed_tensor(batch: TurnBatch, rows: list[int]) -> torch.Tensor | None:
                     raise ValueError(f"turn sample {row}: response token {j} is outside the set it was drawn from")
                 out[i, j, : len(allowed)] = torch.tensor(allowed, dtype=torch.long)
     return out
+
+
+def minibatch_count(turns: int, units: list[list[int]], size: int) -> int:
+    """Mini-batches per epoch: as many as ``turns`` in slices of ``size`` turns make (at
+    most one per unit)."""
+    return min(math.ceil(turns / size), len(units))
+
+
+def unit_minibatches(units: list[list[int]], turns: int, size: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch's mini-batches of unit indices, in a fresh random order: slices of
+    ``size`` units when every unit is one turn, else :func:`minibatch_count` mini-batches
+    of whole units (segments), as even in unit count as can be."""
+    order = torch.randperm(len(units), generator=generator)
+    if all(len(unit) == 1 for unit in units):
+        return [order[start : start + size].tolist() for start in range(0, len(order), size)]
+    return [part.tolist() for part in order.tensor_split(minibatch_count(turns, units, size))]
 
 
 def length_sorted_chunks(batch: TurnBatch, rows: list[int], size: int, length=None) -> list[list[int]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +30,7 @@ from epo_cli.algos.advantages import gae_over_turns, grpo_advantages, whiten
 from epo_cli.algos.history import EntropyHistory
 from epo_cli.algos.losses import token_weights
 from epo_cli.algos.objective import LossInputs, StepCoefficients, epo_loss, step_coefficients
-from epo_cli.batch import MicroBatch, TurnBatch, length_sorted_chunks, pack
+from epo_cli.batch import MicroBatch, TurnBatch, length_sorted_chunks, minibatch_count, pack, unit_minibatches
 from epo_cli.distributed import (
     DistContext,
     balanced_chunks,
@@ -174,21 +173,6 @@ class Learner:
         response or a segment's (its last turn's), padding left out."""
         return sum(batch.sequence_length(rows[-1]) for rows in self.units(batch))
 
-    def _minibatch_count(self, batch: TurnBatch, units: list[list[int]]) -> int:
-        """Mini-batches per epoch: as many as turns in ``optim.mini_batch_size`` make (at
-        most one per unit)."""
-        return min(math.ceil(len(batch) / self.spec.optim.mini_batch_size), len(units))
-
-    def _minibatches(self, batch: TurnBatch, units: list[list[int]]) -> list[list[int]]:
-        """One epoch's mini-batches of units, in a fresh random order: slices of
-        ``optim.mini_batch_size`` turns, or, with segments, :meth:`_minibatch_count`
-        mini-batches of whole segments (as many segments in each as can be)."""
-        order = torch.randperm(len(units), generator=self.generator)
-        size = self.spec.optim.mini_batch_size
-        if all(len(unit) == 1 for unit in units):
-            return [order[start : start + size].tolist() for start in range(0, len(order), size)]
-        return [part.tolist() for part in order.tensor_split(self._minibatch_count(batch, units))]
-
     def _my_chunks(self, batch: TurnBatch, units: list[list[int]], chosen: list[int], owner: torch.Tensor,
                    size: int) -> list[list[int] | None]:
         """This rank's length-sorted micro-batches of ``size`` of the ``chosen`` units,
@@ -208,7 +192,7 @@ class Learner:
     def _needs_old_logp(self, batch: TurnBatch) -> bool:
         """Old log-probs need their own pass only if the policy changes within the step;
         otherwise the first forward of the update yields them exactly (ratio = 1)."""
-        return self.spec.algo.ppo_epochs > 1 or self._minibatch_count(batch, self.units(batch)) > 1
+        return self.spec.algo.ppo_epochs > 1 or minibatch_count(len(batch), self.units(batch), self.spec.optim.mini_batch_size) > 1
 
     @torch.no_grad()
     def _score(self, batch: TurnBatch, owner: torch.Tensor) -> list[torch.Tensor | None]:
@@ -281,11 +265,11 @@ class Learner:
         record_entropy = not self._needs_old_logp(batch)
         step_logprob_diff = 0.0
         units = self.units(batch)
-        n_minibatches = self._minibatch_count(batch, units)
+        n_minibatches = minibatch_count(len(batch), units, spec.optim.mini_batch_size)
         for module in self.scorers:
             module.train()
         for epoch in range(spec.algo.ppo_epochs):
-            for minibatch in self._minibatches(batch, units):
+            for minibatch in unit_minibatches(units, len(batch), spec.optim.mini_batch_size, self.generator):
                 rows = [row for unit in minibatch for row in units[unit]]
                 # Weights of the whole (global) mini-batch: they sum to 1 over all ranks.
                 weights = token_weights(batch.decision_mask(rows), batch.episode_ids[rows], spec.algo.loss_agg)

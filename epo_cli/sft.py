@@ -1,8 +1,10 @@
 """`epo sft`: a warm start by supervised fine-tuning on expert trajectories.
 
-Every expert step is rendered exactly as RL renders a turn (``build_prompt`` then
-``encode_prompt`` with the spec's rollout settings: task, step count, actions so far, the
-history window, the listed actions, the prompt budget). The target is an answer in RL's
+Every expert step is rendered exactly as RL renders a turn, in the spec's
+``rollout.prompt_format``: ``windowed`` (``build_prompt`` then ``encode_prompt``: task,
+step count, actions so far, the history window, the listed actions, the prompt budget) or
+``conversation`` (a :class:`~epo_cli.prompts.Conversation` per expert game, whose
+segments are scored as packed sequences, one forward per segment). The target is an answer in RL's
 format, ``<think>...</think><action>A</action>``; generation stops at ``</action>``, so no
 end-of-turn token is trained. The loss is the token-mean negative log-likelihood of the
 target tokens, from the LM head at response positions only (``forward_turns``).
@@ -19,14 +21,14 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from epo_cli.batch import TurnBatch, collate, length_sorted_chunks
+from epo_cli.batch import TurnBatch, length_sorted_chunks, minibatch_count, pack, unit_minibatches
 from epo_cli.checkpoint import atomic_folder
 from epo_cli.envs.base import PromptState, build_prompt, parse_action
 from epo_cli.envs.registry import title_of
 from epo_cli.expert import ExpertTrajectory, expert_trajectories
 from epo_cli.forward import forward_turns
 from epo_cli.precision import autocast_context
-from epo_cli.prompts import encode_prompt
+from epo_cli.prompts import Conversation, encode_prompt
 from epo_cli.rollout import RolloutSettings, TransformersSampler
 from epo_cli.spec import ExperimentSpec
 
@@ -63,20 +65,26 @@ class SFTSample:
     response_ids: list[int]
     action: str
     actions: list[str]  # the actions listed at that step
+    segment: tuple[int, int] | None = None  # conversation format: (game, segment); None: a segment of its own
 
 
 def render_samples(trajectories: list[ExpertTrajectory], tokenizer, title: str, settings: RolloutSettings, think: str) -> list[SFTSample]:
     """The first ``settings.max_turns`` steps of every won trajectory (RL never plays a
-    later turn); failed experts are left out."""
+    later turn), in ``settings.prompt_format``; failed experts are left out."""
     samples = []
-    for trajectory in trajectories:
-        if not trajectory.won:
-            continue
+    for game, trajectory in enumerate(t for t in trajectories if t.won):
+        conversation = Conversation(tokenizer, title, settings) if settings.prompt_format == "conversation" else None
         for turn, (state, step) in enumerate(zip(prompt_states(trajectory), trajectory.steps[: settings.max_turns])):
-            messages = build_prompt(title, state, turn, settings.max_turns, settings.history_length, settings.max_listed_actions)
-            prompt_ids, _ = encode_prompt(tokenizer, messages, settings.max_prompt_tokens, settings.on_overflow)
             response_ids = tokenizer(expert_response(step.action, think), add_special_tokens=False)["input_ids"]
-            samples.append(SFTSample(prompt_ids, response_ids, step.action, step.actions))
+            if conversation is None:
+                messages = build_prompt(title, state, turn, settings.max_turns, settings.history_length, settings.max_listed_actions)
+                prompt_ids, _ = encode_prompt(tokenizer, messages, settings.max_prompt_tokens, settings.on_overflow)
+                segment = None
+            else:
+                prompt_ids, _ = conversation.prompt(state, turn)
+                conversation.answer(response_ids)
+                segment = (game, conversation.segment)
+            samples.append(SFTSample(prompt_ids, response_ids, step.action, step.actions, segment))
     return samples
 
 
@@ -92,9 +100,32 @@ def check_response_budget(samples: list[SFTSample], max_response_tokens: int) ->
 
 
 def as_turn_batch(samples: list[SFTSample]) -> TurnBatch:
-    """Samples in the container ``collate`` pads (episode fields unused)."""
+    """Samples in the container ``pack`` scores (episode fields unused), with their segments."""
     zeros = torch.zeros(len(samples), dtype=torch.long)
-    return TurnBatch([s.prompt_ids for s in samples], [s.response_ids for s in samples], zeros, zeros, zeros, zeros.float())
+    keys = [s.segment if s.segment is not None else ("step", i) for i, s in enumerate(samples)]
+    segment_of = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    return TurnBatch([s.prompt_ids for s in samples], [s.response_ids for s in samples], zeros, zeros, zeros, zeros.float(),
+                     segment_ids=torch.tensor([segment_of[key] for key in keys], dtype=torch.long))
+
+
+def micro_batches(batch: TurnBatch, units: list[list[int]], chosen: list[int], size: int, pad_id: int):
+    """Length-sorted micro-batches of ``size`` of the ``chosen`` units (segments), packed."""
+    length = lambda unit: batch.sequence_length(units[unit][-1])  # noqa: E731
+    for chunk in length_sorted_chunks(batch, chosen, size, length):
+        yield pack(batch, [units[u] for u in chunk], pad_id)
+
+
+def pass_tokens(samples: list[SFTSample]) -> int:
+    """Sequence tokens of one pass over ``samples``: a step's prompt + target, or in
+    conversation format a segment's (the packed sequence), padding left out."""
+    batch = as_turn_batch(samples)
+    return sum(batch.sequence_length(rows[-1]) for rows in batch.segments())
+
+
+def steps_per_epoch(samples: list[SFTSample], batch_size: int) -> int:
+    """Optimizer steps per epoch: ``sft.batch_size`` expert steps each, in whole segments."""
+    batch = as_turn_batch(samples)
+    return minibatch_count(len(batch), batch.segments(), batch_size)
 
 
 def score_targets(model, micro, spec: ExperimentSpec) -> tuple[torch.Tensor, int]:
@@ -111,11 +142,12 @@ def score_targets(model, micro, spec: ExperimentSpec) -> tuple[torch.Tensor, int
 def teacher_forced_metrics(model, samples: list[SFTSample], spec: ExperimentSpec, pad_id: int, device) -> dict[str, float]:
     """Held-out loss and token accuracy (share of target tokens given p > 0.5)."""
     batch = as_turn_batch(samples)
+    units = batch.segments()
     was_training = model.training
     model.eval()
     nll = confident = tokens = 0.0
-    for rows in length_sorted_chunks(batch, list(range(len(batch))), spec.sft.micro_batch_size):
-        micro = collate(batch, rows, pad_id).to(device)
+    for micro in micro_batches(batch, units, list(range(len(units))), spec.sft.micro_batch_size, pad_id):
+        micro = micro.to(device)
         with autocast_context(spec.model.autocast, model):
             micro_nll, micro_confident = score_targets(model, micro, spec)
         nll += float(micro_nll)
@@ -149,29 +181,28 @@ def greedy_metrics(model, tokenizer, samples: list[SFTSample], spec: ExperimentS
 
 def fit(model, train: list[SFTSample], spec: ExperimentSpec, pad_id: int, device, on_step) -> None:
     """AdamW on the token-mean target NLL of each batch of ``sft.batch_size`` steps
-    (micro-batches accumulate), lr warmup then cosine; ``on_step(step, metrics)``."""
+    (whole segments in conversation format; micro-batches of ``sft.micro_batch_size``
+    segments accumulate), lr warmup then cosine; ``on_step(step, metrics)``."""
     from epo_cli.learner import cosine_schedule
 
     sft = spec.sft
     batch = as_turn_batch(train)
-    steps_per_epoch = math.ceil(len(batch) / sft.batch_size)
-    total_steps = sft.epochs * steps_per_epoch
+    units = batch.segments()
+    total_steps = sft.epochs * steps_per_epoch(train, sft.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=spec.optim.weight_decay)
     scheduler = cosine_schedule(optimizer, spec.optim, total_steps)
     generator = torch.Generator().manual_seed(spec.train.seed)
     model.train()
     step = 0
     for epoch in range(sft.epochs):
-        order = torch.randperm(len(batch), generator=generator).tolist()
-        for start in range(0, len(order), sft.batch_size):
+        for chosen in unit_minibatches(units, len(batch), sft.batch_size, generator):
             started = time.perf_counter()
-            rows = order[start : start + sft.batch_size]
+            rows = [row for unit in chosen for row in units[unit]]
             target_tokens = sum(len(batch.response_ids[r]) for r in rows)
             loss = confident = 0.0
-            for micro_rows in length_sorted_chunks(batch, rows, sft.micro_batch_size):
-                micro = collate(batch, micro_rows, pad_id).to(device)
+            for micro in micro_batches(batch, units, chosen, sft.micro_batch_size, pad_id):
                 with autocast_context(spec.model.autocast, model):
-                    nll, micro_confident = score_targets(model, micro, spec)
+                    nll, micro_confident = score_targets(model, micro.to(device), spec)
                 (nll / target_tokens).backward()
                 loss += float(nll.detach()) / target_tokens
                 confident += micro_confident
@@ -182,7 +213,7 @@ def fit(model, train: list[SFTSample], spec: ExperimentSpec, pad_id: int, device
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens = sum(batch.sequence_length(r) for r in rows)
+            tokens = sum(batch.sequence_length(units[unit][-1]) for unit in chosen)
             on_step(step, {
                 "sft/loss": loss,
                 "sft/token_accuracy": confident / target_tokens,
@@ -250,6 +281,7 @@ def run_sft(spec: ExperimentSpec, console: Console) -> SFTResult:
         "data/target_tokens_mean": sum(target_lengths) / len(target_lengths),
         "data/target_tokens_max": max(target_lengths),
         "data/prompt_tokens_mean": sum(len(s.prompt_ids) for s in train) / len(train),
+        "data/epoch_tokens": pass_tokens(train),
     }
     console.print(
         f"[bold]epo sft[/] {spec.env.name}, model {spec.model.name}: {len(train)} expert steps of "
@@ -268,8 +300,8 @@ def run_sft(spec: ExperimentSpec, console: Console) -> SFTResult:
         tracker.log_params(flatten(spec.model_dump(mode="json")))
         tracker.log_text(spec_to_yaml(spec), "spec.yaml")
         tracker.log_metrics(data, step=0)
-        steps_per_epoch = math.ceil(len(train) / spec.sft.batch_size)
-        total_steps = spec.sft.epochs * steps_per_epoch
+        epoch_steps = steps_per_epoch(train, spec.sft.batch_size)
+        total_steps = spec.sft.epochs * epoch_steps
         final: dict[str, float] = {}
         with progress_bar(console) as progress:
             bar = progress.add_task("SFT steps", total=total_steps, info="")
@@ -277,7 +309,7 @@ def run_sft(spec: ExperimentSpec, console: Console) -> SFTResult:
             def on_step(step: int, metrics: dict[str, float]) -> None:
                 """Log the step; at an epoch's end, the held-out metrics of the model after ``step + 1`` updates."""
                 tracker.log_metrics(metrics, step=step)
-                if (step + 1) % steps_per_epoch == 0:
+                if (step + 1) % epoch_steps == 0:
                     final.update(teacher_forced_metrics(model, heldout, spec, tokenizer.pad_token_id, device))
                     tracker.log_metrics(final, step=step + 1)
                 progress.update(bar, advance=1, info=f"loss {metrics['sft/loss']:.3f}, {metrics['perf/tokens_per_s']:.0f} tok/s")

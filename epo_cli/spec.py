@@ -374,8 +374,12 @@ class SFTSpec(_Section):
 
     epochs: int = Field(2, gt=0, description="Passes over the expert steps.")
     lr: float = Field(5e-5, gt=0, description="Peak lr; warmup and cosine shape come from optim.")
-    batch_size: int = Field(8, gt=0, description="Expert steps per optimizer step.")
-    micro_batch_size: int = Field(4, gt=0, description="Expert steps per forward pass.")
+    batch_size: int = Field(
+        8, gt=0, description="Expert steps per optimizer step (whole segments with rollout.prompt_format=conversation)."
+    )
+    micro_batch_size: int = Field(
+        4, gt=0, description="Expert steps per forward pass (segments, one packed sequence each, in conversation format)."
+    )
     think: Literal["empty", "template"] = Field(
         "empty",
         description="Target <think> block: 'empty' (<think></think>) or 'template' "

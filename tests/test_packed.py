@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from epo_cli.batch import TurnBatch, collate, forced_tokens, pack
+from epo_cli.batch import TurnBatch, collate, forced_tokens, pack, unit_minibatches
 from epo_cli.envs.base import EnvStep, TaskInstance
 from epo_cli.forward import forward_turns
 from epo_cli.generation import Generation
@@ -227,11 +227,11 @@ def test_packed_minibatches_hold_whole_segments(tokenizer):
     learner = _learner("grpo+epo", "conversation", "optim.mini_batch_size=5")
     units = learner.units(batch)
     assert units == batch.segments() and len(units) == 3
-    minibatches = learner._minibatches(batch, units)
+    minibatches = unit_minibatches(units, len(batch), 5, torch.Generator().manual_seed(0))
     assert len(minibatches) == 3 and sorted(u for m in minibatches for u in m) == [0, 1, 2]
     assert learner._needs_old_logp(batch)
     learner = _learner("grpo+epo", "conversation", "optim.mini_batch_size=12")
-    assert not learner._needs_old_logp(batch) and len(learner._minibatches(batch, units)) == 1
+    assert not learner._needs_old_logp(batch) and len(unit_minibatches(units, len(batch), 12, torch.Generator())) == 1
 
 
 @pytest.mark.slow

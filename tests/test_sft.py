@@ -1,6 +1,8 @@
 """Expert trajectories on the real engines, SFT rendering and training, and `epo sft`."""
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +15,19 @@ from epo_cli.envs.pool import LocalEnvBatch
 from epo_cli.envs.registry import load_split, title_of
 from epo_cli.expert import ExpertCache, cache_file, expert_trajectories
 from epo_cli.rollout import Generation, RolloutSettings, play_episodes
-from epo_cli.sft import SFTError, check_response_budget, expert_response, fit, render_samples, teacher_forced_metrics
+from epo_cli.sft import (
+    SFTError,
+    as_turn_batch,
+    check_response_budget,
+    expert_response,
+    fit,
+    micro_batches,
+    pass_tokens,
+    render_samples,
+    score_targets,
+    steps_per_epoch,
+    teacher_forced_metrics,
+)
 from epo_cli.spec import resolve_spec
 
 pytestmark = pytest.mark.slow
@@ -99,23 +113,57 @@ class ScriptedSampler:
         return [Generation(ids, [0.0] * len(ids), text)]
 
 
+@pytest.mark.parametrize("prompt_format", ["windowed", "conversation"])
 @pytest.mark.parametrize("env", sorted(GAMES))
-def test_rendered_prompts_are_the_prompts_rl_builds(env, trajectories, tokenizer):
-    samples = render_samples(trajectories[env], tokenizer, title_of(env), SETTINGS, "empty")
-    assert len(samples) == sum(min(len(t.steps), SETTINGS.max_turns) for t in trajectories[env])
+def test_rendered_prompts_are_the_prompts_rl_builds(env, prompt_format, trajectories, tokenizer):
+    settings = replace(SETTINGS, prompt_format=prompt_format)
+    samples = render_samples(trajectories[env], tokenizer, title_of(env), settings, "empty")
+    assert len(samples) == sum(min(len(t.steps), settings.max_turns) for t in trajectories[env])
     tasks = {t.name: t for t in load_split(env, None, "train")}
     envs = LocalEnvBatch(env, {}, 1)
     try:
-        rl_prompts = []
-        for trajectory in trajectories[env]:
+        rl_prompts, rl_segments = [], []
+        for game, trajectory in enumerate(trajectories[env]):
             sampler = ScriptedSampler(tokenizer, [step.action for step in trajectory.steps])
-            (episode,) = play_episodes(sampler, tokenizer, envs, [tasks[trajectory.key]], [0], SETTINGS)
+            (episode,) = play_episodes(sampler, tokenizer, envs, [tasks[trajectory.key]], [0], settings)
             assert episode.won
             rl_prompts.extend(turn.prompt_ids for turn in episode.turns)
+            rl_segments.extend(None if turn.segment is None else (game, turn.segment) for turn in episode.turns)
     finally:
         envs.close()
     assert [s.prompt_ids for s in samples] == rl_prompts
-    assert any("Actions taken so far" in tokenizer.decode(s.prompt_ids) for s in samples)
+    assert [s.segment for s in samples] == rl_segments
+    if prompt_format == "windowed":
+        assert any("Actions taken so far" in tokenizer.decode(s.prompt_ids) for s in samples)
+    else:  # the 640-token budget splits the longer games: a new segment restarts with the task
+        assert len(set(rl_segments)) > len(trajectories[env])
+        assert pass_tokens(samples) < pass_tokens([replace(s, segment=None) for s in samples])
+
+
+def test_packed_sft_scores_as_the_per_step_sequences_do(trajectories, tokenizer):
+    """The same conversation-format steps, one packed sequence per segment or one sequence
+    per step: the same held-out loss and token accuracy, and the same gradients."""
+    from epo_cli.models import load_causal_lm
+
+    spec = resolve_spec(flags={"scale": "cpu", "model": {"name": "tiny"}}, overrides=["sft.micro_batch_size=2"])
+    settings = replace(SETTINGS, prompt_format="conversation")
+    packed = render_samples(trajectories["alfworld"], tokenizer, "ALFWorld", settings, "empty")
+    per_step = [replace(s, segment=None) for s in packed]
+    assert len(as_turn_batch(packed).segments()) < len(packed)
+    model = load_causal_lm("tiny", seed=0)
+    metrics = [teacher_forced_metrics(model, samples, spec, tokenizer.pad_token_id, torch.device("cpu"))
+               for samples in (packed, per_step)]
+    assert metrics[0]["heldout/loss"] == pytest.approx(metrics[1]["heldout/loss"], rel=1e-5)
+    assert metrics[0]["heldout/token_accuracy"] == metrics[1]["heldout/token_accuracy"]
+    gradients = []
+    for samples in (packed, per_step):
+        model.zero_grad()
+        batch = as_turn_batch(samples)
+        for micro in micro_batches(batch, batch.segments(), list(range(len(batch.segments()))), 2, tokenizer.pad_token_id):
+            score_targets(model, micro, spec)[0].backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert float(gradients[0].norm()) > 0
+    assert float((gradients[0] - gradients[1]).norm()) <= 1e-4 * float(gradients[1].norm())
 
 
 def test_targets_parse_back_and_must_fit_the_budget(trajectories, tokenizer):
@@ -140,9 +188,16 @@ def test_a_few_sft_steps_lower_the_loss(trajectories, tokenizer):
     losses = []
     fit(model, samples, spec, tokenizer.pad_token_id, torch.device("cpu"), lambda step, m: losses.append(m["sft/loss"]))
     after = teacher_forced_metrics(model, samples, spec, tokenizer.pad_token_id, torch.device("cpu"))
-    assert len(losses) == 4 * 4  # 4 epochs x ceil(13 steps / 4)
+    assert len(losses) == 4 * 4 == 4 * steps_per_epoch(samples, 4)  # 4 epochs x ceil(13 steps / 4)
     assert after["heldout/loss"] < 0.8 * before["heldout/loss"]  # measured: 10.8 -> 6.2 nats per token
     assert losses[-1] < losses[0]
+
+    conversation = render_samples(trajectories["alfworld"], tokenizer, "ALFWorld", replace(SETTINGS, prompt_format="conversation"), "empty")
+    segments = len(as_turn_batch(conversation).segments())
+    assert steps_per_epoch(conversation, 4) == min(4, segments)  # whole segments per optimizer step
+    losses = []
+    fit(model, conversation, spec, tokenizer.pad_token_id, torch.device("cpu"), lambda step, m: losses.append(m["sft/loss"]))
+    assert len(losses) == 4 * min(4, segments) and all(math.isfinite(loss) for loss in losses)
 
 
 def test_sft_cli_writes_a_folder_that_train_and_eval_start_from(tmp_path, expert_dir):
