@@ -83,4 +83,9 @@ def test_packed_case_plays_and_times_both_paths():
     result = packed._packed_case(recipe_rollout.RECIPES["ALFWorld pick_and_place_simple"], "tiny", 1, 1, max_turns=2)
     assert result["turns"] >= 1 and result["segments"] >= 1
     assert result["packed_tokens"] <= result["per_turn_tokens"] and result["packed_s"] > 0 and result["per_turn_s"] > 0
-    assert "| ALFWorld | 1 |" in packed.render_packed("tiny", [("ALFWorld", result)])
+    assert result["rollout_conversation_s"] > 0 and result["rollout_windowed_s"] > 0 and result["windowed_update_s"] > 0
+    assert 1 <= result["windowed_turns"] <= 2
+    table = packed.render_packed("tiny", [("ALFWorld", result)])
+    assert "| ALFWorld | 1 |" in table
+    step_ratio = (result["rollout_windowed_s"] + result["windowed_update_s"]) / (result["rollout_conversation_s"] + result["packed_s"])
+    assert table.rstrip().endswith(f"| {step_ratio:.2f}x |")

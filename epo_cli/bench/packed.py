@@ -13,9 +13,12 @@ from epo_cli.bench.recipe_rollout import RECIPES
 
 
 def _packed_case(spec_file: Path, model_name: str, episodes: int, repeats: int, max_turns: int | None = None) -> dict:
-    """Play ``episodes`` episodes of a recipe's tasks (``group_size`` per task) in the
-    conversation format, then time ``repeats`` updates (after one warm-up) on them
-    through each path."""
+    """Play ``episodes`` episodes of a recipe's tasks (``group_size`` per task) in each
+    prompt format (one timed rollout each, same tasks and seed), then time ``repeats``
+    updates (after one warm-up): on the conversation episodes through each path, and on
+    the windowed episodes per turn (the windowed format's own step)."""
+    import dataclasses
+
     import torch
 
     from epo_cli.batch import TurnBatch
@@ -37,25 +40,40 @@ def _packed_case(spec_file: Path, model_name: str, episodes: int, repeats: int, 
     group = min(spec.rollout.group_size, episodes)
     split = of_task_types(load_split(spec.env.name, spec.env.data_dir, spec.env.train_split), spec.env.task_types, spec.env.train_split)
     tasks = [split[i // group] for i in range(episodes)]
-    envs = env_batch_for(spec, episodes)
-    try:
-        sampler = build_sampler(spec, learner.policy, tokenizer, torch.Generator().manual_seed(spec.train.seed))
-        played = play_episodes(sampler, tokenizer, envs, tasks, [i // group for i in range(episodes)],
-                               RolloutSettings.from_spec(spec))
-    finally:
-        envs.close()
-    batch = TurnBatch.from_episodes(played)
-    owner = torch.zeros(len(batch), dtype=torch.long)
-    result = {"episodes": episodes, "turns": len(batch), "segments": len(batch.segments())}
-    for path, prompt_format in (("per_turn", "windowed"), ("packed", "conversation")):
+
+    def play(prompt_format: str) -> tuple[TurnBatch, float]:
+        """The episodes in ``prompt_format`` and the seconds their rollout took."""
+        envs = env_batch_for(spec, episodes)
+        try:
+            sampler = build_sampler(spec, learner.policy, tokenizer, torch.Generator().manual_seed(spec.train.seed))
+            settings = dataclasses.replace(RolloutSettings.from_spec(spec), prompt_format=prompt_format)
+            started = time.perf_counter()
+            played = play_episodes(sampler, tokenizer, envs, tasks, [i // group for i in range(episodes)], settings)
+            return TurnBatch.from_episodes(played), time.perf_counter() - started
+        finally:
+            envs.close()
+
+    def update_seconds(batch: TurnBatch, prompt_format: str) -> float:
+        """Mean seconds of ``repeats`` updates on ``batch`` through ``prompt_format``'s path."""
         learner.spec.rollout.prompt_format = prompt_format  # the learner's path; the episodes stay
-        result[f"{path}_tokens"] = learner.pass_tokens(batch)
+        owner = torch.zeros(len(batch), dtype=torch.long)
         times = []
         for _ in range(repeats + 1):
             started = time.perf_counter()
             learner.learn(batch, owner, 0)
             times.append(time.perf_counter() - started)
-        result[f"{path}_s"] = sum(times[1:]) / repeats
+        return sum(times[1:]) / repeats
+
+    batch, rollout_s = play("conversation")
+    windowed, windowed_rollout_s = play("windowed")
+    result = {"episodes": episodes, "turns": len(batch), "segments": len(batch.segments()),
+              "rollout_conversation_s": rollout_s, "rollout_windowed_s": windowed_rollout_s}
+    for path, prompt_format in (("per_turn", "windowed"), ("packed", "conversation")):
+        learner.spec.rollout.prompt_format = prompt_format
+        result[f"{path}_tokens"] = learner.pass_tokens(batch)
+        result[f"{path}_s"] = update_seconds(batch, prompt_format)
+    result["windowed_turns"] = len(windowed)
+    result["windowed_update_s"] = update_seconds(windowed, "windowed")
     return result
 
 
@@ -91,6 +109,26 @@ def render_packed(model_name: str, rows: list[tuple[str, dict]]) -> str:
             f"| {name} | {r['episodes']} | {r['turns']} | {r['segments']} | {r['per_turn_tokens']} | {r['packed_tokens']} | "
             f"{token_ratio:.2f}x | {r['per_turn_s']:.2f} | {r['packed_s']:.2f} | {time_ratio:.2f}x | "
             f"{time_ratio / token_ratio:.2f} |"
+        )
+    lines += [
+        "",
+        "Whole steps, each format as a run would use it: the same tasks played in the windowed format (the "
+        "paper's, per-turn update) and in the conversation format (packed update). Rollout seconds: one timed "
+        "rollout each (the transformers sampler re-reads every prompt whole; a conversation prompt grows with the "
+        "episode); update seconds as above, on each format's own episodes. Turns differ where the two formats' "
+        "episodes do.",
+        "",
+        "| recipe | turns windowed | turns conversation | rollout s windowed | rollout s conversation | "
+        "update s windowed | update s packed | step s windowed | step s conversation | step ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows:
+        windowed = r["rollout_windowed_s"] + r["windowed_update_s"]
+        conversation = r["rollout_conversation_s"] + r["packed_s"]
+        lines.append(
+            f"| {name} | {r['windowed_turns']} | {r['turns']} | {r['rollout_windowed_s']:.1f} | "
+            f"{r['rollout_conversation_s']:.1f} | {r['windowed_update_s']:.1f} | {r['packed_s']:.1f} | {windowed:.1f} | "
+            f"{conversation:.1f} | {windowed / conversation:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
