@@ -60,16 +60,24 @@ class TransformersSampler:
     (log-prob 0, no draw); with
     ``fast_forward`` (the default) a run of such tokens is fed to the model in the same
     forward pass as the token before it, so an action costs about one pass per real choice.
+
+    With ``reuse_prefixes`` (``rollout.prompt_format: conversation``), the KV cache of each
+    sequence of a call (prompt and response) is kept until the next call; a prompt that
+    extends a kept sequence feeds only its new tokens. The kept caches are dropped as soon
+    as any weight changed (tensor version counters), so a cache never outlives its policy.
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 16, generator: torch.Generator | None = None,
-                 autocast: str = "none", fast_forward: bool = True):
+                 autocast: str = "none", fast_forward: bool = True, reuse_prefixes: bool = False):
         self.model = model
         self.autocast = autocast
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.generator = generator
         self.fast_forward = fast_forward
+        self.reuse_prefixes = reuse_prefixes
+        self.prefixes: list[_Prefix] = []  # the last call's sequences, with reuse_prefixes
+        self.prefix_weights: tuple[int, ...] | None = None  # the weight versions they were computed with
         self.eos_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -85,29 +93,54 @@ class TransformersSampler:
 
     def generate(self, prompts, max_new_tokens, temperature, top_p, constraints=None):
         results: list[Generation] = []
+        weights = tuple(p._version for p in self.model.parameters()) if self.reuse_prefixes else None
+        usable = self.prefixes if weights == self.prefix_weights else []
+        kept: list[_Prefix] = []
         with autocast_context(self.autocast, self.model):
             for start in range(0, len(prompts), self.batch_size):
                 window = slice(start, start + self.batch_size)
                 chunk_constraints = constraints[window] if constraints is not None else None
-                results.extend(self._generate_batch(prompts[window], max_new_tokens, temperature, top_p, chunk_constraints))
+                results.extend(self._generate_batch(prompts[window], max_new_tokens, temperature, top_p, chunk_constraints,
+                                                    usable, kept))
+        if self.reuse_prefixes:
+            self.prefixes, self.prefix_weights = kept, weights
         return results
 
+    def _start(self, prompts, prefixes: list[_Prefix], device):
+        """The first forward pass of a batch: each prompt's tokens after its longest kept
+        prefix (all of it if none), left-padded, over the kept prefixes' KV (left-padded
+        too). Returns the model output, the attention mask so far and each row's next
+        position."""
+        matches = [_longest_prefix(prompt, prefixes) for prompt in prompts]
+        reused = [min(len(m.ids), len(prompt) - 1) if m is not None else 0 for m, prompt in zip(matches, prompts)]
+        width = max(reused)
+        cache = _prefix_cache(matches, reused, width, self.model.config) if width else None
+        new = [prompt[n:] for prompt, n in zip(prompts, reused)]
+        step = max(len(ids) for ids in new)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(prompts), step), pad, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width + step), dtype=torch.long)
+        for row, (ids, n) in enumerate(zip(new, reused)):
+            input_ids[row, step - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - n : width] = 1
+            attention[row, width + step - len(ids) :] = 1
+        reused_t = torch.tensor(reused)
+        positions = (reused_t[:, None] + attention[:, width:].cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
+        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        return out, attention, positions[:, -1] + 1
+
     @torch.no_grad()
-    def _generate_batch(self, prompts, max_new_tokens, temperature, top_p, constraints=None) -> list[Generation]:
+    def _generate_batch(self, prompts, max_new_tokens, temperature, top_p, constraints=None, prefixes=(),
+                        kept=None) -> list[Generation]:
+        """One batch of responses; with ``reuse_prefixes``, starting from ``prefixes`` and
+        adding each row's sequence to ``kept``."""
         was_training = self.model.training
         self.model.eval()
         pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            attention[row, width - len(prompt) :] = 1
         device = next(self.model.parameters()).device
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
-        next_position = positions[:, -1] + 1
+        out, attention, next_position = self._start(prompts, prefixes, device)
         last_logits = out.logits[:, -1]
         seeds = torch.randint(0, 2**62, (len(prompts),), generator=self.generator).tolist()
         streams = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -148,6 +181,8 @@ class TransformersSampler:
             last_logits = out.logits[torch.arange(len(prompts), device=device), (counts - 1).clamp(min=0)]
             next_position = next_position + counts
         self.model.train(was_training)
+        if self.reuse_prefixes:
+            kept.extend(_kept_prefixes(prompts, responses, attention, out.past_key_values))
         return [
             Generation(r.tokens, r.logprobs, self.tokenizer.decode(r.tokens, skip_special_tokens=True),
                        r.allowed if constraints is not None else None)
@@ -180,6 +215,58 @@ class _Response:
     finished: bool = False
 
 
+@dataclass
+class _Prefix:
+    """A sequence whose KV cache is kept (``reuse_prefixes``): per layer ``[heads, len(ids), dim]``."""
+
+    ids: list[int]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+def _longest_prefix(prompt: list[int], prefixes: list[_Prefix]) -> _Prefix | None:
+    """The longest kept sequence that ``prompt`` starts with, or None."""
+    best = None
+    for prefix in prefixes:
+        n = len(prefix.ids)
+        if n <= len(prompt) and (best is None or n > len(best.ids)) and prompt[:n] == prefix.ids:
+            best = prefix
+    return best
+
+
+def _prefix_cache(matches: list[_Prefix | None], reused: list[int], width: int, config):
+    """One batch KV cache of the first ``reused[row]`` positions of each row's kept prefix,
+    left-padded with zeros to ``width`` positions."""
+    from transformers.cache_utils import DynamicCache
+
+    first = next(m for m in matches if m is not None)
+    layers = []
+    for layer in range(len(first.keys)):
+        pair = []
+        for kind in ("keys", "values"):
+            like = getattr(first, kind)[layer]
+            padded = like.new_zeros((len(matches), like.shape[0], width, like.shape[2]))
+            for row, (match, n) in enumerate(zip(matches, reused)):
+                if n:
+                    padded[row, :, width - n :] = getattr(match, kind)[layer][:, :n]
+            pair.append(padded)
+        layers.append(tuple(pair))
+    return DynamicCache(ddp_cache_data=layers, config=config)
+
+
+def _kept_prefixes(prompts, responses, attention: torch.Tensor, cache) -> list[_Prefix]:
+    """Each row's sequence with KV in ``cache``: its prompt and the response tokens fed to
+    the model (a last token sampled but never fed has none), padding left out."""
+    kept = []
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        valid = attention[row].bool()
+        fed = int(valid.sum()) - len(prompt)
+        kept.append(_Prefix(list(prompt) + response.tokens[:fed],
+                            [layer.keys[row][:, valid] for layer in cache.layers],
+                            [layer.values[row][:, valid] for layer in cache.layers]))
+    return kept
+
+
 def _forced(constraints, row: int) -> bool:
     """Whether the next token of ``row`` is the only one its constraint allows."""
     if constraints is None or constraints[row].done:
@@ -202,7 +289,8 @@ def build_sampler(spec, policy, tokenizer, generator: torch.Generator, model_dir
             options.gpu_memory_utilization, options.cpu_kv_cache_gb, options.enforce_eager, spec.train.seed,
         )
     return TransformersSampler(policy, tokenizer, spec.rollout.generation_batch_size, generator, spec.model.autocast,
-                               spec.rollout.fast_forward)
+                               spec.rollout.fast_forward,
+                               reuse_prefixes=spec.rollout.prompt_format == "conversation" and spec.rollout.prefix_cache)
 
 
 def _as_list(value) -> list:

@@ -168,6 +168,11 @@ class RolloutSpec(_Section):
         description="With constrain=admissible (transformers sampler): feed each run of forced tokens (the only "
         "allowed one) in one forward pass instead of one pass per token; the same samples, fewer passes.",
     )
+    prefix_cache: bool = Field(
+        True,
+        description="With prompt_format=conversation (transformers sampler): keep each episode's KV cache between "
+        "turns, so a turn's prompt feeds only its new tokens (vLLM caches prefixes itself).",
+    )
 
 
 class SmoothingSpec(_Section):

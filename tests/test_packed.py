@@ -253,3 +253,55 @@ def test_train_toy_multiturn_in_conversation_format(tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("epo").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["rollout.prompt_format"] == "conversation"
     assert run.data.metrics["rollout/logprob_diff"] < 1e-5  # the packed update scores what the sampler drew
+
+
+class FedTokens:
+    """Counts the token positions a model is fed (padding included), per forward pass."""
+
+    def __init__(self, model):
+        self.passes: list[int] = []
+        self.handle = model.register_forward_pre_hook(lambda _, args, kwargs: self.passes.append(kwargs["input_ids"].numel()),
+                                                      with_kwargs=True)
+
+
+def test_prefix_cache_feeds_only_new_tokens_and_samples_the_same(tiny_model, tokenizer):
+    """Conversation rollouts with the kept KV caches sample exactly what whole-prompt
+    prefills sample, feeding a fraction of the tokens; a segment restart (a prompt that
+    extends no kept sequence) still works."""
+    from epo_cli.rollout import TransformersSampler
+
+    settings = RolloutSettings(max_turns=6, max_prompt_tokens=400, max_response_tokens=12, temperature=1.0,
+                               prompt_format="conversation")
+    tasks = [TaskInstance("fake", "t", i, 0) for i in range(3)]
+    played, fed = {}, {}
+    for reuse in (False, True):
+        counter = FedTokens(tiny_model)
+        sampler = TransformersSampler(tiny_model, tokenizer, batch_size=2, generator=torch.Generator().manual_seed(3),
+                                      reuse_prefixes=reuse)
+        played[reuse] = play_episodes(sampler, tokenizer, WordyEnvs(), tasks, [0, 0, 1], settings)
+        counter.handle.remove()
+        fed[reuse] = sum(counter.passes)
+    turns = {reuse: [t for e in episodes for t in e.turns] for reuse, episodes in played.items()}
+    assert max(t.segment for t in turns[True]) >= 1  # 400 tokens: the fifth turn restarts
+    assert [t.prompt_ids for t in turns[True]] == [t.prompt_ids for t in turns[False]]
+    assert [t.response_ids for t in turns[True]] == [t.response_ids for t in turns[False]]
+    for cached, plain in zip(turns[True], turns[False]):
+        assert torch.allclose(torch.tensor(cached.sample_logprobs), torch.tensor(plain.sample_logprobs), atol=1e-4)
+    assert fed[True] < 0.5 * fed[False]
+
+
+def test_prefix_cache_is_dropped_when_the_weights_change(tiny_model, tokenizer):
+    from epo_cli.rollout import TransformersSampler
+
+    sampler = TransformersSampler(tiny_model, tokenizer, generator=torch.Generator().manual_seed(0), reuse_prefixes=True)
+    prompt = tokenizer("a prompt of some length, to be extended")["input_ids"]
+    (first,) = sampler.generate([prompt], 4, 1.0, 1.0)
+    follow_up = prompt + first.token_ids + tokenizer(" and more")["input_ids"]
+    counter = FedTokens(tiny_model)
+    sampler.generate([follow_up], 1, 1.0, 1.0)
+    reused_pass = counter.passes[0]
+    with torch.no_grad():
+        next(tiny_model.parameters()).add_(0.0)  # an in-place update, as an optimizer step makes
+    sampler.generate([follow_up], 1, 1.0, 1.0)
+    counter.handle.remove()
+    assert reused_pass < len(follow_up) - len(prompt) + 1 and counter.passes[1] == len(follow_up)
