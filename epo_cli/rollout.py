@@ -107,29 +107,34 @@ class TransformersSampler:
         return results
 
     def _start(self, prompts, prefixes: list[_Prefix], device):
-        """The first forward pass of a batch: each prompt's tokens after its longest kept
-        prefix (all of it if none), left-padded, over the kept prefixes' KV (left-padded
-        too). Returns the model output, the attention mask so far and each row's next
-        position."""
-        matches = [_longest_prefix(prompt, prefixes) for prompt in prompts]
-        reused = [min(len(m.ids), len(prompt) - 1) if m is not None else 0 for m, prompt in zip(matches, prompts)]
+        """The first forward pass of a batch. Identical prompts (a GRPO group's first
+        turn, or members that acted alike) are computed once and their cache rows copied.
+        Each prompt feeds its tokens after its longest kept prefix (all of them if none),
+        left-padded, over the kept prefixes' KV (left-padded too). Returns the last
+        logits, the cache, the attention mask so far and each row's next position."""
+        unique = list(dict.fromkeys(tuple(prompt) for prompt in prompts))
+        index = {prompt: i for i, prompt in enumerate(unique)}
+        copies = torch.tensor([index[tuple(prompt)] for prompt in prompts], device=device)
+        matches = [_longest_prefix(list(prompt), prefixes) for prompt in unique]
+        reused = [min(len(m.ids), len(prompt) - 1) if m is not None else 0 for m, prompt in zip(matches, unique)]
         width = max(reused)
         cache = _prefix_cache(matches, reused, width, self.model.config) if width else None
-        new = [prompt[n:] for prompt, n in zip(prompts, reused)]
+        new = [prompt[n:] for prompt, n in zip(unique, reused)]
         step = max(len(ids) for ids in new)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(prompts), step), pad, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width + step), dtype=torch.long)
+        input_ids = torch.full((len(unique), step), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(unique), width + step), dtype=torch.long)
         for row, (ids, n) in enumerate(zip(new, reused)):
             input_ids[row, step - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention[row, width - n : width] = 1
             attention[row, width + step - len(ids) :] = 1
-        reused_t = torch.tensor(reused)
-        positions = (reused_t[:, None] + attention[:, width:].cumsum(-1) - 1).clamp(min=0)
+        positions = (torch.tensor(reused)[:, None] + attention[:, width:].cumsum(-1) - 1).clamp(min=0)
         input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
         out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
-        return out, attention, positions[:, -1] + 1
+        cache = out.past_key_values
+        if len(unique) < len(prompts):
+            cache.batch_select_indices(copies)
+        return out.logits[copies, -1], cache, attention[copies], positions[copies, -1] + 1
 
     @torch.no_grad()
     def _generate_batch(self, prompts, max_new_tokens, temperature, top_p, constraints=None, prefixes=(),
@@ -140,8 +145,7 @@ class TransformersSampler:
         self.model.eval()
         pad = self.tokenizer.pad_token_id
         device = next(self.model.parameters()).device
-        out, attention, next_position = self._start(prompts, prefixes, device)
-        last_logits = out.logits[:, -1]
+        last_logits, cache, attention, next_position = self._start(prompts, prefixes, device)
         seeds = torch.randint(0, 2**62, (len(prompts),), generator=self.generator).tolist()
         streams = [torch.Generator().manual_seed(seed) for seed in seeds]
         responses = [_Response() for _ in prompts]
@@ -176,13 +180,14 @@ class TransformersSampler:
             fed_positions = next_position[:, None] + torch.arange(step, device=device)[None, :]
             attention = torch.cat([attention, mask.to(device)], dim=1)
             out = self.model(input_ids=fed.to(device), attention_mask=attention, position_ids=fed_positions,
-                             past_key_values=out.past_key_values, use_cache=True)
+                             past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
             counts = mask.sum(-1).to(device)
             last_logits = out.logits[torch.arange(len(prompts), device=device), (counts - 1).clamp(min=0)]
             next_position = next_position + counts
         self.model.train(was_training)
         if self.reuse_prefixes:
-            kept.extend(_kept_prefixes(prompts, responses, attention, out.past_key_values))
+            kept.extend(_kept_prefixes(prompts, responses, attention, cache))
         return [
             Generation(r.tokens, r.logprobs, self.tokenizer.decode(r.tokens, skip_special_tokens=True),
                        r.allowed if constraints is not None else None)

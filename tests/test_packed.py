@@ -305,3 +305,23 @@ def test_prefix_cache_is_dropped_when_the_weights_change(tiny_model, tokenizer):
     sampler.generate([follow_up], 1, 1.0, 1.0)
     counter.handle.remove()
     assert reused_pass < len(follow_up) - len(prompt) + 1 and counter.passes[1] == len(follow_up)
+
+
+def test_identical_prompts_are_computed_once(tiny_model, tokenizer):
+    """A group's identical prompts take one row of the first pass; each copy still samples
+    from its own random stream, and a row samples what it samples without the sharing."""
+    from epo_cli.rollout import TransformersSampler
+
+    same, other = tokenizer("the same opening")["input_ids"], tokenizer("another one, longer")["input_ids"]
+    generations, first_pass = [], []
+    for prompts in ([same, other], [same, same, same, other]):
+        counter = FedTokens(tiny_model)
+        sampler = TransformersSampler(tiny_model, tokenizer, generator=torch.Generator().manual_seed(1))
+        generations.append(sampler.generate(prompts, 8, 1.0, 1.0))
+        counter.handle.remove()
+        first_pass.append(counter.passes[0])
+    assert first_pass == [2 * len(other)] * 2  # two distinct prompts either way, left-padded to the longer
+    distinct, shared = generations
+    assert shared[0].token_ids == distinct[0].token_ids  # row 0 draws the first seed in both batches
+    assert torch.allclose(torch.tensor(shared[0].logprobs), torch.tensor(distinct[0].logprobs), atol=1e-5)
+    assert len({tuple(g.token_ids) for g in shared[:3]}) > 1  # the copies diverge: their own streams
