@@ -61,6 +61,7 @@ class TransformersSampler:
     ``fast_forward`` (the default) a run of such tokens is fed to the model in the same
     forward pass as the token before it, so an action costs about one pass per real choice.
 
+    With ``share_prompts`` (the default), identical prompts of a batch are prefilled once.
     With ``reuse_prefixes`` (``rollout.prompt_format: conversation``), the KV cache of each
     sequence of a call (prompt and response) is kept until the next call; a prompt that
     extends a kept sequence feeds only its new tokens. The kept caches are dropped as soon
@@ -68,7 +69,7 @@ class TransformersSampler:
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 16, generator: torch.Generator | None = None,
-                 autocast: str = "none", fast_forward: bool = True, reuse_prefixes: bool = False):
+                 autocast: str = "none", fast_forward: bool = True, reuse_prefixes: bool = False, share_prompts: bool = True):
         self.model = model
         self.autocast = autocast
         self.tokenizer = tokenizer
@@ -76,6 +77,7 @@ class TransformersSampler:
         self.generator = generator
         self.fast_forward = fast_forward
         self.reuse_prefixes = reuse_prefixes
+        self.share_prompts = share_prompts
         self.prefixes: list[_Prefix] = []  # the last call's sequences, with reuse_prefixes
         self.prefix_weights: tuple[int, ...] | None = None  # the weight versions they were computed with
         self.eos_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
@@ -112,10 +114,14 @@ class TransformersSampler:
         Each prompt feeds its tokens after its longest kept prefix (all of them if none),
         left-padded, over the kept prefixes' KV (left-padded too). Returns the last
         logits, the cache, the attention mask so far and each row's next position."""
-        unique = list(dict.fromkeys(tuple(prompt) for prompt in prompts))
-        index = {prompt: i for i, prompt in enumerate(unique)}
-        copies = torch.tensor([index[tuple(prompt)] for prompt in prompts], device=device)
-        matches = [_longest_prefix(list(prompt), prefixes) for prompt in unique]
+        keys = [tuple(prompt) if self.share_prompts else row for row, prompt in enumerate(prompts)]
+        first_row: dict = {}
+        for row, key in enumerate(keys):
+            first_row.setdefault(key, row)
+        computed = {key: i for i, key in enumerate(first_row)}
+        copies = torch.tensor([computed[key] for key in keys], device=device)
+        unique = [list(prompts[row]) for row in first_row.values()]
+        matches = [_longest_prefix(prompt, prefixes) for prompt in unique]
         reused = [min(len(m.ids), len(prompt) - 1) if m is not None else 0 for m, prompt in zip(matches, unique)]
         width = max(reused)
         cache = _prefix_cache(matches, reused, width, self.model.config) if width else None

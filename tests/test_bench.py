@@ -27,14 +27,17 @@ def test_rollout_cases_and_env_rows_render():
 
 
 @pytest.mark.slow
-def test_recipe_rollout_plays_the_same_step_either_way():
-    """One step of the ALFWorld recipe on the real engine, with the tiny model."""
+def test_recipe_rollout_plays_the_same_step_every_windowed_way():
+    """One step of the ALFWorld recipe on the real engine, with the tiny model, through
+    every sampler path."""
     spec_file = recipe_rollout.RECIPES["ALFWorld pick_and_place_simple"]
-    slow = recipe_rollout._recipe_case(spec_file, "tiny", fast_forward=False)
-    fast = recipe_rollout._recipe_case(spec_file, "tiny", fast_forward=True)
-    assert fast["episodes"] == 8 and fast["responses"] == slow["responses"] and fast["turns"] > 0
-    table = recipe_rollout.render_recipe_rollout("tiny", [("ALFWorld", slow, fast)])
+    cases = [recipe_rollout._recipe_case(spec_file, "tiny", *setting[1:]) for setting in recipe_rollout.SETTINGS]
+    assert all(case["episodes"] == 8 and case["turns"] > 0 for case in cases)
+    assert all(case["responses"] == cases[0]["responses"] for case in cases[1:-1])
+    assert cases[-1]["prompt_tokens"] > cases[0]["prompt_tokens"]  # a conversation prompt holds the whole episode
+    table = recipe_rollout.render_recipe_rollout("tiny", [("ALFWorld", cases)])
     assert "| ALFWorld | 8 |" in table and table.rstrip().endswith("| yes |")
+    assert table.count("speed-up") == len(recipe_rollout.SETTINGS) - 1
 
 
 @pytest.mark.slow

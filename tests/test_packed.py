@@ -321,6 +321,11 @@ def test_identical_prompts_are_computed_once(tiny_model, tokenizer):
         counter.handle.remove()
         first_pass.append(counter.passes[0])
     assert first_pass == [2 * len(other)] * 2  # two distinct prompts either way, left-padded to the longer
+    counter = FedTokens(tiny_model)
+    unshared = TransformersSampler(tiny_model, tokenizer, generator=torch.Generator().manual_seed(1), share_prompts=False)
+    assert [g.token_ids for g in unshared.generate([same, same, same, other], 8, 1.0, 1.0)] == [g.token_ids for g in generations[1]]
+    counter.handle.remove()
+    assert counter.passes[0] == 4 * len(other)
     distinct, shared = generations
     assert shared[0].token_ids == distinct[0].token_ids  # row 0 draws the first seed in both batches
     assert torch.allclose(torch.tensor(shared[0].logprobs), torch.tensor(distinct[0].logprobs), atol=1e-5)

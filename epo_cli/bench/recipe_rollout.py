@@ -1,6 +1,9 @@
-"""The ``recipe_rollout`` part: rollout seconds of one RL step of each CPU recipe
-(real engines, constrained actions), one forward pass per token vs forced-token runs fed
-in one pass (``rollout.fast_forward``), from the same seed."""
+"""The ``recipe_rollout`` part: rollout seconds of one RL step of each CPU recipe (real
+engines, constrained actions, the same seed) through the transformers sampler's paths:
+one forward pass per token (the baseline), forced-token runs fed in one pass
+(``rollout.fast_forward``), identical prompts of a batch prefilled once, and the
+conversation format with each episode's KV cache kept between turns
+(``rollout.prefix_cache``)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,16 @@ RECIPES = {
 }
 
 
-def _recipe_case(spec_file: Path, model_name: str, fast_forward: bool) -> dict:
+# (label, fast_forward, share_prompts, prompt_format): each adds one path to the one before.
+SETTINGS = (
+    ("one pass per token", False, False, "windowed"),
+    ("fast-forward", True, False, "windowed"),
+    ("+ shared prompts", True, True, "windowed"),
+    ("+ conversation, prefix cache", True, True, "conversation"),
+)
+
+
+def _recipe_case(spec_file: Path, model_name: str, fast_forward: bool, share_prompts: bool, prompt_format: str) -> dict:
     """Play one RL step's episodes of a recipe with the base model; time the whole rollout
     (sampling and engine steps), as ``perf/rollout_s`` does."""
     import torch
@@ -28,14 +40,15 @@ def _recipe_case(spec_file: Path, model_name: str, fast_forward: bool) -> dict:
     from epo_cli.rollout import RolloutSettings, TransformersSampler, play_episodes
     from epo_cli.spec import resolve_spec
 
-    spec = resolve_spec(spec_file, {"model": {"name": model_name}})
+    spec = resolve_spec(spec_file, {"model": {"name": model_name}, "rollout": {"prompt_format": prompt_format}})
     torch.manual_seed(0)
     tokenizer = load_tokenizer(model_name)
     model = load_causal_lm(model_name, spec.model.dtype).eval()
     split = of_task_types(load_split(spec.env.name, spec.env.data_dir, spec.env.train_split), spec.env.task_types, "train")
     tasks, groups = grouped_tasks(TaskSampler(split, spec.train.seed), spec.rollout.tasks_per_step, spec.rollout.group_size)
     sampler = TransformersSampler(model, tokenizer, spec.rollout.generation_batch_size, torch.Generator().manual_seed(0),
-                                  spec.model.autocast, fast_forward)
+                                  spec.model.autocast, fast_forward, reuse_prefixes=prompt_format == "conversation",
+                                  share_prompts=share_prompts)
     envs = env_batch_for(spec, len(tasks))
     try:
         started = time.perf_counter()
@@ -54,30 +67,42 @@ def _recipe_case(spec_file: Path, model_name: str, fast_forward: bool) -> dict:
     }
 
 
-def recipe_rows(model_name: str) -> list[tuple[str, dict, dict]]:
-    """(recipe, one pass per token, fast-forward) for each recipe, each in a fresh process."""
-    return [
-        (name, in_fresh_process(_recipe_case, spec_file, model_name, False), in_fresh_process(_recipe_case, spec_file, model_name, True))
-        for name, spec_file in RECIPES.items()
-    ]
+def recipe_rows(model_name: str) -> list[tuple[str, list[dict]]]:
+    """(recipe, its figures in each of :data:`SETTINGS`) for each recipe, each case in a
+    fresh process."""
+    return [(name, [in_fresh_process(_recipe_case, spec_file, model_name, *setting[1:]) for setting in SETTINGS])
+            for name, spec_file in RECIPES.items()]
 
 
-def render_recipe_rollout(model_name: str, rows: list[tuple[str, dict, dict]]) -> str:
+def render_recipe_rollout(model_name: str, rows: list[tuple[str, list[dict]]]) -> str:
+    labels = [label for label, *_ in SETTINGS]
     lines = [
         "",
-        "## Rollout of one RL step of the CPU recipes: one pass per token vs fast-forward",
+        "## Rollout of one RL step of the CPU recipes: the transformers sampler's paths",
         "",
         f"{model_name} (base weights), each recipe's episodes of one step (`rollout.tasks_per_step` x `group_size`) "
-        "on the real engines with `rollout.constrain: admissible`, the same seed in both settings; the time includes "
-        "the engines' steps. `same responses`: both settings sampled identical tokens, as they must.",
+        "on the real engines with `rollout.constrain: admissible`, the same seed in every setting; the time includes "
+        "the engines' steps. Each setting adds one path to the one before: forced-token runs fed in one pass "
+        "(`rollout.fast_forward`), identical prompts of a batch (a group's first turn) prefilled once, and the "
+        "conversation prompt format with each episode's KV cache kept between turns (`rollout.prefix_cache`: a "
+        "turn prefills only its new tokens). Speed-ups are against the first setting. `same responses`: the windowed "
+        "settings sampled identical tokens, as they must (the conversation format's prompts, and so its episodes, "
+        "differ).",
         "",
-        "| recipe | episodes | turns | prompt tokens / turn | response tokens | one pass per token (s) | fast-forward (s) | speed-up | same responses |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| recipe | episodes | turns (windowed / conversation) | prompt tokens / turn (windowed / conversation) | "
+        + " | ".join(f"{label} (s)" for label in labels) + " | " + " | ".join(f"speed-up {label}" for label in labels[1:])
+        + " | same responses |",
+        "|---|---:|---:|---:|" + "---:|" * (2 * len(labels) - 1) + "---|",
     ]
-    for name, slow, fast in rows:
-        same = "yes" if slow["responses"] == fast["responses"] else "NO"
-        lines.append(f"| {name} | {fast['episodes']} | {fast['turns']} | {fast['prompt_tokens']:.0f} | {fast['tokens']} | "
-                     f"{slow['seconds']:.1f} | {fast['seconds']:.1f} | {slow['seconds'] / fast['seconds']:.2f}x | {same} |")
+    for name, cases in rows:
+        windowed, conversation = cases[0], cases[-1]
+        same = "yes" if all(case["responses"] == windowed["responses"] for case in cases[:-1]) else "NO"
+        lines.append(
+            f"| {name} | {windowed['episodes']} | {windowed['turns']} / {conversation['turns']} | "
+            f"{windowed['prompt_tokens']:.0f} / {conversation['prompt_tokens']:.0f} | "
+            + " | ".join(f"{case['seconds']:.1f}" for case in cases) + " | "
+            + " | ".join(f"{windowed['seconds'] / case['seconds']:.2f}x" for case in cases[1:]) + f" | {same} |"
+        )
     return "\n".join(lines) + "\n"
 
 
