@@ -44,6 +44,10 @@ class Sampler(Protocol):
     def with_generator(self, generator: torch.Generator) -> Sampler:
         """The same sampler (same weights) drawing from another random stream."""
 
+    def forget_prefixes(self) -> None:
+        """Drop whatever the backend keeps between calls of one rollout (called when a
+        rollout ends: the weights may change next)."""
+
     def close(self) -> None:
         """Release the backend's engine, if it has one."""
 
@@ -62,24 +66,25 @@ class TransformersSampler:
     forward pass as the token before it, so an action costs about one pass per real choice.
 
     With ``share_prompts`` (the default), identical prompts of a batch are prefilled once.
-    With ``reuse_prefixes`` (``rollout.prompt_format: conversation``), the KV cache of each
+    With ``prefix_cache`` (``rollout.prompt_format: conversation``), the KV cache of each
     sequence of a call (prompt and response) is kept until the next call; a prompt that
-    extends a kept sequence feeds only its new tokens. The kept caches are dropped as soon
-    as any weight changed (tensor version counters), so a cache never outlives its policy.
+    extends a kept sequence feeds only its new tokens. :func:`play_episodes` calls
+    :meth:`forget_prefixes` when a rollout ends, so a cache never outlives the weights
+    that computed it, nor holds memory through the update. The kept caches cost
+    ``2 x layers x kv_heads x head_dim`` values per token of every running episode.
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 16, generator: torch.Generator | None = None,
-                 autocast: str = "none", fast_forward: bool = True, reuse_prefixes: bool = False, share_prompts: bool = True):
+                 autocast: str = "none", fast_forward: bool = True, prefix_cache: bool = False, share_prompts: bool = True):
         self.model = model
         self.autocast = autocast
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.generator = generator
         self.fast_forward = fast_forward
-        self.reuse_prefixes = reuse_prefixes
+        self.prefix_cache = prefix_cache
         self.share_prompts = share_prompts
-        self.prefixes: list[_Prefix] = []  # the last call's sequences, with reuse_prefixes
-        self.prefix_weights: tuple[int, ...] | None = None  # the weight versions they were computed with
+        self.prefixes: list[_Prefix] = []  # the last call's sequences, with prefix_cache
         self.eos_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -95,8 +100,7 @@ class TransformersSampler:
 
     def generate(self, prompts, max_new_tokens, temperature, top_p, constraints=None):
         results: list[Generation] = []
-        weights = tuple(p._version for p in self.model.parameters()) if self.reuse_prefixes else None
-        usable = self.prefixes if weights == self.prefix_weights else []
+        usable, self.prefixes = self.prefixes, []
         kept: list[_Prefix] = []
         with autocast_context(self.autocast, self.model):
             for start in range(0, len(prompts), self.batch_size):
@@ -104,9 +108,13 @@ class TransformersSampler:
                 chunk_constraints = constraints[window] if constraints is not None else None
                 results.extend(self._generate_batch(prompts[window], max_new_tokens, temperature, top_p, chunk_constraints,
                                                     usable, kept))
-        if self.reuse_prefixes:
-            self.prefixes, self.prefix_weights = kept, weights
+        if self.prefix_cache:
+            self.prefixes = kept
         return results
+
+    def forget_prefixes(self) -> None:
+        """Drop the kept KV caches (``prefix_cache``): the rollout they belong to is over."""
+        self.prefixes = []
 
     def _start(self, prompts, prefixes: list[_Prefix], device):
         """The first forward pass of a batch. Identical prompts (a GRPO group's first
@@ -143,10 +151,10 @@ class TransformersSampler:
         return out.logits[copies, -1], cache, attention[copies], positions[copies, -1] + 1
 
     @torch.no_grad()
-    def _generate_batch(self, prompts, max_new_tokens, temperature, top_p, constraints=None, prefixes=(),
-                        kept=None) -> list[Generation]:
-        """One batch of responses; with ``reuse_prefixes``, starting from ``prefixes`` and
-        adding each row's sequence to ``kept``."""
+    def _generate_batch(self, prompts, max_new_tokens, temperature, top_p, constraints, prefixes: list[_Prefix],
+                        kept: list[_Prefix]) -> list[Generation]:
+        """One batch of responses, starting from the kept ``prefixes``; with
+        ``prefix_cache``, each row's sequence is added to ``kept``."""
         was_training = self.model.training
         self.model.eval()
         pad = self.tokenizer.pad_token_id
@@ -192,7 +200,7 @@ class TransformersSampler:
             last_logits = out.logits[torch.arange(len(prompts), device=device), (counts - 1).clamp(min=0)]
             next_position = next_position + counts
         self.model.train(was_training)
-        if self.reuse_prefixes:
+        if self.prefix_cache:
             kept.extend(_kept_prefixes(prompts, responses, attention, cache))
         return [
             Generation(r.tokens, r.logprobs, self.tokenizer.decode(r.tokens, skip_special_tokens=True),
@@ -228,7 +236,7 @@ class _Response:
 
 @dataclass
 class _Prefix:
-    """A sequence whose KV cache is kept (``reuse_prefixes``): per layer ``[heads, len(ids), dim]``."""
+    """A sequence whose KV cache is kept (``prefix_cache``): per layer ``[heads, len(ids), dim]``."""
 
     ids: list[int]
     keys: list[torch.Tensor]
@@ -301,7 +309,7 @@ def build_sampler(spec, policy, tokenizer, generator: torch.Generator, model_dir
         )
     return TransformersSampler(policy, tokenizer, spec.rollout.generation_batch_size, generator, spec.model.autocast,
                                spec.rollout.fast_forward,
-                               reuse_prefixes=spec.rollout.prompt_format == "conversation" and spec.rollout.prefix_cache)
+                               prefix_cache=spec.rollout.prompt_format == "conversation" and spec.rollout.prefix_cache)
 
 
 def _as_list(value) -> list:
@@ -509,56 +517,59 @@ def play_episodes(
         conversations = [Conversation(tokenizer, envs.title, settings) for _ in episodes]
     constraint_for = ConstraintFactory(tokenizer, settings.think_tokens) if settings.constrain == "admissible" else None
     active = list(range(len(episodes)))
-    for turn_index in range(settings.max_turns):
-        if not active:
-            break
-        prompts, cuts = [], []
-        for slot in active:
-            if conversations is not None:
-                ids, cut = conversations[slot].prompt(states[slot], turn_index)
-            else:
-                messages = build_prompt(envs.title, states[slot], turn_index, settings.max_turns, settings.history_length, settings.max_listed_actions)
-                ids, cut = encode_prompt(tokenizer, messages, settings.max_prompt_tokens, settings.on_overflow)
-            prompts.append(ids)
-            cuts.append(cut)
-        constraints = [constraint_for(commands[slot]) for slot in active] if constraint_for is not None else None
-        generations = sampler.generate(prompts, settings.max_response_tokens, settings.temperature, settings.top_p, constraints)
-        checked = [check_action(g.text) for g in generations]
-        actions = [action for action, _ in checked]
-        to_step = [(slot, action) for slot, action in zip(active, actions) if action is not None]
-        slots = [slot for slot, _ in to_step]
-        results = dict(zip(slots, envs.step(slots, [a for _, a in to_step]))) if to_step else {}
-        still_active = []
-        for slot, prompt, cut, generation, (action, invalid_reason) in zip(active, prompts, cuts, generations, checked):
-            episode, state = episodes[slot], states[slot]
-            turn = Turn(
-                prompt, generation.token_ids, generation.text, action, turn_index, generation.logprobs,
-                generation.allowed, prompt_tokens_cut=cut, observation=state.observation,
-                listed_actions=state.actions[: settings.max_listed_actions], invalid_reason=invalid_reason,
-            )
-            if conversations is not None:
-                conversations[slot].answer(generation.token_ids)
-                turn.segment = conversations[slot].segment
-            if action is None:
-                turn.reward -= settings.invalid_action_penalty
-                observation = INVALID_FORMAT_OBSERVATION
-            else:
-                result = results[slot]
-                turn.accepted = result.accepted
-                observation = result.observation
-                state.actions = result.actions
-                commands[slot] = result.commands
-                episode.done, episode.won, episode.score = result.done, result.won, result.score
-            turn.score = episode.score
-            episode.turns.append(turn)
-            state.past_actions.append(action if action is not None else "(invalid)")
-            state.past_observations.append(state.observation)
-            state.observation = observation
-            if episode.done or turn_index == settings.max_turns - 1:
-                turn.reward += settings.reward_scale * settings.outcome(episode)
-            else:
-                still_active.append(slot)
-        if on_turn is not None:
-            on_turn(sum(len(g.token_ids) for g in generations), len(active))
-        active = still_active
+    try:
+        for turn_index in range(settings.max_turns):
+            if not active:
+                break
+            prompts, cuts = [], []
+            for slot in active:
+                if conversations is not None:
+                    ids, cut = conversations[slot].prompt(states[slot], turn_index)
+                else:
+                    messages = build_prompt(envs.title, states[slot], turn_index, settings.max_turns, settings.history_length, settings.max_listed_actions)
+                    ids, cut = encode_prompt(tokenizer, messages, settings.max_prompt_tokens, settings.on_overflow)
+                prompts.append(ids)
+                cuts.append(cut)
+            constraints = [constraint_for(commands[slot]) for slot in active] if constraint_for is not None else None
+            generations = sampler.generate(prompts, settings.max_response_tokens, settings.temperature, settings.top_p, constraints)
+            checked = [check_action(g.text) for g in generations]
+            actions = [action for action, _ in checked]
+            to_step = [(slot, action) for slot, action in zip(active, actions) if action is not None]
+            slots = [slot for slot, _ in to_step]
+            results = dict(zip(slots, envs.step(slots, [a for _, a in to_step]))) if to_step else {}
+            still_active = []
+            for slot, prompt, cut, generation, (action, invalid_reason) in zip(active, prompts, cuts, generations, checked):
+                episode, state = episodes[slot], states[slot]
+                turn = Turn(
+                    prompt, generation.token_ids, generation.text, action, turn_index, generation.logprobs,
+                    generation.allowed, prompt_tokens_cut=cut, observation=state.observation,
+                    listed_actions=state.actions[: settings.max_listed_actions], invalid_reason=invalid_reason,
+                )
+                if conversations is not None:
+                    conversations[slot].answer(generation.token_ids)
+                    turn.segment = conversations[slot].segment
+                if action is None:
+                    turn.reward -= settings.invalid_action_penalty
+                    observation = INVALID_FORMAT_OBSERVATION
+                else:
+                    result = results[slot]
+                    turn.accepted = result.accepted
+                    observation = result.observation
+                    state.actions = result.actions
+                    commands[slot] = result.commands
+                    episode.done, episode.won, episode.score = result.done, result.won, result.score
+                turn.score = episode.score
+                episode.turns.append(turn)
+                state.past_actions.append(action if action is not None else "(invalid)")
+                state.past_observations.append(state.observation)
+                state.observation = observation
+                if episode.done or turn_index == settings.max_turns - 1:
+                    turn.reward += settings.reward_scale * settings.outcome(episode)
+                else:
+                    still_active.append(slot)
+            if on_turn is not None:
+                on_turn(sum(len(g.token_ids) for g in generations), len(active))
+            active = still_active
+    finally:
+        sampler.forget_prefixes()  # the weights may change before the next rollout
     return episodes

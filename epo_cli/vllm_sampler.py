@@ -104,6 +104,9 @@ class VLLMSampler:
         twin.generator = generator
         return twin
 
+    def forget_prefixes(self) -> None:
+        """Nothing to drop: the trainer resets vLLM's prefix cache with every weight push."""
+
     def close(self) -> None:
         """Shut the engine down now, while the process group it joined still exists
         (vLLM's own exit hook would run after torchrun's group is destroyed)."""

@@ -29,6 +29,9 @@ class TokenSampler:
         self.tokenizer = tokenizer
         self.calls = 0
 
+    def forget_prefixes(self):
+        pass
+
     def generate(self, prompts, max_new_tokens, temperature, top_p, constraints=None):
         out = []
         for prompt in prompts:
@@ -277,7 +280,7 @@ def test_prefix_cache_feeds_only_new_tokens_and_samples_the_same(tiny_model, tok
     for reuse in (False, True):
         counter = FedTokens(tiny_model)
         sampler = TransformersSampler(tiny_model, tokenizer, batch_size=2, generator=torch.Generator().manual_seed(3),
-                                      reuse_prefixes=reuse)
+                                      prefix_cache=reuse)
         played[reuse] = play_episodes(sampler, tokenizer, WordyEnvs(), tasks, [0, 0, 1], settings)
         counter.handle.remove()
         fed[reuse] = sum(counter.passes)
@@ -290,21 +293,27 @@ def test_prefix_cache_feeds_only_new_tokens_and_samples_the_same(tiny_model, tok
     assert fed[True] < 0.5 * fed[False]
 
 
-def test_prefix_cache_is_dropped_when_the_weights_change(tiny_model, tokenizer):
+def test_prefix_cache_lives_until_the_rollout_ends(tiny_model, tokenizer):
+    """A prompt that extends the last call's sequence feeds only its new tokens, until
+    ``forget_prefixes``, which ``play_episodes`` calls when a rollout ends (the weights may
+    change before the next one)."""
     from epo_cli.rollout import TransformersSampler
 
-    sampler = TransformersSampler(tiny_model, tokenizer, generator=torch.Generator().manual_seed(0), reuse_prefixes=True)
+    sampler = TransformersSampler(tiny_model, tokenizer, generator=torch.Generator().manual_seed(0), prefix_cache=True)
     prompt = tokenizer("a prompt of some length, to be extended")["input_ids"]
     (first,) = sampler.generate([prompt], 4, 1.0, 1.0)
     follow_up = prompt + first.token_ids + tokenizer(" and more")["input_ids"]
     counter = FedTokens(tiny_model)
     sampler.generate([follow_up], 1, 1.0, 1.0)
-    reused_pass = counter.passes[0]
-    with torch.no_grad():
-        next(tiny_model.parameters()).add_(0.0)  # an in-place update, as an optimizer step makes
+    sampler.forget_prefixes()
     sampler.generate([follow_up], 1, 1.0, 1.0)
     counter.handle.remove()
-    assert reused_pass < len(follow_up) - len(prompt) + 1 and counter.passes[1] == len(follow_up)
+    assert counter.passes[0] <= len(follow_up) - len(prompt) and counter.passes[1] == len(follow_up)
+
+    settings = RolloutSettings(max_turns=3, max_prompt_tokens=4096, max_response_tokens=4, temperature=1.0,
+                               prompt_format="conversation")
+    play_episodes(sampler, tokenizer, WordyEnvs(), [TaskInstance("fake", "t", 0, 0)], [0], settings)
+    assert sampler.prefixes == []
 
 
 def test_identical_prompts_are_computed_once(tiny_model, tokenizer):

@@ -26,6 +26,9 @@ class ScriptedSampler:
         self.answers = list(answers)
         self.prompts = []
 
+    def forget_prefixes(self):
+        pass
+
     def generate(self, prompts, max_new_tokens, temperature, top_p, constraints=None):
         self.prompts.append(prompts)
         return [Generation([7, 8], [-0.1, -0.2], self.answers.pop(0)) for _ in prompts]

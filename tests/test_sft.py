@@ -107,6 +107,9 @@ class ScriptedSampler:
     def __init__(self, tokenizer, actions):
         self.tokenizer, self.actions = tokenizer, list(actions)
 
+    def forget_prefixes(self):
+        pass
+
     def generate(self, prompts, max_new_tokens, temperature, top_p, constraints=None):
         text = expert_response(self.actions.pop(0), "empty")
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -17,8 +17,6 @@ def _packed_case(spec_file: Path, model_name: str, episodes: int, repeats: int, 
     prompt format (one timed rollout each, same tasks and seed), then time ``repeats``
     updates (after one warm-up): on the conversation episodes through each path, and on
     the windowed episodes per turn (the windowed format's own step)."""
-    import dataclasses
-
     import torch
 
     from epo_cli.batch import TurnBatch
@@ -45,8 +43,10 @@ def _packed_case(spec_file: Path, model_name: str, episodes: int, repeats: int, 
         """The episodes in ``prompt_format`` and the seconds their rollout took."""
         envs = env_batch_for(spec, episodes)
         try:
-            sampler = build_sampler(spec, learner.policy, tokenizer, torch.Generator().manual_seed(spec.train.seed))
-            settings = dataclasses.replace(RolloutSettings.from_spec(spec), prompt_format=prompt_format)
+            played_spec = spec.model_copy(deep=True)
+            played_spec.rollout.prompt_format = prompt_format  # the sampler keeps KV caches in conversation format only
+            sampler = build_sampler(played_spec, learner.policy, tokenizer, torch.Generator().manual_seed(spec.train.seed))
+            settings = RolloutSettings.from_spec(played_spec)
             started = time.perf_counter()
             played = play_episodes(sampler, tokenizer, envs, tasks, [i // group for i in range(episodes)], settings)
             return TurnBatch.from_episodes(played), time.perf_counter() - started
@@ -113,10 +113,10 @@ def render_packed(model_name: str, rows: list[tuple[str, dict]]) -> str:
     lines += [
         "",
         "Whole steps, each format as a run would use it: the same tasks played in the windowed format (the "
-        "paper's, per-turn update) and in the conversation format (packed update). Rollout seconds: one timed "
-        "rollout each (the transformers sampler re-reads every prompt whole; a conversation prompt grows with the "
-        "episode); update seconds as above, on each format's own episodes. Turns differ where the two formats' "
-        "episodes do.",
+        "paper's, per-turn update) and in the conversation format (packed update, and the sampler's prefix cache: "
+        "a turn prefills only its new tokens). Rollout seconds: one timed rollout each, the conversation one first "
+        "(it pays the warm-up); update seconds as above, on each format's own episodes. Turns differ where the two "
+        "formats' episodes do.",
         "",
         "| recipe | turns windowed | turns conversation | rollout s windowed | rollout s conversation | "
         "update s windowed | update s packed | step s windowed | step s conversation | step ratio |",

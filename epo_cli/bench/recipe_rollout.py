@@ -47,7 +47,7 @@ def _recipe_case(spec_file: Path, model_name: str, fast_forward: bool, share_pro
     split = of_task_types(load_split(spec.env.name, spec.env.data_dir, spec.env.train_split), spec.env.task_types, "train")
     tasks, groups = grouped_tasks(TaskSampler(split, spec.train.seed), spec.rollout.tasks_per_step, spec.rollout.group_size)
     sampler = TransformersSampler(model, tokenizer, spec.rollout.generation_batch_size, torch.Generator().manual_seed(0),
-                                  spec.model.autocast, fast_forward, reuse_prefixes=prompt_format == "conversation",
+                                  spec.model.autocast, fast_forward, prefix_cache=prompt_format == "conversation",
                                   share_prompts=share_prompts)
     envs = env_batch_for(spec, len(tasks))
     try:
