@@ -30,7 +30,7 @@ class TokenSampler:
         self.calls = 0
 
     def forget_prefixes(self):
-        pass
+        """Nothing is kept between calls."""
 
     def generate(self, prompts, max_new_tokens, temperature, top_p, constraints=None):
         out = []

@@ -27,7 +27,7 @@ class ScriptedSampler:
         self.prompts = []
 
     def forget_prefixes(self):
-        pass
+        """Nothing is kept between calls."""
 
     def generate(self, prompts, max_new_tokens, temperature, top_p, constraints=None):
         self.prompts.append(prompts)

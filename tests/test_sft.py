@@ -108,7 +108,7 @@ class ScriptedSampler:
         self.tokenizer, self.actions = tokenizer, list(actions)
 
     def forget_prefixes(self):
-        pass
+        """Nothing is kept between calls."""
 
     def generate(self, prompts, max_new_tokens, temperature, top_p, constraints=None):
         text = expert_response(self.actions.pop(0), "empty")
