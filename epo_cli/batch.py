@@ -232,3 +232,9 @@ def length_sorted_chunks(batch: TurnBatch, rows: list[int], size: int, length=No
     of an item: its sequence's by default, for items that are rows)."""
     ordered = sorted(rows, key=length or batch.sequence_length)
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
+def unit_chunks(batch: TurnBatch, units: list[list[int]], chosen: list[int], size: int) -> list[list[int]]:
+    """The ``chosen`` unit indices in length-sorted micro-batches of ``size`` (a unit's
+    length: its sequence's, the last turn's prompt + response)."""
+    return length_sorted_chunks(batch, chosen, size, lambda unit: batch.sequence_length(units[unit][-1]))

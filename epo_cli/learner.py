@@ -30,7 +30,7 @@ from epo_cli.algos.advantages import gae_over_turns, grpo_advantages, whiten
 from epo_cli.algos.history import EntropyHistory
 from epo_cli.algos.losses import token_weights
 from epo_cli.algos.objective import LossInputs, StepCoefficients, epo_loss, step_coefficients
-from epo_cli.batch import MicroBatch, TurnBatch, length_sorted_chunks, minibatch_count, pack, unit_minibatches
+from epo_cli.batch import MicroBatch, TurnBatch, minibatch_count, pack, unit_chunks, unit_minibatches
 from epo_cli.distributed import (
     DistContext,
     balanced_chunks,
@@ -178,9 +178,8 @@ class Learner:
         """This rank's length-sorted micro-batches of ``size`` of the ``chosen`` units,
         padded to the same count on every rank. A unit's rows belong to one episode, so to
         one rank."""
-        length = lambda unit: batch.sequence_length(units[unit][-1])  # noqa: E731
         by_rank = [
-            length_sorted_chunks(batch, [u for u in chosen if int(owner[units[u][0]]) == rank], size, length)
+            unit_chunks(batch, units, [u for u in chosen if int(owner[units[u][0]]) == rank], size)
             for rank in range(self.dist.world_size)
         ]
         return balanced_chunks(by_rank, self.dist.rank)

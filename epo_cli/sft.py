@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from epo_cli.batch import TurnBatch, length_sorted_chunks, minibatch_count, pack, unit_minibatches
+from epo_cli.batch import TurnBatch, minibatch_count, pack, unit_chunks, unit_minibatches
 from epo_cli.checkpoint import atomic_folder
 from epo_cli.envs.base import PromptState, build_prompt, parse_action
 from epo_cli.envs.registry import title_of
@@ -110,8 +110,7 @@ def as_turn_batch(samples: list[SFTSample]) -> TurnBatch:
 
 def micro_batches(batch: TurnBatch, units: list[list[int]], chosen: list[int], size: int, pad_id: int):
     """Length-sorted micro-batches of ``size`` of the ``chosen`` units (segments), packed."""
-    length = lambda unit: batch.sequence_length(units[unit][-1])  # noqa: E731
-    for chunk in length_sorted_chunks(batch, chosen, size, length):
+    for chunk in unit_chunks(batch, units, chosen, size):
         yield pack(batch, [units[u] for u in chunk], pad_id)
 
 
