@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 from epo_cli.algos.advantages import gae_over_turns, grpo_advantages, whiten
 from epo_cli.algos.history import EntropyHistory
 from epo_cli.algos.losses import token_weights
-from epo_cli.algos.objective import LossInputs, StepCoefficients, epo_loss, step_coefficients
+from epo_cli.algos.objective import EPOLoss, LossInputs, StepCoefficients, epo_loss, step_coefficients
 from epo_cli.batch import MicroBatch, TurnBatch, minibatch_count, pack, unit_chunks, unit_minibatches
 from epo_cli.distributed import (
     DistContext,
@@ -47,22 +47,42 @@ from epo_cli.spec import ExperimentSpec
 
 @dataclass
 class UpdateStats:
-    """Sums over micro-batches of weighted quantities; each mini-batch's weights sum to 1."""
+    """Sums over micro-batches of weighted quantities; each mini-batch's weights sum to 1.
+    A quantity added with a ``count`` is instead averaged over its own count of samples."""
 
     sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
     minibatches: int = 0
 
-    def add(self, name: str, value: torch.Tensor | float) -> None:
+    def add(self, name: str, value: torch.Tensor | float, count: bool | None = None) -> None:
         self.sums[name] = self.sums.get(name, 0.0) + float(value)
+        if count is not None:
+            self.counts[name] = self.counts.get(name, 0.0) + float(count)
 
     def all_reduce(self, dist: DistContext) -> None:
-        """Sum each quantity over ranks (every rank adds the same keys)."""
-        names = sorted(self.sums)
-        totals = dist.all_reduce_sum(torch.tensor([self.sums[n] for n in names], dtype=torch.float64))
-        self.sums = dict(zip(names, totals.tolist()))
+        """Sum each quantity and count over ranks (every rank adds the same keys)."""
+        names, counted = sorted(self.sums), sorted(self.counts)
+        values = [self.sums[n] for n in names] + [self.counts[n] for n in counted]
+        totals = dist.all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
+        self.sums = dict(zip(names, totals[: len(names)]))
+        self.counts = dict(zip(counted, totals[len(names) :]))
 
     def means(self) -> dict[str, float]:
-        return {k: v / max(self.minibatches, 1) for k, v in self.sums.items()}
+        """Per mini-batch, or per sample of a counted quantity (left out if it has none)."""
+        return {
+            name: value / self.counts[name] if name in self.counts else value / max(self.minibatches, 1)
+            for name, value in self.sums.items()
+            if self.counts.get(name, 1) > 0
+        }
+
+
+def _grad_norm(term: torch.Tensor | None, params: list[torch.Tensor]) -> float:
+    """L2 norm of ``d term / d params``, leaving the graph for the backward of the loss;
+    0 for a term that is absent or has no gradient (the indicator penalty)."""
+    if term is None or not term.requires_grad:
+        return 0.0
+    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+    return float(torch.nn.utils.get_total_norm([g for g in grads if g is not None]))
 
 
 def cosine_schedule(optimizer, optim, total_steps: int):
@@ -284,8 +304,11 @@ class Learner:
                     else:
                         w = torch.stack([weight_of[r][:width] for r in micro.rows])
                     last = i == len(chunks) - 1
+                    measure = spec.tracking.term_grad_norms and i == 0
                     with self._gradient_sync(last), autocast_context(spec.model.autocast, self.policy):
-                        entropy_per_turn, logprob_diff = self._micro_step(batch, micro, w.to(self.device), coefs, reference, stats)
+                        entropy_per_turn, logprob_diff = self._micro_step(
+                            batch, micro, w.to(self.device), coefs, reference, stats, measure
+                        )
                     if epoch == 0 and chunk is not None:
                         step_logprob_diff += logprob_diff / n_minibatches
                         if record_entropy:
@@ -369,10 +392,11 @@ class Learner:
         return stack
 
     def _micro_step(
-        self, batch, micro, w, coefs: StepCoefficients, reference, stats: UpdateStats
+        self, batch, micro, w, coefs: StepCoefficients, reference, stats: UpdateStats, measure_terms: bool
     ) -> tuple[torch.Tensor, float]:
-        """Forward, :func:`epo_loss` and backward for one micro-batch; returns its per-token
-        entropy (detached, on the CPU) and its weighted sampler vs trainer log-prob difference."""
+        """Forward, :func:`epo_loss` and backward for one micro-batch (first the gradient norms
+        of its terms with ``measure_terms``); returns its per-token entropy (detached, on the
+        CPU) and its weighted sampler vs trainer log-prob difference."""
         spec = self.spec
         device = self.device
         out = self.actor(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens)
@@ -395,13 +419,31 @@ class Learner:
         values = None
         if self.is_ppo:
             values = out.values if self.shared_critic else self.critic(micro, 1.0, with_logprobs=False).values
-        loss, metrics = epo_loss(inputs, out.logp, out.entropy, spec.algo, spec.epo, coefs, values)
+        result = epo_loss(inputs, out.logp, out.entropy, spec.algo, spec.epo, coefs, values)
+        if measure_terms:
+            self._term_grad_norms(result, w, stats)
         # DDP and FSDP2 average gradients over ranks; the weights already normalize over
         # the global mini-batch, so scale back up to the sum.
-        (loss * self.dist.world_size).backward()
-        for name, value in metrics.items():
+        (result.loss * self.dist.world_size).backward()
+        for name, value in result.metrics.items():
             stats.add(name, value)
         return out.entropy.detach().float().cpu(), logprob_diff
+
+    def _term_grad_norms(self, result: EPOLoss, w: torch.Tensor, stats: UpdateStats) -> None:
+        """``tracking.term_grad_norms``: gradient norms over the policy's parameters of the
+        policy part of L_MT (surrogate + KL), ``-lambda_k L_H`` (Eq. 2) and ``+lambda_k beta_k
+        L_smooth`` (Eq. 3-5) in this micro-batch, and the EPO terms' ratios to the first.
+        A micro-batch without weight (padding) adds no sample, a zero policy-gradient norm
+        (GRPO groups without signal) no ratio sample."""
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        counted = bool(w.any())
+        norms = {}
+        for name, term in (("pg", result.pg), ("entropy_bonus", result.entropy_bonus), ("smooth", result.smoothing)):
+            norms[name] = _grad_norm(term, params) if counted else 0.0
+            stats.add(f"grad/{name}_norm", norms[name], count=counted)
+        has_signal = norms["pg"] > 0
+        for name in ("entropy_bonus", "smooth"):
+            stats.add(f"grad/{name}_ratio", norms[name] / norms["pg"] if has_signal else 0.0, count=has_signal)
 
     def _optimizer_step(self, norms: UpdateStats) -> None:
         """Clip each optimizer's gradients and step; a non-finite gradient anywhere skips

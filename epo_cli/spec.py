@@ -335,6 +335,12 @@ class TrackingSpec(_Section):
         description="Episodes per step written with every turn in full to episodes/step_N.jsonl (`epo show`): "
         "'all' (the CPU default) or the first N (GPU scale); every episode keeps its summary line.",
     )
+    term_grad_norms: bool = Field(
+        False,
+        description="Log grad/{pg,entropy_bonus,smooth}_norm and grad/{entropy_bonus,smooth}_ratio: L2 norms of the "
+        "policy-parameter gradients of L_MT's policy part and the two EPO terms of Eq. 6, on the first micro-batch "
+        "of each mini-batch (three extra backward passes there; not with distributed.strategy fsdp2).",
+    )
 
     @field_validator("transcripts", mode="before")
     @classmethod
@@ -436,6 +442,11 @@ class ExperimentSpec(_Section):
             raise ValueError("env.data_dir: ScienceWorld needs no data folder (its splits come from the engine); remove it")
         if self.optim.micro_batch_size > self.optim.mini_batch_size:
             raise ValueError("optim.micro_batch_size must not exceed optim.mini_batch_size")
+        if self.tracking.term_grad_norms and self.distributed.strategy == "fsdp2":
+            raise ValueError(
+                "tracking.term_grad_norms needs distributed.strategy ddp "
+                "(autograd.grad over FSDP2's sharded parameters is not supported)"
+            )
         if self.rollout.constrain != "none" and self.rollout.backend != "transformers":
             raise ValueError("rollout.constrain needs rollout.backend: transformers (the vLLM backend samples unconstrained)")
         from epo_cli.envs.registry import splits_of

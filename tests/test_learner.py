@@ -138,3 +138,75 @@ def test_entropy_history_records_the_pre_update_policy_over_the_whole_batch(mini
     assert learner.history.turn_means[0] == pytest.approx(turns_before, rel=1e-5)
     after, _ = _hand_entropy_record(learner, batch)
     assert abs(after - before) > 1e-4 * before  # the updates moved the policy: the record is not after them
+
+
+def _measured_rows(learner: Learner, monkeypatch) -> list[list[int]]:
+    """The rows of each micro-batch the learner measures the term norms on, as it runs."""
+    measured, micro_step = [], learner._micro_step
+
+    def recording(batch, micro, *args):
+        if args[-1]:  # measure_terms, the last positional argument
+            measured.append(list(micro.rows))
+        return micro_step(batch, micro, *args)
+
+    monkeypatch.setattr(learner, "_micro_step", recording)
+    return measured
+
+
+def _norm(grads: dict[str, torch.Tensor]) -> float:
+    return float(torch.stack([g.norm() for g in grads.values()]).norm())
+
+
+# Episode 3 loses: both groups have a policy-gradient signal, A = +-1/sqrt(2) for every row.
+SIGNAL_REWARDS = [0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def test_term_grad_norms_are_those_of_the_first_micro_batch_and_leave_the_update_unchanged(monkeypatch):
+    batch, step = _batch(SIGNAL_REWARDS), 3
+    learners = {
+        on: _learner(f"tracking.term_grad_norms={str(on).lower()}", "optim.warmup_ratio=0") for on in (False, True)
+    }
+    metrics = {}
+    measured = _measured_rows(learners[True], monkeypatch)
+    for on, learner in learners.items():
+        learner.history.append(0.1, {})  # Hbar_W = 0.1: every token is above the corridor, smoothing acts
+        metrics[on] = learner.learn(batch, torch.zeros(len(batch), dtype=torch.long), step)
+    start = _learner()
+    for (name, off), on in zip(learners[False].policy.named_parameters(), learners[True].policy.parameters()):
+        assert torch.equal(off, on), name
+    assert any(not torch.equal(a, b) for a, b in zip(start.policy.parameters(), learners[True].policy.parameters()))
+    assert not any(key.startswith("grad/") for key in metrics[False])
+    assert len(measured) == 1 and len(measured[0]) == 3  # one mini-batch; its first micro-batch of 3
+
+    # The three terms by hand on that micro-batch (Eq. 2 weights of the other rows zeroed),
+    # under the same start policy: ratio 1, so d(-r A) = -A dlogp.
+    w = _hand_weights(batch) * torch.isin(torch.arange(len(batch)), torch.tensor(measured[0]))[:, None]
+    s = 1 / math.sqrt(2)
+    advantages = torch.tensor([s, s, -s, s, s, s, -s])[:, None]
+    beta_k = beta_schedule(step, STEPS)
+    hand = {
+        "pg": lambda logp, entropy: -(advantages * torch.exp(logp - logp.detach()) * w).sum(),
+        "entropy_bonus": lambda logp, entropy: -LAMBDA * (entropy * w).sum(),
+        "smooth": lambda logp, entropy: LAMBDA * beta_k * (ALPHA * torch.relu(entropy - KAPPA_R * 0.1) * w).sum(),
+    }
+    got = metrics[True]
+    norms = {name: _norm(_hand_gradient(start, batch, loss_of)) for name, loss_of in hand.items()}
+    for name, norm in norms.items():
+        assert norm > 0 and got[f"grad/{name}_norm"] == pytest.approx(norm, rel=1e-4), name
+    for name in ("entropy_bonus", "smooth"):
+        assert got[f"grad/{name}_ratio"] == pytest.approx(got[f"grad/{name}_norm"] / got["grad/pg_norm"], rel=1e-12)
+
+
+def test_term_grad_norms_without_entropy_bonus_or_policy_gradient_signal():
+    # epo.entropy_coef = 0 (no EPO): the bonus, and the smoothing it scales, move nothing.
+    learner = _learner("tracking.term_grad_norms=true", "epo.entropy_coef=0")
+    learner.history.append(0.1, {})
+    got = learner.learn(_batch(SIGNAL_REWARDS), torch.zeros(len(TURNS), dtype=torch.long), 3)
+    assert got["grad/pg_norm"] > 0
+    assert got["grad/entropy_bonus_norm"] == got["grad/smooth_norm"] == 0.0
+    assert got["grad/entropy_bonus_ratio"] == got["grad/smooth_ratio"] == 0.0
+    # Equal rewards in each group: A = 0 and no policy gradient; the ratios are left out, not inf.
+    learner = _learner("tracking.term_grad_norms=true")
+    got = learner.learn(_batch([0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]), torch.zeros(len(TURNS), dtype=torch.long), 0)
+    assert got["grad/pg_norm"] == 0.0 and got["grad/entropy_bonus_norm"] > 0 and got["grad/smooth_norm"] == 0.0
+    assert "grad/entropy_bonus_ratio" not in got and "grad/smooth_ratio" not in got

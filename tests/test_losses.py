@@ -116,7 +116,7 @@ def _objective_grad(form):
     # Corridor [0.9 * 1.0, 1.2 * 1.0]: token 0 (H~0.4) is below it, token 1 (H~1.38) above.
     smoothing = SmoothingSpec(enabled=form is not None, form=form or "hinge", kappa_l=0.9, kappa_r=1.2, alpha=0.1)
     inputs = LossInputs(torch.tensor([[0.5, 0.5]]), torch.zeros(1), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), entropy_ref=1.0)
-    loss, _ = epo_loss(inputs, torch.zeros(1, 2), entropy, AlgoSpec(), EPOSpec(smoothing=smoothing), StepCoefficients(0.5, 2.0))
+    loss = epo_loss(inputs, torch.zeros(1, 2), entropy, AlgoSpec(), EPOSpec(smoothing=smoothing), StepCoefficients(0.5, 2.0)).loss
     (grad,) = torch.autograd.grad(loss, logits)
     return grad
 

@@ -27,20 +27,41 @@ def test_eq6_hand_case_value_and_gradients():
     epo = EPOSpec(smoothing=SmoothingSpec(kappa_l=0.0, kappa_r=2.0, alpha=0.25))
     logp = torch.zeros(1, 1, requires_grad=True)
     entropy = torch.full((1, 1), 2.5, requires_grad=True)
-    loss, metrics = epo_loss(_inputs([1.0], [[1.0]], entropy_ref=1.0), logp, entropy, AlgoSpec(), epo, StepCoefficients(0.1, 2.0))
-    assert loss.item() == pytest.approx(-1.225)
-    assert metrics["epo/smooth_penalty"].item() == pytest.approx(0.125)
-    assert metrics["epo/out_of_corridor_frac"].item() == 1.0
-    loss.backward()
+    out = epo_loss(_inputs([1.0], [[1.0]], entropy_ref=1.0), logp, entropy, AlgoSpec(), epo, StepCoefficients(0.1, 2.0))
+    assert out.loss.item() == pytest.approx(-1.225)
+    assert out.metrics["epo/smooth_penalty"].item() == pytest.approx(0.125)
+    assert out.metrics["epo/out_of_corridor_frac"].item() == 1.0
+    out.loss.backward()
     assert logp.grad.item() == pytest.approx(-1.0)  # d(-r A)/dlogp at r = 1
     assert entropy.grad.item() == pytest.approx(-0.1 * (1 - 2.0 * 0.25))  # the hinge is not detached
 
 
+
+def test_the_differentiable_parts_add_up_to_the_loss_and_match_the_hand_case():
+    # The hand case above plus a KL reference (kl_coef 0.5, ref_logp = log 0.5: k3 = 0.5 - log 0.5 - 1)
+    # and a critic (V = 0.3, old V = 0, R = 1: 0.5 * 0.7^2, vf_coef 0.5).
+    epo = EPOSpec(smoothing=SmoothingSpec(kappa_l=0.0, kappa_r=2.0, alpha=0.25))
+    logp = torch.zeros(1, 1, requires_grad=True)
+    entropy = torch.full((1, 1), 2.5, requires_grad=True)
+    inputs = LossInputs(torch.ones(1, 1), torch.ones(1), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long),
+                        ref_logp=torch.full((1, 1), math.log(0.5)), entropy_ref=1.0, old_values=torch.zeros(1), returns=torch.ones(1))
+    out = epo_loss(inputs, logp, entropy, AlgoSpec(kl_coef=0.5, vf_coef=0.5), epo, StepCoefficients(0.1, 2.0), torch.full((1,), 0.3))
+    assert torch.equal(out.pg + out.entropy_bonus + out.smoothing + out.value, out.loss)
+    kl = 0.5 - math.log(0.5) - 1
+    assert out.pg.item() == pytest.approx(-1.0 + 0.5 * kl)  # L_MT's policy part: -r A + kl_coef KL
+    assert out.entropy_bonus.item() == pytest.approx(-0.1 * 2.5)  # -lambda L_H
+    assert out.smoothing.item() == pytest.approx(0.1 * 2.0 * 0.125)  # +lambda beta_k L_smooth
+    assert out.value.item() == pytest.approx(0.5 * 0.5 * 0.7**2)
+    # Each part differentiates on its own (the learner's tracking.term_grad_norms).
+    assert torch.autograd.grad(out.pg, logp, retain_graph=True)[0].item() == pytest.approx(-1.0 + 0.5 * (1 - 0.5))
+    assert torch.autograd.grad(out.entropy_bonus, entropy, retain_graph=True)[0].item() == pytest.approx(-0.1)
+    assert torch.autograd.grad(out.smoothing, entropy)[0].item() == pytest.approx(0.1 * 2.0 * 0.25)
+
 def test_no_history_gives_the_entropy_regularized_loss():
     entropy = torch.full((1, 1), 2.5)
-    loss, metrics = epo_loss(_inputs([1.0], [[1.0]]), torch.zeros(1, 1), entropy, AlgoSpec(), EPOSpec(), StepCoefficients(0.1, 2.0))
-    assert loss.item() == pytest.approx(-1.0 - 0.1 * 2.5)  # Eq. 2's L_ER at step 0
-    assert "epo/smooth_penalty" not in metrics
+    out = epo_loss(_inputs([1.0], [[1.0]]), torch.zeros(1, 1), entropy, AlgoSpec(), EPOSpec(), StepCoefficients(0.1, 2.0))
+    assert out.loss.item() == pytest.approx(-1.0 - 0.1 * 2.5)  # Eq. 2's L_ER at step 0
+    assert "epo/smooth_penalty" not in out.metrics and out.smoothing is None
 
 
 def test_step_coefficients_read_step_k_of_K():
@@ -57,7 +78,7 @@ def test_decay_variant_weights_later_turns_less():
     epo = EPOSpec(entropy_coef=0.2, smoothing=SmoothingSpec(enabled=False), decay=DecaySpec(turn_decay=0.5, step_schedule="linear"))
     coefs = step_coefficients(epo, 5, 10)
     entropy = torch.ones(2, 1, requires_grad=True)
-    loss, _ = epo_loss(_inputs([0.0, 0.0], [[0.5], [0.5]], turns=[0, 2]), torch.zeros(2, 1), entropy, AlgoSpec(), epo, coefs)
+    loss = epo_loss(_inputs([0.0, 0.0], [[0.5], [0.5]], turns=[0, 2]), torch.zeros(2, 1), entropy, AlgoSpec(), epo, coefs).loss
     assert loss.item() == pytest.approx(-(0.1 * 0.5 + 0.025 * 0.5))
     loss.backward()
     assert torch.allclose(entropy.grad, torch.tensor([[-0.05], [-0.0125]]))
@@ -69,7 +90,7 @@ def test_ea_variant_shapes_advantages_with_detached_entropy():
     epo = EPOSpec(entropy_coef=0.0, smoothing=SmoothingSpec(enabled=False), entropy_advantage=EntropyAdvantageSpec(enabled=True))
     entropy = torch.full((2, 1), 10.0, requires_grad=True)
     logp = torch.zeros(2, 1, requires_grad=True)
-    loss, _ = epo_loss(_inputs([1.0, 0.0], [[0.5], [0.5]]), logp, entropy, AlgoSpec(), epo, StepCoefficients(0.0, 1.0))
+    loss = epo_loss(_inputs([1.0, 0.0], [[0.5], [0.5]]), logp, entropy, AlgoSpec(), epo, StepCoefficients(0.0, 1.0)).loss
     assert loss.item() == pytest.approx(-1.5 * 0.5)
     loss.backward()
     assert torch.allclose(logp.grad, torch.tensor([[-0.75], [0.0]]))
@@ -79,15 +100,15 @@ def test_ea_variant_shapes_advantages_with_detached_entropy():
 def test_dual_clip_is_on_by_default_and_reaches_the_loss():
     assert AlgoSpec().dual_clip_c == 3.0
     logp = torch.full((1, 1), math.log(4.0))
-    on, metrics = epo_loss(_inputs([-1.0], [[1.0]]), logp, torch.zeros(1, 1), AlgoSpec(), EPOSpec(), StepCoefficients(0.0, 1.0))
-    off, _ = epo_loss(_inputs([-1.0], [[1.0]]), logp, torch.zeros(1, 1), AlgoSpec(dual_clip_c=None), EPOSpec(), StepCoefficients(0.0, 1.0))
-    assert (on.item(), off.item()) == (pytest.approx(3.0), pytest.approx(4.0))
-    assert metrics["actor/dual_clipfrac"].item() == 1.0
+    on = epo_loss(_inputs([-1.0], [[1.0]]), logp, torch.zeros(1, 1), AlgoSpec(), EPOSpec(), StepCoefficients(0.0, 1.0))
+    off = epo_loss(_inputs([-1.0], [[1.0]]), logp, torch.zeros(1, 1), AlgoSpec(dual_clip_c=None), EPOSpec(), StepCoefficients(0.0, 1.0))
+    assert (on.loss.item(), off.loss.item()) == (pytest.approx(3.0), pytest.approx(4.0))
+    assert on.metrics["actor/dual_clipfrac"].item() == 1.0
 
 
 def test_kl_term_enters_the_loss_with_kl_coef():
     ref = torch.full((1, 1), math.log(0.5))
     inputs = _inputs([0.0], [[1.0]], ref_logp=ref)
-    loss, metrics = epo_loss(inputs, torch.zeros(1, 1), torch.zeros(1, 1), AlgoSpec(kl_coef=0.5), EPOSpec(), StepCoefficients(0.0, 1.0))
-    assert metrics["actor/kl_ref"].item() == pytest.approx(0.5 - math.log(0.5) - 1)
-    assert loss.item() == pytest.approx(0.5 * (0.5 - math.log(0.5) - 1))
+    out = epo_loss(inputs, torch.zeros(1, 1), torch.zeros(1, 1), AlgoSpec(kl_coef=0.5), EPOSpec(), StepCoefficients(0.0, 1.0))
+    assert out.metrics["actor/kl_ref"].item() == pytest.approx(0.5 - math.log(0.5) - 1)
+    assert out.loss.item() == pytest.approx(0.5 * (0.5 - math.log(0.5) - 1))

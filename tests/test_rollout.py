@@ -209,7 +209,7 @@ def test_chunked_update_matches_the_full_logits_implementation(tiny_model):
 
     def loss_of(logp, entropy, w):
         inputs = LossInputs(w, adv, logp.detach() - 0.1, batch.turn_index, entropy_ref=3.0)
-        return epo_loss(inputs, logp, entropy, AlgoSpec(), epo, StepCoefficients(0.01, 1.7))[0]
+        return epo_loss(inputs, logp, entropy, AlgoSpec(), epo, StepCoefficients(0.01, 1.7)).loss
 
     micro = collate(batch, [0, 1, 2], pad_id=2)
     out = forward_turns(tiny_model, micro, temperature=0.8, chunk_tokens=3)

@@ -95,6 +95,12 @@ def test_grpo_needs_groups():
         resolve_spec(flags={"algo": {"name": "grpo"}}, overrides=["rollout.group_size=1"])
 
 
+def test_term_grad_norms_refuse_fsdp2():
+    assert resolve_spec(overrides=["tracking.term_grad_norms=true"]).tracking.term_grad_norms
+    with pytest.raises(SpecError, match="tracking.term_grad_norms needs distributed.strategy ddp"):
+        resolve_spec(overrides=["tracking.term_grad_norms=true", "distributed.strategy=fsdp2"])
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(SpecError, match="not found"):
         resolve_spec(tmp_path / "missing.yaml")

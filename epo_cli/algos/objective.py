@@ -65,6 +65,19 @@ class LossInputs:
     returns: torch.Tensor | None = None  # [B], PPO critic targets
 
 
+@dataclass(frozen=True)
+class EPOLoss:
+    """Eq. 6 of one micro-batch: ``loss`` is exactly the sum of its differentiable parts
+    (each a weighted token sum), which a caller may also differentiate one by one."""
+
+    loss: torch.Tensor
+    pg: torch.Tensor  # L_MT's policy part: the clipped surrogate + kl_coef * KL to the reference
+    entropy_bonus: torch.Tensor  # -lambda_k L_H (Eq. 2; lambda_t per turn under EPO-Decay)
+    smoothing: torch.Tensor | None  # +lambda_k beta_k L_smooth (Eq. 3-5); None when off or at step 0
+    value: torch.Tensor | None  # vf_coef * the critic loss (PPO)
+    metrics: dict[str, torch.Tensor]  # detached, each a weighted token sum like the loss
+
+
 def epo_loss(
     inputs: LossInputs,
     logp: torch.Tensor,
@@ -73,11 +86,10 @@ def epo_loss(
     epo: EPOSpec,
     coefs: StepCoefficients,
     values: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> EPOLoss:
     """Eq. 6 on top of the base objective, for the policy's ``logp`` and ``entropy``
     (``[B, L]``, differentiable) and, for PPO, the critic's ``values`` (``[B]``).
 
-    Returns the loss and detached metrics, each a weighted token sum like the loss.
     ``entropy_ref`` None (step 0, no history) or ``epo.smoothing.enabled`` False gives
     ``L_smooth = 0``: Eq. 2's ``L_ER = L_MT - lambda L_H`` (EPO-Base).
     """
@@ -91,29 +103,33 @@ def epo_loss(
     metrics = {"actor/pg_loss": pg_loss.detach(), "actor/clipfrac": pg_stats["clipfrac"], "actor/approx_kl": pg_stats["approx_kl"]}
     if algo.dual_clip_c is not None:
         metrics["actor/dual_clipfrac"] = pg_stats["dual_clipfrac"]
-    loss = pg_loss
+    pg = pg_loss
     if inputs.ref_logp is not None:
         kl = low_var_kl(logp, inputs.ref_logp, w)
-        loss = loss + algo.kl_coef * kl
+        pg = pg + algo.kl_coef * kl
         metrics["actor/kl_ref"] = kl.detach()
 
-    regularizer = entropy  # L_H (Eq. 2) ...
+    token_coef = turn_decay_coef(coefs.entropy_coef, inputs.turn_index, epo.decay.turn_decay)[:, None]
+    entropy_bonus = -(token_coef * entropy * w).sum()  # -lambda L_H (Eq. 2)
+    loss = pg + entropy_bonus
+    metrics["actor/entropy_loss_term"] = trajectory_entropy(entropy.detach(), w)
     smoothing = epo.smoothing
+    smooth = None
     if smoothing.enabled and inputs.entropy_ref is not None:
         ref = inputs.entropy_ref
         ref = ref[:, None] if torch.is_tensor(ref) else ref
         penalty = entropy_corridor_penalty(entropy, ref, smoothing.kappa_l, smoothing.kappa_r, smoothing.alpha, smoothing.form)
-        regularizer = entropy - coefs.beta * penalty  # ... - beta_k L_smooth (Eq. 4-6)
+        smooth = (token_coef * coefs.beta * penalty * w).sum()  # +lambda beta_k L_smooth (Eq. 4-6)
+        loss = loss + smooth
         outside = ((entropy < smoothing.kappa_l * ref) | (entropy > smoothing.kappa_r * ref)).float()
         metrics["epo/smooth_penalty"] = (penalty.detach() * w).sum()
         metrics["epo/out_of_corridor_frac"] = (outside * w).sum()
-    token_coef = turn_decay_coef(coefs.entropy_coef, inputs.turn_index, epo.decay.turn_decay)[:, None]
-    loss = loss - (token_coef * regularizer * w).sum()  # Eq. 6
-    metrics["actor/entropy_loss_term"] = trajectory_entropy(entropy.detach(), w)
 
+    v_term = None
     if values is not None:
         v_loss = value_loss(values, inputs.old_values, inputs.returns, w.sum(-1), algo.value_clip)
-        loss = loss + algo.vf_coef * v_loss
+        v_term = algo.vf_coef * v_loss
+        loss = loss + v_term
         metrics["critic/value_loss"] = v_loss.detach()
     metrics["actor/loss"] = loss.detach()
-    return loss, metrics
+    return EPOLoss(loss, pg, entropy_bonus, smooth, v_term, metrics)

@@ -40,7 +40,7 @@ def _update_case(case: str, model_name: str, samples: int, micro: int, repeats: 
         """The EPO objective of these turn samples, with the history reference Hbar_W = 1."""
         turns = torch.zeros(len(sample_rows), dtype=torch.long)
         inputs = LossInputs(w, advantages[sample_rows], logp.detach(), turns, entropy_ref=1.0)
-        return epo_loss(inputs, logp, entropy, algo, epo, coefs)[0]
+        return epo_loss(inputs, logp, entropy, algo, epo, coefs).loss
 
     def ours():
         mask = batch.response_mask(rows)
