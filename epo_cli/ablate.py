@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,9 @@ def ablation_variants(ablation: str, base: str) -> list[tuple[str, dict[str, Any
 
 @dataclass
 class ChildSummary:
+    """One finished child run: success and reward over its steps, and its last IID
+    evaluation's episode counts (0 / 0 when it was never evaluated)."""
+
     variant: str
     seed: int
     run_id: str
@@ -55,6 +59,8 @@ class ChildSummary:
     final_success: float
     final_reward: float
     entropy_variance: float
+    eval_successes: int = 0
+    eval_episodes: int = 0
 
 
 def _history(client, run_id: str, key: str) -> list[float]:
@@ -64,17 +70,22 @@ def _history(client, run_id: str, key: str) -> list[float]:
 def summarize_child(client, run, variant: str, seed: int) -> ChildSummary:
     """Succ.* (best over training) and Succ. (last) from IID evaluation when the run has
     it, else from training success; the variance of the mean entropy across steps."""
-    success = _history(client, run.info.run_id, "eval/iid/success_rate") or _history(client, run.info.run_id, "train/success_rate")
-    entropy = _history(client, run.info.run_id, "actor/entropy")
-    reward = _history(client, run.info.run_id, "train/reward_mean")
+    run_id = run.info.run_id
+    evaluated = _history(client, run_id, "eval/iid/success_rate")
+    success = evaluated or _history(client, run_id, "train/success_rate")
+    entropy = _history(client, run_id, "actor/entropy")
+    reward = _history(client, run_id, "train/reward_mean")
+    episodes = int(_history(client, run_id, "eval/iid/episodes")[-1]) if evaluated else 0
     return ChildSummary(
         variant=variant,
         seed=seed,
-        run_id=run.info.run_id,
+        run_id=run_id,
         best_success=max(success, default=float("nan")),
         final_success=success[-1] if success else float("nan"),
         final_reward=reward[-1] if reward else float("nan"),
         entropy_variance=statistics.pvariance(entropy) if len(entropy) > 1 else 0.0,
+        eval_successes=round(evaluated[-1] * episodes) if evaluated else 0,
+        eval_episodes=episodes,
     )
 
 
@@ -84,7 +95,33 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-SUMMARY_COLUMNS = ("best success (Succ.*)", "final success (Succ.)", "final reward", "entropy variance")
+def _mean_t_interval(values: list[float]) -> str:
+    """The mean over seeds with a 95% Student-t interval across seeds (one seed: its value)."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    from scipy.stats import t
+
+    mean = statistics.mean(values)
+    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+
+
+def _pooled(children: list[ChildSummary]) -> str:
+    """The final IID evaluations of all seeds pooled: wins / episodes and a 95% Wilson interval."""
+    from epo_cli.evaluate import wilson_interval
+
+    wins, episodes = sum(c.eval_successes for c in children), sum(c.eval_episodes for c in children)
+    if not episodes:
+        return "-"
+    low, high = wilson_interval(wins, episodes)
+    return f"{wins}/{episodes} = {wins / episodes:.3f} [{low:.3f}, {high:.3f}]"
+
+
+SUMMARY_COLUMNS = ("best success", "final success [95% t]", "IID pooled [95% Wilson]", "final reward", "entropy var.")
+SUMMARY_CAPTION = ("best (Succ.*) / final (Succ.) success: of the IID evaluations where the runs have them, else of "
+                   "training; [95% t]: Student-t interval of the mean over seeds; IID pooled: every seed's last IID "
+                   "evaluation, wins / episodes; entropy var.: variance of the step entropy over training; the other "
+                   "columns are mean ± std over seeds")
 
 
 def summary_rows(children: list[ChildSummary]) -> list[list[str]]:
@@ -95,18 +132,33 @@ def summary_rows(children: list[ChildSummary]) -> list[list[str]]:
             variant,
             str(len(mine)),
             _mean_std([c.best_success for c in mine]),
-            _mean_std([c.final_success for c in mine]),
+            _mean_t_interval([c.final_success for c in mine]),
+            _pooled(mine),
             _mean_std([c.final_reward for c in mine]),
             _mean_std([c.entropy_variance for c in mine]),
         ])
     return rows
 
 
-def _parent_key(ablation: str, base_spec: ExperimentSpec, seeds: list[int]) -> str:
-    """What identifies an ablation: the experiment, not where its runs are stored."""
-    experiment = base_spec.model_dump(mode="json", exclude={"checkpoint", "tracking", "sft"})
-    text = f"{ablation}|{seeds}|{json.dumps(experiment, sort_keys=True)}"
+def _experiment_json(spec: ExperimentSpec) -> str:
+    """What a parent run's key is made of: the experiment, not where its runs are stored."""
+    return json.dumps(spec.model_dump(mode="json", exclude={"checkpoint", "tracking", "sft"}), sort_keys=True)
+
+
+def _key(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Parent:
+    """The parent run of an ablation or a sweep: its name (the ``epo.ablation`` tag), run
+    name, identity key, extra tags and params."""
+
+    name: str
+    run_name: str
+    key: str
+    tags: dict[str, str]
+    params: dict[str, str]
 
 
 def run_ablation(
@@ -118,53 +170,99 @@ def run_ablation(
     overrides: list[str],
     console: Console,
 ) -> tuple[str, list[list[str]]]:
-    """Train every (variant, seed) child not yet FINISHED under the parent run for these
-    exact settings, then summarize. Re-running the same command skips finished children
-    and resumes unfinished ones from their last checkpoint (from step 0 if they have none)."""
-    from epo_cli.checkpoint import latest_checkpoint
-    from epo_cli.trainer import TrainingFinished, run_training
-
+    """One of the paper's ablations of ``base`` (ppo or grpo) over ``seeds``: see :func:`run_children`."""
     variants = ablation_variants(ablation, base)
     specs = {
         (label, seed): resolve_spec(spec_file, deep_merge_all(flags, layer, {"train": {"seed": seed}}), overrides)
         for label, layer in variants
         for seed in seeds
     }
+    base_spec = resolve_spec(spec_file, deep_merge_all(flags, _algo(base)), overrides)
+    key = _key(f"{ablation}|{seeds}|{_experiment_json(base_spec)}")
+    params = {"ablation": ablation, "base_algo": base, "seeds": " ".join(map(str, seeds))}
+    parent = Parent(ablation, f"ablate-{ablation}-{base}", key, {"epo.algo": base}, params)
+    return run_children(parent, specs, console)
+
+
+def run_sweep(sweep_file: Path, flags: dict[str, Any], overrides: list[str], console: Console) -> tuple[str, list[list[str]]]:
+    """The arms of a sweep file (:mod:`epo_cli.sweep`) over its seeds: see :func:`run_children`."""
+    from epo_cli.sweep import load_sweep, sweep_specs
+
+    sweep = load_sweep(sweep_file)
+    specs = sweep_specs(sweep, flags, overrides)
+    for arm in sweep.arms:
+        if arm.note:
+            console.print(f"[dim]{arm.name}: {arm.note}[/]")
+    key = _key("|".join([f"sweep {sweep.name}"] + [f"{arm}:{seed}:{_experiment_json(s)}" for (arm, seed), s in specs.items()]))
+    params = {"sweep": sweep.name, "arms": " ".join(a.name for a in sweep.arms), "seeds": " ".join(map(str, sweep.seeds))}
+    parent = Parent(sweep.name, f"sweep-{sweep.name}", key, {"epo.sweep": sweep_file.name}, params)
+    return run_children(parent, specs, console)
+
+
+def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpec], console: Console) -> tuple[str, list[list[str]]]:
+    """Train every (variant, seed) child not yet FINISHED under the parent run for these
+    exact settings, then summarize. Re-running the same command skips finished children
+    and resumes unfinished ones from their last checkpoint (from step 0 if they have none).
+    One progress bar counts the RL steps of all children."""
+    from epo_cli.checkpoint import latest_checkpoint
+    from epo_cli.progress import OverallProgress
+    from epo_cli.trainer import TrainingFinished, run_training
+
     first = next(iter(specs.values()))
     if first.tracking.backend != "mlflow":
         raise SpecError(f"tracking.backend: epo ablate needs 'mlflow' (it finds finished arms in the store), got {first.tracking.backend!r}")
     where = f"tracking: {resolve_uri(first.tracking.uri)}; checkpoints: {first.checkpoint.dir}"
     console.print(where, highlight=False, soft_wrap=True)
-    key = _parent_key(ablation, resolve_spec(spec_file, deep_merge_all(flags, _algo(base)), overrides), seeds)
-    parent = _find_or_create_parent(first, ablation, base, seeds, key)
+    parent = _find_or_create_parent(first, parent_info)
     client = parent.client
     children = _children(client, parent)
+    checkpoints = {
+        pair: latest_checkpoint(Path(specs[pair].checkpoint.dir) / run.info.run_id)
+        for pair, run in children.items() if pair in specs and run.info.status != "FINISHED"
+    }
+    done_steps = {pair: _steps_done(children.get(pair), checkpoints.get(pair), spec) for pair, spec in specs.items()}
+    overall = OverallProgress(f"{parent_info.name}: all runs", sum(s.train.steps for s in specs.values()), 0)
     for (label, seed), spec in specs.items():
         child = children.get((label, seed))
+        overall.steps_before = sum(steps for pair, steps in done_steps.items() if pair != (label, seed))
         if child is not None and child.info.status == "FINISHED":
             console.print(f"[dim]{label} seed {seed}: finished earlier ({child.info.run_id}), skipped[/]")
             continue
-        checkpoint = latest_checkpoint(Path(spec.checkpoint.dir) / child.info.run_id) if child is not None else None
+        checkpoint = checkpoints.get((label, seed))
         if checkpoint is not None:
-            console.print(f"[bold]{ablation}[/]: {label}, seed {seed}: resuming {child.info.run_id}")
+            console.print(f"[bold]{parent_info.name}[/]: {label}, seed {seed}: resuming {child.info.run_id}")
             try:
-                run_training(resolve_spec(checkpoint / "spec.yaml"), console, resume_from=checkpoint)
+                run_training(resolve_spec(checkpoint / "spec.yaml"), console, resume_from=checkpoint, overall=overall)
             except TrainingFinished:  # every step was trained and saved before the stop
                 client.set_terminated(child.info.run_id, "FINISHED")
-            continue
-        console.print(f"[bold]{ablation}[/]: {label}, seed {seed}")
-        spec.tracking.run_name = f"{ablation}-{label}-s{seed}"
-        tags = {"mlflow.parentRunId": parent.run_id, "epo.ablation": ablation, "epo.ablation.variant": label, "epo.seed": str(seed)}
-        run_training(spec, console, tags=tags)
+        else:
+            console.print(f"[bold]{parent_info.name}[/]: {label}, seed {seed}")
+            spec.tracking.run_name = f"{parent_info.name}-{label}-s{seed}"
+            tags = {"mlflow.parentRunId": parent.run_id, "epo.ablation": parent_info.name, "epo.ablation.variant": label,
+                    "epo.seed": str(seed)}
+            run_training(spec, console, tags=tags, overall=overall)
+        done_steps[(label, seed)] = spec.train.steps
     finished = {key: run for key, run in _children(client, parent).items() if run.info.status == "FINISHED"}
-    summaries = [summarize_child(client, finished[(label, seed)], label, seed) for label, _ in variants for seed in seeds if (label, seed) in finished]
+    summaries = [summarize_child(client, finished[pair], *pair) for pair in specs if pair in finished]
     rows = summary_rows(summaries)
     header = ["variant", "seeds", *SUMMARY_COLUMNS]
     parent.log_text(",".join(header) + "\n" + "\n".join(",".join(r) for r in rows) + "\n", "summary.csv")
-    markdown = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n" + "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+    markdown = ("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+                + "\n".join("| " + " | ".join(r) + " |" for r in rows) + f"\n\n{SUMMARY_CAPTION}.\n")
     parent.log_text(markdown, "summary.md")
     parent.finish("FINISHED")
     return parent.run_id, rows
+
+
+def _steps_done(child, checkpoint: Path | None, spec: ExperimentSpec) -> int:
+    """RL steps a child has behind it: all of a finished one, a checkpoint's, else none."""
+    from epo_cli.checkpoint import read_meta
+
+    if child is not None and child.info.status == "FINISHED":
+        return spec.train.steps
+    if checkpoint is None:
+        return 0
+    return read_meta(checkpoint)["step"]
 
 
 def _children(client, parent: Tracker) -> dict[tuple[str, int], Any]:
@@ -175,14 +273,14 @@ def _children(client, parent: Tracker) -> dict[tuple[str, int], Any]:
     return {(run.data.tags.get("epo.ablation.variant"), int(run.data.tags.get("epo.seed", -1))): run for run in runs}
 
 
-def _find_or_create_parent(spec: ExperimentSpec, ablation: str, base: str, seeds: list[int], key: str) -> Tracker:
+def _find_or_create_parent(spec: ExperimentSpec, info: Parent) -> Tracker:
     client, experiment_id = connect(spec.tracking.uri, spec.tracking.experiment)
-    existing = client.search_runs([experiment_id], f"tags.`epo.ablation.key` = '{key}'")
+    existing = client.search_runs([experiment_id], f"tags.`epo.ablation.key` = '{info.key}'")
     if existing:
         return Tracker(spec.tracking.uri, spec.tracking.experiment, None, run_id=existing[0].info.run_id)
-    tags = {"epo.ablation": ablation, "epo.ablation.key": key, "epo.algo": base, "epo.env": spec.env.name}
-    parent = Tracker(spec.tracking.uri, spec.tracking.experiment, f"ablate-{ablation}-{base}", tags=tags)
-    parent.log_params({"ablation": ablation, "base_algo": base, "env": spec.env.name, "seeds": " ".join(map(str, seeds))})
+    tags = {"epo.ablation": info.name, "epo.ablation.key": info.key, "epo.env": spec.env.name, **info.tags}
+    parent = Tracker(spec.tracking.uri, spec.tracking.experiment, info.run_name, tags=tags)
+    parent.log_params({**info.params, "env": spec.env.name})
     return parent
 
 
@@ -195,10 +293,11 @@ def deep_merge_all(*layers: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def print_summary(console: Console, ablation: str, parent_id: str, rows: list[list[str]]) -> None:
-    table = Table(title=f"ablation {ablation} (parent run {parent_id}); mean ± std over seeds")
-    for column in ("variant", "seeds", *SUMMARY_COLUMNS):
-        table.add_column(column, justify="right")
+def print_summary(console: Console, title: str, parent_id: str, rows: list[list[str]]) -> None:
+    table = Table(title=f"{title} (parent run {parent_id})", caption=SUMMARY_CAPTION)
+    table.add_column("variant", no_wrap=True)
+    for column in ("seeds", *SUMMARY_COLUMNS):
+        table.add_column(column, justify="right", ratio=1)
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -128,6 +128,23 @@ def _run_errors() -> tuple[type[Exception], ...]:
     return (SpecError, DataError, ModelError, TrackingError, PromptTooLong, EnvWorkerError, ValueError, FileNotFoundError)
 
 
+def _initial_model(init_from: Path | None, model: str | None) -> str | None:
+    """model.name from ``--init-from DIR`` (an absolute path: runs resume from any
+    directory) or ``--model``, one of the two."""
+    if init_from is None:
+        return model
+    if model is not None:
+        _fail("--init-from sets the model; pass --model or --init-from, not both")
+    if not (init_from / "config.json").exists():
+        _fail(f"--init-from {init_from}: not a model folder (no config.json); `epo sft` writes one")
+    return str(init_from.expanduser().resolve())
+
+
+InitFrom = Annotated[
+    Optional[Path], typer.Option(help="Start from this model folder (e.g. what `epo sft` wrote): sets model.name to it.")
+]
+
+
 def _resolve(spec_file, sets, **flags):
     try:
         return resolve_spec(spec_file, _flags(**flags), sets)
@@ -151,9 +168,7 @@ def train(
     strategy: Strategy = None,
     rollout_backend: RolloutBackend = None,
     task_types: TaskTypes = None,
-    init_from: Annotated[
-        Optional[Path], typer.Option(help="Start from this model folder (e.g. what `epo sft` wrote): sets model.name to it.")
-    ] = None,
+    init_from: InitFrom = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue a run: its MLflow run id or a checkpoint folder.")] = None,
 ) -> None:
     """Train an agent (PPO or GRPO, with or without EPO) and log the run to MLflow.
@@ -174,12 +189,7 @@ def train(
         except FileNotFoundError as err:
             _fail(str(err))
         spec = checkpoint / "spec.yaml"
-    if init_from is not None:
-        if model is not None:
-            _fail("--init-from sets the model; pass --model or --init-from, not both")
-        if not (init_from / "config.json").exists():
-            _fail(f"--init-from {init_from}: not a model folder (no config.json); `epo sft` writes one")
-        model = str(init_from.expanduser().resolve())  # resumable from any directory
+    model = _initial_model(init_from, model)
     resolved = _resolve(spec, set_, env=env, algo=algo, variant=variant, steps=steps, seed=seed, model=model,
                         run_name=run_name, tracking_uri=tracking_uri, scale=scale, strategy=strategy,
                         rollout_backend=rollout_backend, task_types=task_types)
@@ -558,32 +568,46 @@ def _parse_seeds(values: list[str]) -> list[int]:
 
 @app.command()
 def ablate(
-    ablation: Annotated[str, typer.Argument(help="smoothing, weighting, penalty-form, history, decay, ea or baseline.")],
+    ablation: Annotated[
+        Optional[str], typer.Argument(help="smoothing, weighting, penalty-form, history, decay, ea or baseline; or --sweep.")
+    ] = None,
+    sweep: Annotated[
+        Optional[Path], typer.Option(help="A sweep file: base spec, arms as overrides, seeds (docs/study.md).")
+    ] = None,
     env: Env = None,
-    algo: Annotated[str, typer.Option(help="The base algorithm: ppo or grpo.")] = "ppo",
-    seeds: Annotated[list[str], typer.Option(help="Seeds: --seeds 0,1,2 or --seeds 0 --seeds 1.")] = ["0"],  # noqa: B006
+    algo: Annotated[str, typer.Option(help="The base algorithm of an ablation: ppo or grpo.")] = "ppo",
+    seeds: Annotated[list[str], typer.Option(help="Seeds of an ablation: --seeds 0,1,2 or --seeds 0 --seeds 1.")] = ["0"],  # noqa: B006
     spec: SpecFile = None,
     set_: Sets = None,
     steps: Steps = None,
     model: Model = None,
+    init_from: InitFrom = None,
     tracking_uri: TrackingUri = None,
     scale: Scale = None,
 ) -> None:
-    """The paper's ablations: one MLflow parent run, a child per (variant, seed), a summary."""
+    """The paper's ablations, or the arms of a sweep file: one MLflow parent run, a child
+    per (variant, seed), a summary. Re-running the same command resumes it."""
     _one_process("ablate")
-    from epo_cli.ablate import print_summary, run_ablation
+    from epo_cli.ablate import print_summary, run_ablation, run_sweep
 
+    if (ablation is None) == (sweep is None):
+        _fail("epo ablate takes an ablation name or --sweep FILE, one of the two")
+    if sweep is not None and (spec is not None or seeds != ["0"] or algo != "ppo"):
+        _fail("--sweep: the sweep file names the base spec, the arms and the seeds (not --spec, --seeds, --algo)")
     base = algo.removesuffix("+epo")
     if base not in ("ppo", "grpo"):
         _fail(f"--algo: expected ppo or grpo, got {algo!r}")
     seed_list = _parse_seeds(seeds)
     _quiet_libraries()
-    flags = _flags(env=env, steps=steps, model=model, tracking_uri=tracking_uri, scale=scale)
+    flags = _flags(env=env, steps=steps, model=_initial_model(init_from, model), tracking_uri=tracking_uri, scale=scale)
     try:
-        parent_id, rows = run_ablation(ablation, base, seed_list, spec, flags, set_ or [], console)
+        if sweep is not None:
+            parent_id, rows = run_sweep(sweep, flags, set_ or [], console)
+        else:
+            parent_id, rows = run_ablation(ablation, base, seed_list, spec, flags, set_ or [], console)
     except _run_errors() as err:
         _fail(str(err))
-    print_summary(console, ablation, parent_id, rows)
+    print_summary(console, f"ablation {ablation}" if sweep is None else f"sweep {sweep}", parent_id, rows)
     console.print(f"summary logged to parent run {parent_id} (summary.csv, summary.md); draw it: epo plot ablation --parent {parent_id}")
 
 

@@ -102,6 +102,12 @@ def plot_success(client, runs) -> plt.Figure:
     return fig
 
 
+def _kappas(run) -> tuple[float, float]:
+    """The run's corridor bounds ``kappa_l, kappa_r`` (Eq. 4)."""
+    params = run.data.params
+    return float(params.get("epo.smoothing.kappa_l", 0.0)), float(params.get("epo.smoothing.kappa_r", 2.0))
+
+
 def plot_corridor(client, runs) -> plt.Figure:
     """The smoothing corridor ``[kappa_l Hbar, kappa_r Hbar]`` (Eq. 4) and the entropy."""
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -111,8 +117,7 @@ def plot_corridor(client, runs) -> plt.Figure:
         steps, entropy = series(client, run.info.run_id, "actor/entropy")
         if not ref_steps:
             continue
-        kappa_l = float(run.data.params.get("epo.smoothing.kappa_l", 0.0))
-        kappa_r = float(run.data.params.get("epo.smoothing.kappa_r", 2.0))
+        kappa_l, kappa_r = _kappas(run)
         ax.fill_between(ref_steps, [kappa_l * r for r in refs], [kappa_r * r for r in refs], color=color, alpha=0.15,
                         label=f"{_label(run)}: corridor [{kappa_l:g}·H̄, {kappa_r:g}·H̄]")
         ax.plot(ref_steps, refs, "--", color=color, label=f"{_label(run)}: H̄ (history)")
@@ -124,29 +129,76 @@ def plot_corridor(client, runs) -> plt.Figure:
     return fig
 
 
+def _over_seeds(client, runs, key: str) -> tuple[list[int], list[float], list[float]]:
+    """Steps, mean and population std over ``runs`` of a metric, at every step any run logged."""
+    per_step: dict[int, list[float]] = {}
+    for run in runs:
+        for step, value in zip(*series(client, run.info.run_id, key)):
+            per_step.setdefault(step, []).append(value)
+    steps = sorted(per_step)
+    return steps, [statistics.mean(per_step[s]) for s in steps], [statistics.pstdev(per_step[s]) for s in steps]
+
+
+def _band(ax, steps: list[int], mean: list[float], std: list[float], color: str, label: str, style: str = "-") -> None:
+    ax.plot(steps, mean, style, color=color, marker=".", label=label)
+    ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], color=color, alpha=0.15)
+
+
+# The panels of the ablation figure after the chosen metric: (title, y label, metrics drawn per variant).
+ABLATION_PANELS = (
+    ("IID success (evaluation)", "success rate", ("eval/iid/success_rate",)),
+    ("Entropy and the smoothing corridor", "mean token entropy (nats)", ("actor/entropy",)),
+    ("Entropy weight beta_k (Eq. 5)", "beta_k", ("epo/beta",)),
+    ("Gradient norm of each EPO term / policy gradient's", "ratio", ("grad/entropy_bonus_ratio", "grad/smooth_ratio")),
+)
+
+
 def plot_ablation(client, children, metric: str = "train/reward_mean") -> plt.Figure:
-    """Figure 3: each variant's mean over seeds, with a ±1 std band."""
+    """Figure 3 and the study's panels: per variant, the mean over seeds with a ±1 std band
+    of ``metric``, IID success, the entropy with its corridor ``[kappa_l Hbar, kappa_r
+    Hbar]`` (Eq. 4), ``beta_k`` and the EPO terms' gradient-norm ratios; panels without
+    data are left out."""
     by_variant: dict[str, list] = {}
     for run in children:
         by_variant.setdefault(run.data.tags.get("epo.ablation.variant", _label(run)), []).append(run)
     if not by_variant:
         raise PlotError("the parent run has no finished child runs")
-    keys = [metric, "actor/entropy"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
-    for ax, key in zip(axes, keys):
+    panels = [(metric, metric.split("/")[-1], (metric,))] + [
+        panel for panel in ABLATION_PANELS if any(key in run.data.metrics for run in children for key in panel[2])
+    ]
+    columns = min(len(panels), 3)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
+    for ax, (title, ylabel, keys) in zip(axes.flat, panels):
         for color, (variant, runs) in zip(COLORS, by_variant.items()):
-            per_step: dict[int, list[float]] = {}
-            for run in runs:
-                for step, value in zip(*series(client, run.info.run_id, key)):
-                    per_step.setdefault(step, []).append(value)
-            steps = sorted(per_step)
-            mean = [statistics.mean(per_step[s]) for s in steps]
-            std = [statistics.pstdev(per_step[s]) for s in steps]
-            ax.plot(steps, mean, "-", color=color, marker=".", label=f"{variant} (n={len(runs)})")
-            ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], color=color, alpha=0.15)
-        _style(ax, key, key.split("/")[-1])
+            for key, style in zip(keys, ("-", "--")):
+                steps, mean, std = _over_seeds(client, runs, key)
+                if key.startswith("grad/"):  # log scale: a ratio is 0 where its term is absent (EPO-Base, no EPO)
+                    kept = [point for point in zip(steps, mean, std) if point[1] > 0]
+                    steps, mean, std = (list(column) for column in zip(*kept)) if kept else ([], [], [])
+                if not steps:
+                    continue
+                label = f"{variant} (n={len(runs)})" + (f": {key.split('/')[-1]}" if len(keys) > 1 else "")
+                _band(ax, steps, mean, std, color, label, style)
+            if keys == ("actor/entropy",):
+                _corridor(ax, client, runs, color)
+        _style(ax, title, ylabel)
+        if keys[0].startswith("grad/"):
+            ax.set_yscale("log")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.suptitle(f"Ablation: {children[0].data.tags.get('epo.ablation', '')} (mean ± std over seeds)")
     return fig
+
+
+def _corridor(ax, client, runs, color: str) -> None:
+    """The mean over seeds of the corridor ``[kappa_l Hbar, kappa_r Hbar]``, where the runs have ``Hbar``."""
+    steps, refs, _ = _over_seeds(client, runs, "epo/entropy_ref")
+    if not steps:
+        return
+    kappa_l, kappa_r = _kappas(runs[0])
+    ax.fill_between(steps, [kappa_l * r for r in refs], [kappa_r * r for r in refs], color=color, alpha=0.07, hatch="//",
+                    edgecolor=color, linewidth=0)
 
 
 def draw(kind: str, client, runs, out_dir: Path, name: str, metric: str = "train/reward_mean") -> list[Path]:

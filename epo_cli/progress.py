@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -38,3 +40,13 @@ def progress_bar(console: Console) -> Progress:
         TimeRemainingColumn(compact=True),
         console=console,
     )
+
+
+@dataclass
+class OverallProgress:
+    """A bar over several runs (an ablation's or a sweep's children): RL steps of all of
+    them, ``steps_before`` of which other runs already trained."""
+
+    description: str
+    total_steps: int
+    steps_before: int

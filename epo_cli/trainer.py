@@ -23,6 +23,7 @@ from epo_cli.envs.registry import load_split
 from epo_cli.evaluate import evaluate_splits, log_evaluation
 from epo_cli.learner import Learner
 from epo_cli.models import load_causal_lm, load_tokenizer, model_directory
+from epo_cli.progress import OverallProgress
 from epo_cli.rollout import RolloutSettings, Sampler, build_sampler, episode_stats, play_episodes
 from epo_cli.spec import ExperimentSpec, flatten, spec_to_yaml
 from epo_cli.tracking import RunTracker, check_store, open_tracker
@@ -89,10 +90,13 @@ class Trainer:
         return self.spec.train.seed + RANK_SEED_STRIDE * self.dist.rank
 
     # ----------------------------------------------------------------- the run
-    def fit(self, tracker: RunTracker | None, checkpoint_root: Path, run_id: str) -> dict[str, float]:
+    def fit(
+        self, tracker: RunTracker | None, checkpoint_root: Path, run_id: str, overall: OverallProgress | None = None
+    ) -> dict[str, float]:
         """Train for the remaining steps, logging each to ``tracker`` (rank 0; None on the
         others); checkpoint every ``checkpoint.every`` steps, at the end, and when stopped
-        early."""
+        early. ``overall``: a bar above this run's that counts the steps of all runs of an
+        ablation or sweep."""
         columns = (
             TextColumn("[bold]{task.description}"),
             BarColumn(bar_width=20),
@@ -105,7 +109,11 @@ class Trainer:
         previous_handler = signal.signal(signal.SIGINT, self._request_stop)
         try:
             with Progress(*columns, console=self.console, transient=False) as progress:
-                last = self._loop(progress, tracker, checkpoint_root, run_id)
+                overall_task = None
+                if overall is not None:
+                    overall_task = progress.add_task(overall.description, total=overall.total_steps,
+                                                     completed=overall.steps_before + self.step, info="")
+                last = self._loop(progress, tracker, checkpoint_root, run_id, overall_task)
         finally:
             signal.signal(signal.SIGINT, previous_handler)
         return last
@@ -116,7 +124,9 @@ class Trainer:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         self.console.print("[yellow]stopping after this step (Ctrl-C again to abort at once)[/]")
 
-    def _loop(self, progress: Progress, tracker: RunTracker | None, checkpoint_root: Path, run_id: str) -> dict[str, float]:
+    def _loop(
+        self, progress: Progress, tracker: RunTracker | None, checkpoint_root: Path, run_id: str, overall_task=None
+    ) -> dict[str, float]:
         spec = self.spec
         last: dict[str, float] = {}
         steps_task = progress.add_task("RL steps", total=spec.train.steps, completed=self.step, info="")
@@ -138,6 +148,8 @@ class Trainer:
                 f"{last['perf/rollout_tokens_per_s']:.0f} tok/s"
             )
             progress.update(steps_task, advance=1, info=info)
+            if overall_task is not None:
+                progress.update(overall_task, advance=1)
             if spec.eval.every and (self.step % spec.eval.every == 0 or self.step == spec.train.steps):
                 results = evaluate_splits(self.sampler, self.tokenizer, self.envs, spec, ("iid", "ood"), progress, self.dist)
                 if tracker is not None:
@@ -283,6 +295,7 @@ def run_training(
     tags: dict[str, str] | None = None,
     resume_from: Path | None = None,
     dist: DistContext | None = None,
+    overall: OverallProgress | None = None,
 ) -> tuple[str, dict[str, float], Path]:
     """Validate the store, build the trainer, train, and return (run id, last metrics,
     checkpoint root). ``tags`` go on a new run (``mlflow.parentRunId`` makes it a child);
@@ -312,7 +325,7 @@ def run_training(
             run_id = dist.all_gather_objects(tracker.run_id if tracker is not None else None)[0]
         checkpoint_root = Path(spec.checkpoint.dir) / run_id
         try:
-            last = trainer.fit(tracker, checkpoint_root, run_id)
+            last = trainer.fit(tracker, checkpoint_root, run_id, overall)
             status = "FINISHED"
         except (KeyboardInterrupt, TrainingStopped):
             status = "KILLED"

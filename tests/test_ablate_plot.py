@@ -26,7 +26,7 @@ def test_ablate_smoothing_then_plot(tmp_path):
             *SMALL, "--set", f"checkpoint.dir={tmp_path}/ckpt", "--set", "eval.every=2", "--set", "eval.episodes=2"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "epo-base" in result.output and "best success" in result.output
+    assert "epo-base" in result.output and "best" in result.output and "Student-t" in result.output
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("epo").experiment_id
     (parent,) = client.search_runs([experiment], "tags.`epo.ablation` = 'smoothing' and tags.`epo.ablation.key` != ''")
@@ -85,4 +85,4 @@ def test_every_ablation_names_its_variants():
 
 def test_summary_mean_and_std():
     rows = summary_rows([ChildSummary("a", 0, "r0", 1.0, 0.5, 0.0, 0.1), ChildSummary("a", 1, "r1", 0.0, 0.5, 0.0, 0.3)])
-    assert rows == [["a", "2", "0.500 ± 0.707", "0.500 ± 0.000", "0.000 ± 0.000", "0.200 ± 0.141"]]
+    assert rows == [["a", "2", "0.500 ± 0.707", "0.500 [0.500, 0.500]", "-", "0.000 ± 0.000", "0.200 ± 0.141"]]

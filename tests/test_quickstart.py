@@ -42,7 +42,7 @@ def test_quick_start_from_any_directory(tmp_path, monkeypatch):
 
     # 2. an ablation over two seeds, comma-separated, then a plot of the latest runs
     output = _invoke("ablate", "smoothing", *TINY, "--steps", "1", "--seeds", "0,1")
-    assert "epo-base" in output and "best success" in output
+    assert "epo-base" in output and "best" in output and "Student-t" in output
     output = _invoke("plot", "entropy")
     assert "plotting the 4 arms of the latest ablation, ablate-smoothing-ppo" in output
     (png,) = (first / "outputs" / "plots").glob("entropy_*.png")

@@ -1,0 +1,133 @@
+"""Sweep files (`epo ablate --sweep FILE`): validation, layering, and a resumable run on the toy."""
+
+import textwrap
+
+import matplotlib.image as mpimg
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from epo_cli.ablate import ChildSummary, summary_rows
+from epo_cli.cli import app
+from epo_cli.spec import SpecError
+from epo_cli.sweep import load_sweep, sweep_specs
+
+runner = CliRunner()
+
+
+def _write(tmp_path, text: str, name: str = "sweep.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_layers_base_then_sweep_then_arm_then_command_line_then_seed(tmp_path):
+    _write(tmp_path, "env: {name: toy}\nalgo: {name: grpo}\nrollout: {temperature: 0.9}\n", "base.yaml")
+    path = _write(tmp_path, """
+        name: study
+        base: base.yaml
+        seeds: [3, 4]
+        set: [rollout.temperature=0.8, optim.lr=1e-4]
+        arms:
+          - {name: grpo}
+          - {name: grpo+epo, set: [algo.name=grpo+epo, optim.lr=2e-4]}
+    """)
+    specs = sweep_specs(load_sweep(path), {"train": {"steps": 5}}, ["optim.lr=3e-4"])
+    assert sorted(specs) == [("grpo", 3), ("grpo", 4), ("grpo+epo", 3), ("grpo+epo", 4)]
+    plain, epo = specs[("grpo", 4)], specs[("grpo+epo", 3)]
+    assert (plain.env.name, plain.algo.name, epo.algo.name) == ("toy", "grpo", "grpo+epo")
+    assert plain.rollout.temperature == 0.8  # the sweep's set beats the base file
+    assert plain.optim.lr == epo.optim.lr == 3e-4  # the command line's --set beats the arm's
+    assert (plain.train.seed, epo.train.seed, plain.train.steps) == (4, 3, 5)
+    assert plain.epo.entropy_coef == 0.0 and epo.epo.entropy_coef > 0  # each arm resolves its own algorithm preset
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: s\nseeds: [0]\narms: [{name: a}, {name: a}]\n", "repeated: a"),
+        ("name: s\nseeds: [0, 0]\narms: [{name: a}]\n", "expected distinct seeds"),
+        ("name: s\nseeds: [0]\narms: []\n", "arms"),
+        ("name: s\nseeds: [0]\narms: [{name: a, sett: []}]\n", "arms.0.sett: unknown field"),
+        ("name: s\nbase: nowhere.yaml\nseeds: [0]\narms: [{name: a}]\n", "base:"),
+        ("name: s\nseeds: [0]\narms: [{name: 'a b'}]\n", "arms.0.name"),
+    ],
+)
+def test_bad_sweep_files_are_one_line_errors_naming_the_field(tmp_path, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(SpecError, match=message) as err:
+        load_sweep(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_arm_with_a_bad_override_fails_before_any_run(tmp_path):
+    path = _write(tmp_path, "name: s\nseeds: [0]\narms: [{name: ok}, {name: broken, set: [optim.lr=-1]}]\n")
+    with pytest.raises(SpecError, match="arm broken: .*optim.lr"):
+        sweep_specs(load_sweep(path), {"env": {"name": "toy"}}, [])
+
+
+def test_summary_reports_t_interval_over_seeds_and_pooled_wilson():
+    children = [ChildSummary("a", 0, "r0", 0.5, 0.25, 0.0, 0.0, 8, 32), ChildSummary("a", 1, "r1", 0.5, 0.75, 0.0, 0.0, 24, 32)]
+    (row,) = summary_rows(children)
+    # mean 0.5, std 0.3536, t(0.975, 1) = 12.706: half-width 12.706 * 0.3536 / sqrt(2) = 3.177
+    assert row[3] == "0.500 [-2.677, 3.677]"
+    # Wilson, z = 1.96: centre 0.5, half-width 1.96 * sqrt(0.25/64 + 3.8415/16384) / (1 + 3.8415/64) = 0.119
+    assert row[4] == "32/64 = 0.500 [0.381, 0.619]"
+    assert summary_rows([ChildSummary("b", 0, "r", 0.0, 0.0, 0.0, 0.0)])[0][3:5] == ["0.000", "-"]
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_arm_and_seed_then_resumes_and_plots(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = _write(tmp_path, """
+        name: toy-study
+        seeds: [0, 1]
+        set: [env.name=toy, model.name=tiny, train.steps=2, rollout.tasks_per_step=2, eval.every=2, eval.episodes=4]
+        arms:
+          - {name: grpo, set: [algo.name=grpo]}
+          - {name: grpo+epo, set: [algo.name=grpo+epo], note: the paper's objective}
+    """)
+    args = ["ablate", "--sweep", str(path), "--tracking-uri", uri, "--set", f"checkpoint.dir={tmp_path}/ckpt"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "toy-study: all runs" in result.output and "the paper's objective" in result.output
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("epo").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`epo.ablation` = 'toy-study'  and tags.`epo.ablation.key` != ''")
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted((c.data.tags["epo.ablation.variant"], c.data.tags["epo.seed"], c.data.params["train.seed"]) for c in children) == [
+        ("grpo", "0", "0"), ("grpo", "1", "1"), ("grpo+epo", "0", "0"), ("grpo+epo", "1", "1")]
+    assert all(c.info.status == "FINISHED" and c.data.metrics["eval/iid/episodes"] == 4 for c in children)
+    summary = open(client.download_artifacts(parent.info.run_id, "summary.md", str(tmp_path))).read()
+    assert "| grpo+epo | 2 |" in summary and "/8 = " in summary  # two seeds' 4 IID episodes pooled
+
+    client.set_terminated(children[0].info.run_id, "KILLED")
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("finished earlier") == 3 and f"resuming {children[0].info.run_id}" in again.output
+    assert len(client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 4
+
+    out = tmp_path / "plots"
+    result = runner.invoke(app, ["plot", "ablation", "--parent", parent.info.run_id, "--tracking-uri", uri, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    image = mpimg.imread(out / f"ablation_{parent.info.run_id[:8]}.png")
+    assert image.shape[0] > 600 and image.shape[1] > 1000  # a grid of panels, not one row of two
+
+
+def test_sweep_and_ablation_name_are_exclusive(tmp_path):
+    path = _write(tmp_path, "name: s\nseeds: [0]\narms: [{name: a}]\n")
+    for args in (["ablate"], ["ablate", "smoothing", "--sweep", str(path)], ["ablate", "--sweep", str(path), "--seeds", "1"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+
+
+@pytest.mark.parametrize("name", ["cpu_epo_study.yaml", "cpu_epo_study_grpo.yaml"])
+def test_the_study_sweeps_resolve_every_arm(name):
+    from pathlib import Path
+
+    sweep = load_sweep(Path(__file__).parents[1] / "experiments" / "sweeps" / name)
+    specs = sweep_specs(sweep, {"model": {"name": "tiny"}}, [])
+    assert len(specs) == len(sweep.arms) * 3
+    budgets = {(s.train.steps, s.episodes_per_step, s.env.max_turns, s.optim.lr) for s in specs.values()}
+    assert len(budgets) == 1  # the same step budget in every arm
+    assert all(s.tracking.term_grad_norms and s.eval.every == s.train.steps for s in specs.values())
