@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import statistics
@@ -75,7 +77,8 @@ def summarize_child(client, run, variant: str, seed: int) -> ChildSummary:
     success = evaluated or _history(client, run_id, "train/success_rate")
     entropy = _history(client, run_id, "actor/entropy")
     reward = _history(client, run_id, "train/reward_mean")
-    episodes = int(_history(client, run_id, "eval/iid/episodes")[-1]) if evaluated else 0
+    latest = run.data.metrics  # the last evaluation's values, logged together
+    episodes = int(latest.get("eval/iid/episodes", 0))
     return ChildSummary(
         variant=variant,
         seed=seed,
@@ -84,7 +87,7 @@ def summarize_child(client, run, variant: str, seed: int) -> ChildSummary:
         final_success=success[-1] if success else float("nan"),
         final_reward=reward[-1] if reward else float("nan"),
         entropy_variance=statistics.pvariance(entropy) if len(entropy) > 1 else 0.0,
-        eval_successes=round(evaluated[-1] * episodes) if evaluated else 0,
+        eval_successes=round(latest["eval/iid/success_rate"] * episodes) if episodes else 0,
         eval_episodes=episodes,
     )
 
@@ -96,14 +99,15 @@ def _mean_std(values: list[float]) -> str:
 
 
 def _mean_t_interval(values: list[float]) -> str:
-    """The mean over seeds with a 95% Student-t interval across seeds (one seed: its value)."""
+    """The mean over seeds with a 95% Student-t interval across seeds, clipped to [0, 1]
+    (one seed: its value)."""
     if len(values) == 1:
         return f"{values[0]:.3f}"
     from scipy.stats import t
 
     mean = statistics.mean(values)
     half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+    return f"{mean:.3f} [{max(mean - half, 0.0):.3f}, {min(mean + half, 1.0):.3f}]"
 
 
 def _pooled(children: list[ChildSummary]) -> str:
@@ -119,7 +123,7 @@ def _pooled(children: list[ChildSummary]) -> str:
 
 SUMMARY_COLUMNS = ("best success", "final success [95% t]", "IID pooled [95% Wilson]", "final reward", "entropy var.")
 SUMMARY_CAPTION = ("best (Succ.*) / final (Succ.) success: of the IID evaluations where the runs have them, else of "
-                   "training; [95% t]: Student-t interval of the mean over seeds; IID pooled: every seed's last IID "
+                   "training; [95% t]: Student-t interval of the mean over seeds, clipped to [0, 1]; IID pooled: every seed's last IID "
                    "evaluation, wins / episodes; entropy var.: variance of the step entropy over training; the other "
                    "columns are mean ± std over seeds")
 
@@ -246,7 +250,9 @@ def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpe
     summaries = [summarize_child(client, finished[pair], *pair) for pair in specs if pair in finished]
     rows = summary_rows(summaries)
     header = ["variant", "seeds", *SUMMARY_COLUMNS]
-    parent.log_text(",".join(header) + "\n" + "\n".join(",".join(r) for r in rows) + "\n", "summary.csv")
+    table = io.StringIO()
+    csv.writer(table).writerows([header, *rows])  # cells such as "0.5 [0.38, 0.62]" hold commas
+    parent.log_text(table.getvalue(), "summary.csv")
     markdown = ("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
                 + "\n".join("| " + " | ".join(r) + " |" for r in rows) + f"\n\n{SUMMARY_CAPTION}.\n")
     parent.log_text(markdown, "summary.md")

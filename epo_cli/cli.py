@@ -600,11 +600,17 @@ def ablate(
     seed_list = _parse_seeds(seeds)
     _quiet_libraries()
     flags = _flags(env=env, steps=steps, model=_initial_model(init_from, model), tracking_uri=tracking_uri, scale=scale)
+    from epo_cli.trainer import TrainingStopped
+
     try:
         if sweep is not None:
             parent_id, rows = run_sweep(sweep, flags, set_ or [], console)
         else:
             parent_id, rows = run_ablation(ablation, base, seed_list, spec, flags, set_ or [], console)
+    except TrainingStopped as err:
+        _fail(f"{err}; checkpoint {err.checkpoint}; run the same command again to continue")
+    except KeyboardInterrupt:
+        _fail("aborted mid-step; run the same command again to continue from the last checkpoints")
     except _run_errors() as err:
         _fail(str(err))
     print_summary(console, f"ablation {ablation}" if sweep is None else f"sweep {sweep}", parent_id, rows)

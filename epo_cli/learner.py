@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +55,7 @@ class UpdateStats:
     counts: dict[str, float] = field(default_factory=dict)
     minibatches: int = 0
 
-    def add(self, name: str, value: torch.Tensor | float, count: bool | None = None) -> None:
+    def add(self, name: str, value: torch.Tensor | float, count: float | None = None) -> None:
         self.sums[name] = self.sums.get(name, 0.0) + float(value)
         if count is not None:
             self.counts[name] = self.counts.get(name, 0.0) + float(count)
@@ -288,7 +289,7 @@ class Learner:
         for module in self.scorers:
             module.train()
         for epoch in range(spec.algo.ppo_epochs):
-            for minibatch in unit_minibatches(units, len(batch), spec.optim.mini_batch_size, self.generator):
+            for index, minibatch in enumerate(unit_minibatches(units, len(batch), spec.optim.mini_batch_size, self.generator)):
                 rows = [row for unit in minibatch for row in units[unit]]
                 # Weights of the whole (global) mini-batch: they sum to 1 over all ranks.
                 weights = token_weights(batch.decision_mask(rows), batch.episode_ids[rows], spec.algo.loss_agg)
@@ -296,6 +297,7 @@ class Learner:
                 for optimizer in self.optimizers:
                     optimizer.zero_grad(set_to_none=True)
                 chunks = self._my_chunks(batch, units, minibatch, owner, spec.optim.micro_batch_size)
+                measured = self._measured_chunk(step, epoch, index, len(chunks)) if spec.tracking.term_grad_norms else -1
                 for i, chunk in enumerate(chunks):
                     micro = self._collate(batch, units, chunk)
                     width = micro.response_width
@@ -304,7 +306,7 @@ class Learner:
                     else:
                         w = torch.stack([weight_of[r][:width] for r in micro.rows])
                     last = i == len(chunks) - 1
-                    measure = spec.tracking.term_grad_norms and i == 0
+                    measure = i == measured
                     with self._gradient_sync(last), autocast_context(spec.model.autocast, self.policy):
                         entropy_per_turn, logprob_diff = self._micro_step(
                             batch, micro, w.to(self.device), coefs, reference, stats, measure
@@ -428,6 +430,13 @@ class Learner:
         for name, value in result.metrics.items():
             stats.add(name, value)
         return out.entropy.detach().float().cpu(), logprob_diff
+
+    def _measured_chunk(self, step: int, epoch: int, minibatch: int, chunks: int) -> int:
+        """The micro-batch of a mini-batch whose term gradient norms are measured: drawn at
+        random (micro-batches are sorted by length, so a fixed one would always be the
+        shortest), from the run's seed and the mini-batch's place alone, so that neither
+        the update's random numbers nor a resumed run's choices change."""
+        return random.Random(f"{self.spec.train.seed}:{step}:{epoch}:{minibatch}").randrange(chunks)
 
     def _term_grad_norms(self, result: EPOLoss, w: torch.Tensor, stats: UpdateStats) -> None:
         """``tracking.term_grad_norms``: gradient norms over the policy's parameters of the

@@ -171,6 +171,8 @@ def plot_ablation(client, children, metric: str = "train/reward_mean") -> plt.Fi
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
     for ax, (title, ylabel, keys) in zip(axes.flat, panels):
         for color, (variant, runs) in zip(COLORS, by_variant.items()):
+            if keys == ("epo/beta",) and not _smooths(runs[0]):
+                continue  # beta_k scales L_smooth only
             for key, style in zip(keys, ("-", "--")):
                 steps, mean, std = _over_seeds(client, runs, key)
                 if key.startswith("grad/"):  # log scale: a ratio is 0 where its term is absent (EPO-Base, no EPO)
@@ -180,7 +182,7 @@ def plot_ablation(client, children, metric: str = "train/reward_mean") -> plt.Fi
                     continue
                 label = f"{variant} (n={len(runs)})" + (f": {key.split('/')[-1]}" if len(keys) > 1 else "")
                 _band(ax, steps, mean, std, color, label, style)
-            if keys == ("actor/entropy",):
+            if keys == ("actor/entropy",) and _smooths(runs[0]):
                 _corridor(ax, client, runs, color)
         _style(ax, title, ylabel)
         if keys[0].startswith("grad/"):
@@ -189,6 +191,12 @@ def plot_ablation(client, children, metric: str = "train/reward_mean") -> plt.Fi
         ax.set_visible(False)
     fig.suptitle(f"Ablation: {children[0].data.tags.get('epo.ablation', '')} (mean ± std over seeds)")
     return fig
+
+
+def _smooths(run) -> bool:
+    """Whether the run's objective has the smoothing term (EPO; not EPO-Base, not plain PPO/GRPO)."""
+    params = run.data.params
+    return params.get("epo.smoothing.enabled") == "True" and float(params.get("epo.entropy_coef", 0)) > 0
 
 
 def _corridor(ax, client, runs, color: str) -> None:

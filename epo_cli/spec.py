@@ -338,8 +338,8 @@ class TrackingSpec(_Section):
     term_grad_norms: bool = Field(
         False,
         description="Log grad/{pg,entropy_bonus,smooth}_norm and grad/{entropy_bonus,smooth}_ratio: L2 norms of the "
-        "policy-parameter gradients of L_MT's policy part and the two EPO terms of Eq. 6, on the first micro-batch "
-        "of each mini-batch (three extra backward passes there; not with distributed.strategy fsdp2).",
+        "policy-parameter gradients of L_MT's policy part and the two EPO terms of Eq. 6, on one micro-batch "
+        "of each mini-batch, drawn at random (three extra backward passes there; not with distributed.strategy fsdp2).",
     )
 
     @field_validator("transcripts", mode="before")

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from epo_cli.spec import ExperimentSpec, SpecError, format_validation_error, load_yaml, resolve_spec
+from epo_cli.spec import ExperimentSpec, SpecError, deep_merge, format_validation_error, load_yaml, parse_override, resolve_spec
 
 
 class SweepArm(BaseModel):
@@ -78,16 +78,18 @@ def load_sweep(path: Path) -> SweepSpec:
 
 def sweep_specs(sweep: SweepSpec, flags: dict[str, Any], overrides: list[str]) -> dict[tuple[str, int], ExperimentSpec]:
     """Every (arm, seed) child's resolved spec, in running order (each seed through every
-    arm), all validated before any run starts.
-    Layers, later wins: ``base`` -> command-line flags -> the sweep's ``set`` -> the arm's
-    ``set`` -> the command line's ``--set`` -> the seed."""
+    arm), all validated before any run starts. Layers, later wins: ``base`` -> the sweep's
+    ``set`` -> the arm's ``set`` -> command-line flags -> the command line's ``--set`` ->
+    the seed."""
     specs = {}
     for seed in sweep.seeds:  # seed by seed: a stopped sweep is balanced across arms
         for arm in sweep.arms:
             try:
-                specs[(arm.name, seed)] = resolve_spec(
-                    sweep.base, flags, [*sweep.set, *arm.set, *overrides, f"train.seed={seed}"]
-                )
+                layer: dict[str, Any] = {}
+                for text in [*sweep.set, *arm.set]:
+                    layer = deep_merge(layer, parse_override(text))
+                specs[(arm.name, seed)] = resolve_spec(sweep.base, deep_merge(layer, flags), [*overrides, f"train.seed={seed}"])
             except SpecError as err:
-                raise SpecError(f"sweep {sweep.name}, arm {arm.name}: {err}") from None
+                problems = str(err).replace("\n", "; ")
+                raise SpecError(f"sweep {sweep.name}, arm {arm.name} (with the sweep's set): {problems}") from None
     return specs

@@ -108,7 +108,8 @@ class Trainer:
         )
         previous_handler = signal.signal(signal.SIGINT, self._request_stop)
         try:
-            with Progress(*columns, console=self.console, transient=False) as progress:
+            # Steps take minutes on a CPU: rate and ETA from the whole run, not the last 30 s.
+            with Progress(*columns, console=self.console, transient=False, speed_estimate_period=24 * 3600) as progress:
                 overall_task = None
                 if overall is not None:
                     overall_task = progress.add_task(overall.description, total=overall.total_steps,

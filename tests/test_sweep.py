@@ -21,13 +21,13 @@ def _write(tmp_path, text: str, name: str = "sweep.yaml"):
     return path
 
 
-def test_layers_base_then_sweep_then_arm_then_command_line_then_seed(tmp_path):
+def test_layers_base_then_sweep_then_arm_then_flags_then_command_line_sets_then_seed(tmp_path):
     _write(tmp_path, "env: {name: toy}\nalgo: {name: grpo}\nrollout: {temperature: 0.9}\n", "base.yaml")
     path = _write(tmp_path, """
         name: study
         base: base.yaml
         seeds: [3, 4]
-        set: [rollout.temperature=0.8, optim.lr=1e-4]
+        set: [rollout.temperature=0.8, optim.lr=1e-4, train.steps=9]
         arms:
           - {name: grpo}
           - {name: grpo+epo, set: [algo.name=grpo+epo, optim.lr=2e-4]}
@@ -38,7 +38,7 @@ def test_layers_base_then_sweep_then_arm_then_command_line_then_seed(tmp_path):
     assert (plain.env.name, plain.algo.name, epo.algo.name) == ("toy", "grpo", "grpo+epo")
     assert plain.rollout.temperature == 0.8  # the sweep's set beats the base file
     assert plain.optim.lr == epo.optim.lr == 3e-4  # the command line's --set beats the arm's
-    assert (plain.train.seed, epo.train.seed, plain.train.steps) == (4, 3, 5)
+    assert (plain.train.seed, epo.train.seed, plain.train.steps) == (4, 3, 5)  # the flag --steps beats the sweep's set
     assert plain.epo.entropy_coef == 0.0 and epo.epo.entropy_coef > 0  # each arm resolves its own algorithm preset
 
 
@@ -62,7 +62,7 @@ def test_bad_sweep_files_are_one_line_errors_naming_the_field(tmp_path, text, me
 
 def test_an_arm_with_a_bad_override_fails_before_any_run(tmp_path):
     path = _write(tmp_path, "name: s\nseeds: [0]\narms: [{name: ok}, {name: broken, set: [optim.lr=-1]}]\n")
-    with pytest.raises(SpecError, match="arm broken: .*optim.lr"):
+    with pytest.raises(SpecError, match="arm broken .*optim.lr"):
         sweep_specs(load_sweep(path), {"env": {"name": "toy"}}, [])
 
 
@@ -70,7 +70,9 @@ def test_summary_reports_t_interval_over_seeds_and_pooled_wilson():
     children = [ChildSummary("a", 0, "r0", 0.5, 0.25, 0.0, 0.0, 8, 32), ChildSummary("a", 1, "r1", 0.5, 0.75, 0.0, 0.0, 24, 32)]
     (row,) = summary_rows(children)
     # mean 0.5, std 0.3536, t(0.975, 1) = 12.706: half-width 12.706 * 0.3536 / sqrt(2) = 3.177
-    assert row[3] == "0.500 [-2.677, 3.677]"
+    assert row[3] == "0.500 [0.000, 1.000]"  # [-2.677, 3.677], clipped
+    three = [ChildSummary("a", i, "r", 0.0, v, 0.0, 0.0) for i, v in enumerate((0.4, 0.5, 0.6))]
+    assert summary_rows(three)[0][3] == "0.500 [0.252, 0.748]"  # t(0.975, 2) = 4.303, std 0.1: 4.303 * 0.1 / sqrt(3)
     # Wilson, z = 1.96: centre 0.5, half-width 1.96 * sqrt(0.25/64 + 3.8415/16384) / (1 + 3.8415/64) = 0.119
     assert row[4] == "32/64 = 0.500 [0.381, 0.619]"
     assert summary_rows([ChildSummary("b", 0, "r", 0.0, 0.0, 0.0, 0.0)])[0][3:5] == ["0.000", "-"]
