@@ -123,9 +123,9 @@ def _pooled(children: list[ChildSummary]) -> str:
 
 SUMMARY_COLUMNS = ("best success", "final success [95% t]", "IID pooled [95% Wilson]", "final reward", "entropy var.")
 SUMMARY_CAPTION = ("best (Succ.*) / final (Succ.) success: of the IID evaluations where the runs have them, else of "
-                   "training; [95% t]: Student-t interval of the mean over seeds, clipped to [0, 1]; IID pooled: every seed's last IID "
-                   "evaluation, wins / episodes; entropy var.: variance of the step entropy over training; the other "
-                   "columns are mean ± std over seeds")
+                   "training; [95% t]: Student-t interval of the mean over seeds, clipped to [0, 1]; IID pooled: "
+                   "every seed's last IID evaluation, wins / episodes; entropy var.: variance of the step entropy "
+                   "over training; the other columns are mean ± std over seeds")
 
 
 def summary_rows(children: list[ChildSummary]) -> list[list[str]]:
@@ -225,10 +225,11 @@ def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpe
         for pair, run in children.items() if pair in specs and run.info.status != "FINISHED"
     }
     done_steps = {pair: _steps_done(children.get(pair), checkpoints.get(pair), spec) for pair, spec in specs.items()}
-    overall = OverallProgress(f"{parent_info.name}: all runs", sum(s.train.steps for s in specs.values()), 0)
+    total_steps = sum(s.train.steps for s in specs.values())
     for (label, seed), spec in specs.items():
         child = children.get((label, seed))
-        overall.steps_before = sum(steps for pair, steps in done_steps.items() if pair != (label, seed))
+        before = sum(steps for pair, steps in done_steps.items() if pair != (label, seed))
+        overall = OverallProgress(f"{parent_info.name}: all runs", total_steps, before)
         if child is not None and child.info.status == "FINISHED":
             console.print(f"[dim]{label} seed {seed}: finished earlier ({child.info.run_id}), skipped[/]")
             continue
