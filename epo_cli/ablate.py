@@ -8,6 +8,7 @@ import io
 import json
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,13 +129,19 @@ SUMMARY_CAPTION = ("best (Succ.*) / final (Succ.) success: of the IID evaluation
                    "over training; the other columns are mean ± std over seeds")
 
 
-def summary_rows(children: list[ChildSummary]) -> list[list[str]]:
+def summary_rows(children: list[ChildSummary], diverged: Counter | None = None) -> list[list[str]]:
+    """One row per variant; ``seeds`` counts its finished runs and, where some diverged,
+    says how many (their runs have no final values)."""
+    diverged = diverged or Counter()
     rows = []
-    for variant in dict.fromkeys(c.variant for c in children):
+    for variant in dict.fromkeys([*(c.variant for c in children), *diverged]):
         mine = [c for c in children if c.variant == variant]
+        if not mine:
+            rows.append([variant, f"0 (+{diverged[variant]} diverged)"] + ["-"] * len(SUMMARY_COLUMNS))
+            continue
         rows.append([
             variant,
-            str(len(mine)),
+            str(len(mine)) + (f" (+{diverged[variant]} diverged)" if diverged[variant] else ""),
             _mean_std([c.best_success for c in mine]),
             _mean_t_interval([c.final_success for c in mine]),
             _pooled(mine),
@@ -155,9 +162,10 @@ def _key(text: str) -> str:
 
 @dataclass
 class Parent:
-    """The parent run of an ablation or a sweep: its name (the ``epo.ablation`` tag), run
-    name, identity key, extra tags and params."""
+    """The parent run of an ablation or a sweep: its kind ("ablation" or "sweep"), name (the
+    ``epo.ablation`` tag), run name, identity key, extra tags and params."""
 
+    kind: str
     name: str
     run_name: str
     key: str
@@ -184,7 +192,7 @@ def run_ablation(
     base_spec = resolve_spec(spec_file, deep_merge_all(flags, _algo(base)), overrides)
     key = _key(f"{ablation}|{seeds}|{_experiment_json(base_spec)}")
     params = {"ablation": ablation, "base_algo": base, "seeds": " ".join(map(str, seeds))}
-    parent = Parent(ablation, f"ablate-{ablation}-{base}", key, {"epo.algo": base}, params)
+    parent = Parent("ablation", ablation, f"ablate-{ablation}-{base}", key, {"epo.algo": base}, params)
     return run_children(parent, specs, console)
 
 
@@ -199,18 +207,19 @@ def run_sweep(sweep_file: Path, flags: dict[str, Any], overrides: list[str], con
             console.print(f"[dim]{arm.name}: {arm.note}[/]")
     key = _key("|".join([f"sweep {sweep.name}"] + [f"{arm}:{seed}:{_experiment_json(s)}" for (arm, seed), s in specs.items()]))
     params = {"sweep": sweep.name, "arms": " ".join(a.name for a in sweep.arms), "seeds": " ".join(map(str, sweep.seeds))}
-    parent = Parent(sweep.name, f"sweep-{sweep.name}", key, {"epo.sweep": sweep_file.name}, params)
+    parent = Parent("sweep", sweep.name, f"sweep-{sweep.name}", key, {"epo.sweep": sweep_file.name}, params)
     return run_children(parent, specs, console)
 
 
 def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpec], console: Console) -> tuple[str, list[list[str]]]:
     """Train every (variant, seed) child not yet FINISHED under the parent run for these
     exact settings, then summarize. Re-running the same command skips finished children
-    and resumes unfinished ones from their last checkpoint (from step 0 if they have none).
-    One progress bar counts the RL steps of all children."""
+    and resumes unfinished ones from their last checkpoint (from step 0 if they have none);
+    a child whose gradients diverge is counted as such and the others go on. One progress
+    bar counts the RL steps of all children."""
     from epo_cli.checkpoint import latest_checkpoint
     from epo_cli.progress import OverallProgress
-    from epo_cli.trainer import TrainingFinished, run_training
+    from epo_cli.trainer import TrainingDiverged, TrainingFinished, run_training
 
     first = next(iter(specs.values()))
     if first.tracking.backend != "mlflow":
@@ -233,23 +242,34 @@ def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpe
         if child is not None and child.info.status == "FINISHED":
             console.print(f"[dim]{label} seed {seed}: finished earlier ({child.info.run_id}), skipped[/]")
             continue
+        if child is not None and _diverged(child):
+            console.print(f"[dim]{label} seed {seed}: diverged earlier ({child.info.run_id}), skipped[/]")
+            continue
         checkpoint = checkpoints.get((label, seed))
-        if checkpoint is not None:
-            console.print(f"[bold]{parent_info.name}[/]: {label}, seed {seed}: resuming {child.info.run_id}")
-            try:
-                run_training(resolve_spec(checkpoint / "spec.yaml"), console, resume_from=checkpoint, overall=overall)
-            except TrainingFinished:  # every step was trained and saved before the stop
-                client.set_terminated(child.info.run_id, "FINISHED")
-        else:
-            console.print(f"[bold]{parent_info.name}[/]: {label}, seed {seed}")
-            spec.tracking.run_name = f"{parent_info.name}-{label}-s{seed}"
-            tags = {"mlflow.parentRunId": parent.run_id, "epo.ablation": parent_info.name, "epo.ablation.variant": label,
-                    "epo.seed": str(seed)}
-            run_training(spec, console, tags=tags, overall=overall)
+        try:
+            if checkpoint is not None:
+                console.print(f"[bold]{parent_info.name}[/]: {label}, seed {seed}: resuming {child.info.run_id}")
+                try:
+                    run_training(resolve_spec(checkpoint / "spec.yaml"), console, resume_from=checkpoint, overall=overall)
+                except TrainingFinished:  # every step was trained and saved before the stop
+                    client.set_terminated(child.info.run_id, "FINISHED")
+            else:
+                console.print(f"[bold]{parent_info.name}[/]: {label}, seed {seed}")
+                spec.tracking.run_name = f"{parent_info.name}-{label}-s{seed}"
+                tags = {"mlflow.parentRunId": parent.run_id, "epo.ablation": parent_info.name,
+                        "epo.ablation.kind": parent_info.kind, "epo.ablation.variant": label, "epo.seed": str(seed)}
+                run_training(spec, console, tags=tags, overall=overall)
+        except TrainingDiverged as err:  # an outcome of the arm, reported in the summary; the others go on
+            diverged = _children(client, parent)[(label, seed)].info.run_id
+            client.set_tag(diverged, DIVERGED_TAG, "true")
+            client.set_terminated(diverged, "FAILED")
+            console.print(f"[yellow]{label} seed {seed}: {err}; counted as diverged, the sweep goes on[/]")
         done_steps[(label, seed)] = spec.train.steps
-    finished = {key: run for key, run in _children(client, parent).items() if run.info.status == "FINISHED"}
+    runs = _children(client, parent)
+    finished = {key: run for key, run in runs.items() if run.info.status == "FINISHED"}
     summaries = [summarize_child(client, finished[pair], *pair) for pair in specs if pair in finished]
-    rows = summary_rows(summaries)
+    diverged = Counter(label for (label, seed), run in runs.items() if (label, seed) in specs and _diverged(run))
+    rows = summary_rows(summaries, diverged)
     header = ["variant", "seeds", *SUMMARY_COLUMNS]
     table = io.StringIO()
     csv.writer(table).writerows([header, *rows])  # cells such as "0.5 [0.38, 0.62]" hold commas
@@ -261,11 +281,18 @@ def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpe
     return parent.run_id, rows
 
 
+DIVERGED_TAG = "epo.diverged"  # a child stopped by non-finite gradients: skipped on re-runs, counted in the summary
+
+
+def _diverged(run) -> bool:
+    return run.data.tags.get(DIVERGED_TAG) == "true"
+
+
 def _steps_done(child, checkpoint: Path | None, spec: ExperimentSpec) -> int:
-    """RL steps a child has behind it: all of a finished one, a checkpoint's, else none."""
+    """RL steps a child has behind it: all of a finished or diverged one, a checkpoint's, else none."""
     from epo_cli.checkpoint import read_meta
 
-    if child is not None and child.info.status == "FINISHED":
+    if child is not None and (child.info.status == "FINISHED" or _diverged(child)):
         return spec.train.steps
     if checkpoint is None:
         return 0

@@ -189,7 +189,9 @@ def plot_ablation(client, children, metric: str = "train/reward_mean") -> plt.Fi
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(f"Ablation: {children[0].data.tags.get('epo.ablation', '')} (mean ± std over seeds)")
+    tags = children[0].data.tags
+    kind = tags.get("epo.ablation.kind", "ablation").capitalize()
+    fig.suptitle(f"{kind}: {tags.get('epo.ablation', '')} (mean ± std over seeds)")
     return fig
 
 

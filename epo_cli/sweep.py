@@ -61,12 +61,16 @@ class SweepSpec(BaseModel):
         return arms
 
 
+def _one_line(message: object) -> str:
+    return str(message).replace("\n", "; ")
+
+
 def load_sweep(path: Path) -> SweepSpec:
     """The sweep file, validated; its ``base`` made absolute. Errors name the file and field."""
     try:
         sweep = SweepSpec.model_validate(load_yaml(path))
     except ValidationError as err:
-        raise SpecError(format_validation_error(err, f"sweep file {path}").replace("\n", "; ")) from None
+        raise SpecError(_one_line(format_validation_error(err, f"sweep file {path}"))) from None
     except SpecError as err:
         raise SpecError(str(err).replace("spec file", "sweep file", 1)) from None
     if sweep.base is not None:
@@ -81,15 +85,22 @@ def sweep_specs(sweep: SweepSpec, flags: dict[str, Any], overrides: list[str]) -
     arm), all validated before any run starts. Layers, later wins: ``base`` -> the sweep's
     ``set`` -> the arm's ``set`` -> command-line flags -> the command line's ``--set`` ->
     the seed."""
+    def layered(texts: list[str]) -> dict[str, Any]:
+        layer: dict[str, Any] = {}
+        for text in texts:
+            layer = deep_merge(layer, parse_override(text))
+        return layer
+
+    try:  # the sweep's own set first, so that its errors are not blamed on an arm
+        resolve_spec(sweep.base, deep_merge(layered(sweep.set), flags), overrides)
+    except SpecError as err:
+        raise SpecError(f"sweep {sweep.name}, set: {_one_line(err)}") from None
     specs = {}
     for seed in sweep.seeds:  # seed by seed: a stopped sweep is balanced across arms
         for arm in sweep.arms:
             try:
-                layer: dict[str, Any] = {}
-                for text in [*sweep.set, *arm.set]:
-                    layer = deep_merge(layer, parse_override(text))
+                layer = layered([*sweep.set, *arm.set])
                 specs[(arm.name, seed)] = resolve_spec(sweep.base, deep_merge(layer, flags), [*overrides, f"train.seed={seed}"])
             except SpecError as err:
-                problems = str(err).replace("\n", "; ")
-                raise SpecError(f"sweep {sweep.name}, arm {arm.name} (with the sweep's set): {problems}") from None
+                raise SpecError(f"sweep {sweep.name}, arm {arm.name}: {_one_line(err)}") from None
     return specs

@@ -43,6 +43,10 @@ class TrainingStopped(RuntimeError):
         self.checkpoint = checkpoint
 
 
+class TrainingDiverged(TrainingStopped):
+    """Training stopped because the gradients kept being non-finite."""
+
+
 class Trainer:
     """Owns the learner, the engines and the task stream of one training run (one rank)."""
 
@@ -164,7 +168,7 @@ class Trainer:
             if stop_requested:
                 raise TrainingStopped(f"stopped after step {self.step}", path)
             if diverged:
-                raise TrainingStopped(
+                raise TrainingDiverged(
                     f"{self.learner.consecutive_skips} optimizer steps in a row had a non-finite gradient; "
                     f"stopped after step {self.step}", path
                 )

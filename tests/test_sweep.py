@@ -1,6 +1,7 @@
 """Sweep files (`epo ablate --sweep FILE`): validation, layering, and a resumable run on the toy."""
 
 import textwrap
+from collections import Counter
 
 import matplotlib.image as mpimg
 import pytest
@@ -62,8 +63,20 @@ def test_bad_sweep_files_are_one_line_errors_naming_the_field(tmp_path, text, me
 
 def test_an_arm_with_a_bad_override_fails_before_any_run(tmp_path):
     path = _write(tmp_path, "name: s\nseeds: [0]\narms: [{name: ok}, {name: broken, set: [optim.lr=-1]}]\n")
-    with pytest.raises(SpecError, match="arm broken .*optim.lr"):
+    with pytest.raises(SpecError, match="arm broken: .*optim.lr"):
         sweep_specs(load_sweep(path), {"env": {"name": "toy"}}, [])
+
+
+def test_an_error_in_the_sweeps_own_set_is_not_blamed_on_an_arm(tmp_path):
+    path = _write(tmp_path, "name: s\nseeds: [0]\nset: [optim.lr=-1]\narms: [{name: a}, {name: b}]\n")
+    with pytest.raises(SpecError, match=r"^sweep s, set: .*optim.lr") as err:
+        sweep_specs(load_sweep(path), {"env": {"name": "toy"}}, [])
+    assert "arm" not in str(err.value)
+
+
+def test_summary_counts_diverged_runs_beside_the_finished_ones():
+    rows = summary_rows([ChildSummary("a", 0, "r0", 0.5, 0.5, 0.0, 0.0)], Counter({"a": 1, "b": 2}))
+    assert [row[:3] for row in rows] == [["a", "1 (+1 diverged)", "0.500"], ["b", "0 (+2 diverged)", "-"]]
 
 
 def test_summary_reports_t_interval_over_seeds_and_pooled_wilson():
@@ -114,6 +127,33 @@ def test_sweep_runs_every_arm_and_seed_then_resumes_and_plots(tmp_path):
     assert result.exit_code == 0, result.output
     image = mpimg.imread(out / f"ablation_{parent.info.run_id[:8]}.png")
     assert image.shape[0] > 600 and image.shape[1] > 1000  # a grid of panels, not one row of two
+
+
+def test_a_diverging_arm_is_counted_and_the_sweep_goes_on(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = _write(tmp_path, """
+        name: toy-diverge
+        seeds: [0]
+        set: [env.name=toy, model.name=tiny, algo.name=grpo, train.steps=6, rollout.tasks_per_step=2, eval.every=0]
+        arms:
+          - {name: huge-lr, set: [optim.lr=1e30, optim.warmup_ratio=0]}
+          - {name: fine}
+    """)
+    args = ["ablate", "--sweep", str(path), "--tracking-uri", uri, "--set", f"checkpoint.dir={tmp_path}/ckpt"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "huge-lr seed 0:" in result.output and "counted as diverged" in result.output
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("epo").experiment_id
+    found = client.search_runs([experiment], "tags.`epo.ablation` = 'toy-diverge'")
+    (parent,) = [r for r in found if "epo.ablation.key" in r.data.tags]
+    summary = open(client.download_artifacts(parent.info.run_id, "summary.md", str(tmp_path))).read()
+    assert "| huge-lr | 0 (+1 diverged) | - |" in summary and "| fine | 1 |" in summary
+    runs = {r.data.tags["epo.ablation.variant"]: r for r in found if "epo.ablation.variant" in r.data.tags}
+    assert runs["huge-lr"].info.status == "FAILED" and runs["huge-lr"].data.tags["epo.diverged"] == "true"
+    assert runs["fine"].info.status == "FINISHED"
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "diverged earlier" in again.output and "finished earlier" in again.output
 
 
 def test_sweep_and_ablation_name_are_exclusive(tmp_path):
