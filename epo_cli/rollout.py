@@ -66,9 +66,10 @@ class TransformersSampler:
     forward pass as the token before it, so an action costs about one pass per real choice.
 
     With ``share_prompts`` (the default), identical prompts of a batch are prefilled once.
-    With ``prefix_cache`` (``rollout.prompt_format: conversation``), the KV cache of each
-    sequence of a call (prompt and response) is kept until the next call; a prompt that
-    extends a kept sequence feeds only its new tokens. :func:`play_episodes` calls
+    With ``prefix_cache``, the KV cache of each sequence of a call (prompt and response)
+    is kept until the next call; a prompt feeds only its tokens after the longest beginning
+    it shares with a kept sequence (in the conversation format the whole kept sequence,
+    which it extends; in the windowed one the system text and task). :func:`play_episodes` calls
     :meth:`forget_prefixes` when a rollout ends, so a cache never outlives the weights
     that computed it, nor holds memory through the update. The kept caches cost
     ``2 x layers x kv_heads x head_dim`` values per token of every running episode.
@@ -119,9 +120,10 @@ class TransformersSampler:
     def _start(self, prompts, prefixes: list[_Prefix], device):
         """The first forward pass of a batch. Identical prompts (a GRPO group's first
         turn, or members that acted alike) are computed once and their cache rows copied.
-        Each prompt feeds its tokens after its longest kept prefix (all of them if none),
-        left-padded, over the kept prefixes' KV (left-padded too). Returns the last
-        logits, the cache, the attention mask so far and each row's next position."""
+        Each distinct prompt is prefilled in a pass of its own (no padding is computed),
+        fed from the end of the longest beginning it shares with a kept sequence; the rows'
+        caches are then joined, left-padded, into the batch's. Returns the last logits,
+        the cache, the attention mask so far and each row's next position."""
         keys = [tuple(prompt) if self.share_prompts else row for row, prompt in enumerate(prompts)]
         first_row: dict = {}
         for row, key in enumerate(keys):
@@ -129,26 +131,34 @@ class TransformersSampler:
         computed = {key: i for i, key in enumerate(first_row)}
         copies = torch.tensor([computed[key] for key in keys], device=device)
         unique = [list(prompts[row]) for row in first_row.values()]
-        matches = [_longest_prefix(prompt, prefixes) for prompt in unique]
-        reused = [min(len(m.ids), len(prompt) - 1) if m is not None else 0 for m, prompt in zip(matches, unique)]
-        width = max(reused)
-        cache = _prefix_cache(matches, reused, width, self.model.config) if width else None
-        new = [prompt[n:] for prompt, n in zip(unique, reused)]
-        step = max(len(ids) for ids in new)
-        input_ids = torch.full((len(unique), step), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(unique), width + step), dtype=torch.long)
-        for row, (ids, n) in enumerate(zip(new, reused)):
-            input_ids[row, step - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - n : width] = 1
-            attention[row, width + step - len(ids) :] = 1
-        positions = (torch.tensor(reused)[:, None] + attention[:, width:].cumsum(-1) - 1).clamp(min=0)
-        input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
-        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        logits, rows = zip(*(self._prefill(prompt, prefixes, device) for prompt in unique))
+        lengths = [len(prompt) for prompt in unique]
+        width = max(lengths)
+        cache = _batch_cache(rows, width, self.model.config)
+        attention = torch.zeros((len(unique), width), dtype=torch.long, device=device)
+        for row, length in enumerate(lengths):
+            attention[row, width - length :] = 1
         if len(unique) < len(prompts):
             cache.batch_select_indices(copies)
-        return out.logits[copies, -1], cache, attention[copies], positions[copies, -1] + 1
+        next_position = torch.tensor(lengths, device=device)
+        return torch.stack(logits)[copies], cache, attention[copies], next_position[copies]
+
+    def _prefill(self, prompt: list[int], prefixes: list[_Prefix], device) -> tuple[torch.Tensor, _Prefix]:
+        """One prompt's forward pass over its tokens after the longest beginning it shares
+        with a kept sequence (at least its last token is fed): its last logits and its KV."""
+        match, shared = _longest_shared_prefix(prompt, prefixes)
+        reused = min(shared, len(prompt) - 1)
+        cache = None
+        if reused:
+            from transformers.cache_utils import DynamicCache
+
+            kept = [(k[None, :, :reused], v[None, :, :reused]) for k, v in zip(match.keys, match.values)]
+            cache = DynamicCache(ddp_cache_data=kept, config=self.model.config)
+        out = self.model(input_ids=torch.tensor([prompt[reused:]], device=device),
+                         position_ids=torch.arange(reused, len(prompt), device=device)[None],
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        layers = out.past_key_values.layers
+        return out.logits[0, -1], _Prefix(prompt, [layer.keys[0] for layer in layers], [layer.values[0] for layer in layers])
 
     @torch.no_grad()
     def _generate_batch(self, prompts, max_new_tokens, temperature, top_p, constraints, prefixes: list[_Prefix],
@@ -243,31 +253,37 @@ class _Prefix:
     values: list[torch.Tensor]
 
 
-def _longest_prefix(prompt: list[int], prefixes: list[_Prefix]) -> _Prefix | None:
-    """The longest kept sequence that ``prompt`` starts with, or None."""
-    best = None
+def _longest_shared_prefix(prompt: list[int], prefixes: list[_Prefix]) -> tuple[_Prefix | None, int]:
+    """The kept sequence that shares the longest beginning with ``prompt``, and how many
+    tokens they share (the system text and task in any format; the whole kept sequence
+    when a conversation prompt extends it)."""
+    best, best_length = None, 0
     for prefix in prefixes:
-        n = len(prefix.ids)
-        if n <= len(prompt) and (best is None or n > len(best.ids)) and prompt[:n] == prefix.ids:
-            best = prefix
-    return best
+        length = _shared_length(prompt, prefix.ids)
+        if length > best_length:
+            best, best_length = prefix, length
+    return best, best_length
 
 
-def _prefix_cache(matches: list[_Prefix | None], reused: list[int], width: int, config):
-    """One batch KV cache of the first ``reused[row]`` positions of each row's kept prefix,
-    left-padded with zeros to ``width`` positions."""
+def _shared_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
+def _batch_cache(rows: Sequence[_Prefix], width: int, config):
+    """One batch KV cache of the rows' sequences, left-padded with zeros to ``width`` positions."""
     from transformers.cache_utils import DynamicCache
 
-    first = next(m for m in matches if m is not None)
     layers = []
-    for layer in range(len(first.keys)):
+    for layer in range(len(rows[0].keys)):
         pair = []
         for kind in ("keys", "values"):
-            like = getattr(first, kind)[layer]
-            padded = like.new_zeros((len(matches), like.shape[0], width, like.shape[2]))
-            for row, (match, n) in enumerate(zip(matches, reused)):
-                if n:
-                    padded[row, :, width - n :] = getattr(match, kind)[layer][:, :n]
+            like = getattr(rows[0], kind)[layer]
+            padded = like.new_zeros((len(rows), like.shape[0], width, like.shape[2]))
+            for row, sequence in enumerate(rows):
+                padded[row, :, width - len(sequence.ids) :] = getattr(sequence, kind)[layer]
             pair.append(padded)
         layers.append(tuple(pair))
     return DynamicCache(ddp_cache_data=layers, config=config)
@@ -309,7 +325,7 @@ def build_sampler(spec, policy, tokenizer, generator: torch.Generator, model_dir
         )
     return TransformersSampler(policy, tokenizer, spec.rollout.generation_batch_size, generator, spec.model.autocast,
                                spec.rollout.fast_forward,
-                               prefix_cache=spec.rollout.prompt_format == "conversation" and spec.rollout.prefix_cache)
+                               prefix_cache=spec.rollout.prefix_cache)
 
 
 def _as_list(value) -> list:

@@ -133,7 +133,7 @@ def test_sampler_stops_on_eos(tiny_model, tokenizer):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
-            self.generation_config = inner.generation_config
+            self.generation_config, self.config = inner.generation_config, inner.config
 
         def forward(self, **kw):
             out = self.inner(**kw)

@@ -1,9 +1,8 @@
 """The ``recipe_rollout`` part: rollout seconds of one RL step of each CPU recipe (real
 engines, constrained actions, the same seed) through the transformers sampler's paths:
 one forward pass per token (the baseline), forced-token runs fed in one pass
-(``rollout.fast_forward``), identical prompts of a batch prefilled once, and the
-conversation format with each episode's KV cache kept between turns
-(``rollout.prefix_cache``)."""
+(``rollout.fast_forward``), identical prompts of a batch prefilled once, each episode's
+KV cache kept between turns (``rollout.prefix_cache``), and the conversation format."""
 
 from __future__ import annotations
 
@@ -19,16 +18,18 @@ RECIPES = {
 }
 
 
-# (label, fast_forward, share_prompts, prompt_format): each adds one path to the one before.
+# (label, fast_forward, share_prompts, prefix_cache, prompt_format): each adds one path to the one before.
 SETTINGS = (
-    ("one pass per token", False, False, "windowed"),
-    ("fast-forward", True, False, "windowed"),
-    ("+ shared prompts", True, True, "windowed"),
-    ("+ conversation, prefix cache", True, True, "conversation"),
+    ("one pass per token", False, False, False, "windowed"),
+    ("fast-forward", True, False, False, "windowed"),
+    ("+ shared prompts", True, True, False, "windowed"),
+    ("+ prefix cache", True, True, True, "windowed"),
+    ("conversation format", True, True, True, "conversation"),
 )
 
 
-def _recipe_case(spec_file: Path, model_name: str, fast_forward: bool, share_prompts: bool, prompt_format: str) -> dict:
+def _recipe_case(spec_file: Path, model_name: str, fast_forward: bool, share_prompts: bool, prefix_cache: bool,
+                 prompt_format: str) -> dict:
     """Play one RL step's episodes of a recipe with the base model; time the whole rollout
     (sampling and engine steps), as ``perf/rollout_s`` does."""
     import torch
@@ -47,8 +48,7 @@ def _recipe_case(spec_file: Path, model_name: str, fast_forward: bool, share_pro
     split = of_task_types(load_split(spec.env.name, spec.env.data_dir, spec.env.train_split), spec.env.task_types, "train")
     tasks, groups = grouped_tasks(TaskSampler(split, spec.train.seed), spec.rollout.tasks_per_step, spec.rollout.group_size)
     sampler = TransformersSampler(model, tokenizer, spec.rollout.generation_batch_size, torch.Generator().manual_seed(0),
-                                  spec.model.autocast, fast_forward, prefix_cache=prompt_format == "conversation",
-                                  share_prompts=share_prompts)
+                                  spec.model.autocast, fast_forward, prefix_cache=prefix_cache, share_prompts=share_prompts)
     envs = env_batch_for(spec, len(tasks))
     try:
         started = time.perf_counter()
@@ -83,9 +83,11 @@ def render_recipe_rollout(model_name: str, rows: list[tuple[str, list[dict]]]) -
         f"{model_name} (base weights), each recipe's episodes of one step (`rollout.tasks_per_step` x `group_size`) "
         "on the real engines with `rollout.constrain: admissible`, the same seed in every setting; the time includes "
         "the engines' steps. Each setting adds one path to the one before: forced-token runs fed in one pass "
-        "(`rollout.fast_forward`), identical prompts of a batch (a group's first turn) prefilled once, and the "
-        "conversation prompt format with each episode's KV cache kept between turns (`rollout.prefix_cache`: a "
-        "turn prefills only its new tokens). Speed-ups are against the first setting. `same responses`: the windowed "
+        "(`rollout.fast_forward`), identical prompts of a batch (a group's first turn) prefilled once, each "
+        "episode's KV cache kept between turns (`rollout.prefix_cache`: a turn prefills only its tokens after the "
+        "beginning it shares with the last turn's sequence, here the system text and task), and the conversation "
+        "prompt format (a turn prefills only its new message). Every setting prefills each distinct prompt in a "
+        "pass of its own, unpadded. Speed-ups are against the first setting. `same responses`: the windowed "
         "settings sampled identical tokens, as they must (the conversation format's prompts, and so its episodes, "
         "differ).",
         "",
