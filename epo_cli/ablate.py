@@ -129,12 +129,14 @@ SUMMARY_CAPTION = ("best (Succ.*) / final (Succ.) success: of the IID evaluation
                    "over training; the other columns are mean ± std over seeds")
 
 
-def summary_rows(children: list[ChildSummary], diverged: Counter | None = None) -> list[list[str]]:
-    """One row per variant; ``seeds`` counts its finished runs and, where some diverged,
-    says how many (their runs have no final values)."""
+def summary_rows(children: list[ChildSummary], diverged: Counter | None = None,
+                 variants: list[str] | None = None) -> list[list[str]]:
+    """One row per variant (in the order of ``variants``, default: as they come); ``seeds``
+    counts its finished runs and, where some diverged, says how many (their runs have no
+    final values)."""
     diverged = diverged or Counter()
     rows = []
-    for variant in dict.fromkeys([*(c.variant for c in children), *diverged]):
+    for variant in variants or dict.fromkeys([*(c.variant for c in children), *diverged]):
         mine = [c for c in children if c.variant == variant]
         if not mine:
             rows.append([variant, f"0 (+{diverged[variant]} diverged)"] + ["-"] * len(SUMMARY_COLUMNS))
@@ -162,10 +164,9 @@ def _key(text: str) -> str:
 
 @dataclass
 class Parent:
-    """The parent run of an ablation or a sweep: its kind ("ablation" or "sweep"), name (the
-    ``epo.ablation`` tag), run name, identity key, extra tags and params."""
+    """The parent run of an ablation or a sweep: its name (the ``epo.ablation`` tag), run
+    name, identity key, extra tags and params."""
 
-    kind: str
     name: str
     run_name: str
     key: str
@@ -192,7 +193,7 @@ def run_ablation(
     base_spec = resolve_spec(spec_file, deep_merge_all(flags, _algo(base)), overrides)
     key = _key(f"{ablation}|{seeds}|{_experiment_json(base_spec)}")
     params = {"ablation": ablation, "base_algo": base, "seeds": " ".join(map(str, seeds))}
-    parent = Parent("ablation", ablation, f"ablate-{ablation}-{base}", key, {"epo.algo": base}, params)
+    parent = Parent(ablation, f"ablate-{ablation}-{base}", key, {"epo.algo": base}, params)
     return run_children(parent, specs, console)
 
 
@@ -207,7 +208,7 @@ def run_sweep(sweep_file: Path, flags: dict[str, Any], overrides: list[str], con
             console.print(f"[dim]{arm.name}: {arm.note}[/]")
     key = _key("|".join([f"sweep {sweep.name}"] + [f"{arm}:{seed}:{_experiment_json(s)}" for (arm, seed), s in specs.items()]))
     params = {"sweep": sweep.name, "arms": " ".join(a.name for a in sweep.arms), "seeds": " ".join(map(str, sweep.seeds))}
-    parent = Parent("sweep", sweep.name, f"sweep-{sweep.name}", key, {"epo.sweep": sweep_file.name}, params)
+    parent = Parent(sweep.name, f"sweep-{sweep.name}", key, {"epo.sweep": sweep_file.name}, params)
     return run_children(parent, specs, console)
 
 
@@ -257,19 +258,18 @@ def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpe
                 console.print(f"[bold]{parent_info.name}[/]: {label}, seed {seed}")
                 spec.tracking.run_name = f"{parent_info.name}-{label}-s{seed}"
                 tags = {"mlflow.parentRunId": parent.run_id, "epo.ablation": parent_info.name,
-                        "epo.ablation.kind": parent_info.kind, "epo.ablation.variant": label, "epo.seed": str(seed)}
+                        "epo.ablation.variant": label, "epo.seed": str(seed)}
                 run_training(spec, console, tags=tags, overall=overall)
         except TrainingDiverged as err:  # an outcome of the arm, reported in the summary; the others go on
-            diverged = _children(client, parent)[(label, seed)].info.run_id
-            client.set_tag(diverged, DIVERGED_TAG, "true")
-            client.set_terminated(diverged, "FAILED")
+            client.set_tag(err.run_id, DIVERGED_TAG, "true")
+            client.set_terminated(err.run_id, "FAILED")
             console.print(f"[yellow]{label} seed {seed}: {err}; counted as diverged, the sweep goes on[/]")
         done_steps[(label, seed)] = spec.train.steps
     runs = _children(client, parent)
     finished = {key: run for key, run in runs.items() if run.info.status == "FINISHED"}
     summaries = [summarize_child(client, finished[pair], *pair) for pair in specs if pair in finished]
     diverged = Counter(label for (label, seed), run in runs.items() if (label, seed) in specs and _diverged(run))
-    rows = summary_rows(summaries, diverged)
+    rows = summary_rows(summaries, diverged, list(dict.fromkeys(label for label, _ in specs)))
     header = ["variant", "seeds", *SUMMARY_COLUMNS]
     table = io.StringIO()
     csv.writer(table).writerows([header, *rows])  # cells such as "0.5 [0.38, 0.62]" hold commas

@@ -189,9 +189,9 @@ def plot_ablation(client, children, metric: str = "train/reward_mean") -> plt.Fi
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    tags = children[0].data.tags
-    kind = tags.get("epo.ablation.kind", "ablation").capitalize()
-    fig.suptitle(f"{kind}: {tags.get('epo.ablation', '')} (mean ± std over seeds)")
+    parent_tags = client.get_run(children[0].data.tags["mlflow.parentRunId"]).data.tags
+    kind = "Sweep" if "epo.sweep" in parent_tags else "Ablation"
+    fig.suptitle(f"{kind}: {parent_tags.get('epo.ablation', '')} (mean ± std over seeds)")
     return fig
 
 

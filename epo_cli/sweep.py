@@ -85,22 +85,27 @@ def sweep_specs(sweep: SweepSpec, flags: dict[str, Any], overrides: list[str]) -
     arm), all validated before any run starts. Layers, later wins: ``base`` -> the sweep's
     ``set`` -> the arm's ``set`` -> command-line flags -> the command line's ``--set`` ->
     the seed."""
-    def layered(texts: list[str]) -> dict[str, Any]:
+    def resolved(texts: list[str], seed_overrides: list[str]) -> ExperimentSpec:
         layer: dict[str, Any] = {}
         for text in texts:
             layer = deep_merge(layer, parse_override(text))
-        return layer
+        return resolve_spec(sweep.base, deep_merge(layer, flags), [*overrides, *seed_overrides])
 
-    try:  # the sweep's own set first, so that its errors are not blamed on an arm
-        resolve_spec(sweep.base, deep_merge(layered(sweep.set), flags), overrides)
-    except SpecError as err:
-        raise SpecError(f"sweep {sweep.name}, set: {_one_line(err)}") from None
     specs = {}
     for seed in sweep.seeds:  # seed by seed: a stopped sweep is balanced across arms
         for arm in sweep.arms:
             try:
-                layer = layered([*sweep.set, *arm.set])
-                specs[(arm.name, seed)] = resolve_spec(sweep.base, deep_merge(layer, flags), [*overrides, f"train.seed={seed}"])
+                specs[(arm.name, seed)] = resolved([*sweep.set, *arm.set], [f"train.seed={seed}"])
             except SpecError as err:
-                raise SpecError(f"sweep {sweep.name}, arm {arm.name}: {_one_line(err)}") from None
+                raise SpecError(f"sweep {sweep.name}, {_culprit(resolved, sweep, arm)}: {_one_line(err)}") from None
     return specs
+
+
+def _culprit(resolved, sweep: SweepSpec, arm: SweepArm) -> str:
+    """Whom an arm's spec error belongs to: the settings every arm shares when the spec
+    fails without the arm's own set too, else the arm."""
+    try:
+        resolved(sweep.set, [])
+    except SpecError:
+        return "settings shared by every arm (the sweep's set, the command line)"
+    return f"arm {arm.name}"

@@ -36,11 +36,16 @@ RANK_SEED_STRIDE = 1_000_003  # rank r samples tokens from seed + r * stride
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped early (Ctrl-C or diverging gradients) after writing a checkpoint."""
+    """Training stopped early (Ctrl-C or diverging gradients) after writing a checkpoint
+    (``<checkpoint.dir>/<run id>/step_N``)."""
 
     def __init__(self, message: str, checkpoint: Path):
         super().__init__(message)
         self.checkpoint = checkpoint
+
+    @property
+    def run_id(self) -> str:
+        return self.checkpoint.parent.name
 
 
 class TrainingDiverged(TrainingStopped):

@@ -69,9 +69,10 @@ def test_an_arm_with_a_bad_override_fails_before_any_run(tmp_path):
 
 def test_an_error_in_the_sweeps_own_set_is_not_blamed_on_an_arm(tmp_path):
     path = _write(tmp_path, "name: s\nseeds: [0]\nset: [optim.lr=-1]\narms: [{name: a}, {name: b}]\n")
-    with pytest.raises(SpecError, match=r"^sweep s, set: .*optim.lr") as err:
+    with pytest.raises(SpecError, match=r"^sweep s, settings shared by every arm .*: .*optim.lr"):
         sweep_specs(load_sweep(path), {"env": {"name": "toy"}}, [])
-    assert "arm" not in str(err.value)
+    fixed_by_each_arm = _write(tmp_path, "name: s\nseeds: [0]\nset: [optim.lr=-1]\narms: [{name: a, set: [optim.lr=1e-6]}]\n")
+    assert sweep_specs(load_sweep(fixed_by_each_arm), {"env": {"name": "toy"}}, [])[("a", 0)].optim.lr == 1e-6
 
 
 def test_summary_counts_diverged_runs_beside_the_finished_ones():
