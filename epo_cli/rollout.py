@@ -68,8 +68,8 @@ class TransformersSampler:
     With ``share_prompts`` (the default), identical prompts of a batch are prefilled once.
     With ``prefix_cache``, the KV cache of each sequence of a call (prompt and response)
     is kept until the next call; a prompt feeds only its tokens after the longest beginning
-    it shares with a kept sequence (in the conversation format the whole kept sequence,
-    which it extends; in the windowed one the system text and task). :func:`play_episodes` calls
+    it shares with a kept sequence (the whole kept sequence for a conversation turn, which
+    extends it; the system text and task for a segment restart). :func:`play_episodes` calls
     :meth:`forget_prefixes` when a rollout ends, so a cache never outlives the weights
     that computed it, nor holds memory through the update. The kept caches cost
     ``2 x layers x kv_heads x head_dim`` values per token of every running episode.
@@ -118,12 +118,13 @@ class TransformersSampler:
         self.prefixes = []
 
     def _start(self, prompts, prefixes: list[_Prefix], device):
-        """The first forward pass of a batch. Identical prompts (a GRPO group's first
+        """The first forward passes of a batch. Identical prompts (a GRPO group's first
         turn, or members that acted alike) are computed once and their cache rows copied.
-        Each distinct prompt is prefilled in a pass of its own (no padding is computed),
-        fed from the end of the longest beginning it shares with a kept sequence; the rows'
-        caches are then joined, left-padded, into the batch's. Returns the last logits,
-        the cache, the attention mask so far and each row's next position."""
+        Each distinct prompt feeds its tokens after the longest beginning it shares with a
+        kept sequence (all of them if none); prompts with about as many tokens to feed
+        share a pass (:func:`_prefill_buckets`), and the rows' caches are then joined,
+        left-padded, into the batch's. Returns the last logits, the cache, the attention
+        mask so far and each row's next position."""
         keys = [tuple(prompt) if self.share_prompts else row for row, prompt in enumerate(prompts)]
         first_row: dict = {}
         for row, key in enumerate(keys):
@@ -131,10 +132,17 @@ class TransformersSampler:
         computed = {key: i for i, key in enumerate(first_row)}
         copies = torch.tensor([computed[key] for key in keys], device=device)
         unique = [list(prompts[row]) for row in first_row.values()]
-        logits, rows = zip(*(self._prefill(prompt, prefixes, device) for prompt in unique))
+        starts = [_longest_shared_prefix(prompt, prefixes) for prompt in unique]
+        reused = [max(min(shared, len(prompt) - 1), 0) for (_, shared), prompt in zip(starts, unique)]
+        logits: list = [None] * len(unique)
+        rows: list = [None] * len(unique)
+        for bucket in _prefill_buckets([len(prompt) - n for prompt, n in zip(unique, reused)]):
+            prefilled = self._prefill([unique[i] for i in bucket], [starts[i][0] for i in bucket], [reused[i] for i in bucket], device)
+            for i, (row_logits, sequence) in zip(bucket, prefilled):
+                logits[i], rows[i] = row_logits, sequence
         lengths = [len(prompt) for prompt in unique]
         width = max(lengths)
-        cache = _batch_cache(rows, width, self.model.config)
+        cache = _batch_cache(rows, lengths, width, self.model.config)
         attention = torch.zeros((len(unique), width), dtype=torch.long, device=device)
         for row, length in enumerate(lengths):
             attention[row, width - length :] = 1
@@ -143,22 +151,28 @@ class TransformersSampler:
         next_position = torch.tensor(lengths, device=device)
         return torch.stack(logits)[copies], cache, attention[copies], next_position[copies]
 
-    def _prefill(self, prompt: list[int], prefixes: list[_Prefix], device) -> tuple[torch.Tensor, _Prefix]:
-        """One prompt's forward pass over its tokens after the longest beginning it shares
-        with a kept sequence (at least its last token is fed): its last logits and its KV."""
-        match, shared = _longest_shared_prefix(prompt, prefixes)
-        reused = min(shared, len(prompt) - 1)
-        cache = None
-        if reused:
-            from transformers.cache_utils import DynamicCache
-
-            kept = [(k[None, :, :reused], v[None, :, :reused]) for k, v in zip(match.keys, match.values)]
-            cache = DynamicCache(ddp_cache_data=kept, config=self.model.config)
-        out = self.model(input_ids=torch.tensor([prompt[reused:]], device=device),
-                         position_ids=torch.arange(reused, len(prompt), device=device)[None],
+    def _prefill(self, prompts: list[list[int]], matches: list, reused: list[int], device) -> list[tuple[torch.Tensor, _Prefix]]:
+        """One forward pass over the prompts' tokens after their first ``reused[row]``,
+        whose KV comes from ``matches[row]`` (left-padded, as the new tokens are): each
+        row's last logits and the KV of its whole prompt."""
+        width = max(reused)
+        cache = _batch_cache(matches, reused, width, self.model.config) if width else None
+        new = [prompt[n:] for prompt, n in zip(prompts, reused)]
+        step = max(len(ids) for ids in new)
+        input_ids = torch.full((len(prompts), step), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width + step), dtype=torch.long)
+        for row, (ids, n) in enumerate(zip(new, reused)):
+            input_ids[row, step - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - n : width] = 1
+            attention[row, width + step - len(ids) :] = 1
+        positions = (torch.tensor(reused)[:, None] + attention[:, width:].cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         layers = out.past_key_values.layers
-        return out.logits[0, -1], _Prefix(prompt, [layer.keys[0] for layer in layers], [layer.values[0] for layer in layers])
+        valid = attention.bool().to(device)
+        return [(out.logits[row, -1], _Prefix(prompt, [layer.keys[row][:, valid[row]] for layer in layers],
+                                              [layer.values[row][:, valid[row]] for layer in layers]))
+                for row, prompt in enumerate(prompts)]
 
     @torch.no_grad()
     def _generate_batch(self, prompts, max_new_tokens, temperature, top_p, constraints, prefixes: list[_Prefix],
@@ -255,8 +269,8 @@ class _Prefix:
 
 def _longest_shared_prefix(prompt: list[int], prefixes: list[_Prefix]) -> tuple[_Prefix | None, int]:
     """The kept sequence that shares the longest beginning with ``prompt``, and how many
-    tokens they share (the system text and task in any format; the whole kept sequence
-    when a conversation prompt extends it)."""
+    tokens they share (the whole kept sequence when a conversation turn extends it; the
+    system text and task for a segment restart)."""
     best, best_length = None, 0
     for prefix in prefixes:
         length = _shared_length(prompt, prefix.ids)
@@ -272,18 +286,39 @@ def _shared_length(a: list[int], b: list[int]) -> int:
     return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
 
 
-def _batch_cache(rows: Sequence[_Prefix], width: int, config):
-    """One batch KV cache of the rows' sequences, left-padded with zeros to ``width`` positions."""
+PREFILL_PADDING = 0.25  # a shared prefill pass computes at most this share of padding over its rows' tokens
+
+
+def _prefill_buckets(lengths: list[int]) -> list[list[int]]:
+    """Row indices grouped into prefill passes: rows sorted by how many tokens they feed,
+    each pass as large as its padding allows (on 2 CPU cores rows of unlike lengths each
+    get a pass; a GPU batch of like prompts stays one pass)."""
+    buckets: list[list[int]] = []
+    for row in sorted(range(len(lengths)), key=lengths.__getitem__):
+        bucket = buckets[-1] if buckets else []
+        fed = sum(lengths[i] for i in bucket) + lengths[row]
+        if bucket and (len(bucket) + 1) * lengths[row] <= (1 + PREFILL_PADDING) * fed:
+            bucket.append(row)
+        else:
+            buckets.append([row])
+    return buckets
+
+
+def _batch_cache(rows: Sequence[_Prefix | None], lengths: list[int], width: int, config):
+    """One batch KV cache of the first ``lengths[row]`` positions of each row's sequence
+    (a row of length 0 may be None), left-padded with zeros to ``width`` positions."""
     from transformers.cache_utils import DynamicCache
 
+    first = next(row for row in rows if row is not None)
     layers = []
-    for layer in range(len(rows[0].keys)):
+    for layer in range(len(first.keys)):
         pair = []
         for kind in ("keys", "values"):
-            like = getattr(rows[0], kind)[layer]
+            like = getattr(first, kind)[layer]
             padded = like.new_zeros((len(rows), like.shape[0], width, like.shape[2]))
-            for row, sequence in enumerate(rows):
-                padded[row, :, width - len(sequence.ids) :] = getattr(sequence, kind)[layer]
+            for row, (sequence, n) in enumerate(zip(rows, lengths)):
+                if n:
+                    padded[row, :, width - n :] = getattr(sequence, kind)[layer][:, :n]
             pair.append(padded)
         layers.append(tuple(pair))
     return DynamicCache(ddp_cache_data=layers, config=config)
@@ -325,7 +360,7 @@ def build_sampler(spec, policy, tokenizer, generator: torch.Generator, model_dir
         )
     return TransformersSampler(policy, tokenizer, spec.rollout.generation_batch_size, generator, spec.model.autocast,
                                spec.rollout.fast_forward,
-                               prefix_cache=spec.rollout.prefix_cache)
+                               prefix_cache=spec.rollout.prompt_format == "conversation" and spec.rollout.prefix_cache)
 
 
 def _as_list(value) -> list:

@@ -170,9 +170,9 @@ class RolloutSpec(_Section):
     )
     prefix_cache: bool = Field(
         True,
-        description="Transformers sampler: keep each episode's KV cache between turns, so a turn's prompt feeds only "
-        "its tokens after the beginning it shares with the last turn's sequence (conversation: only the new "
-        "message; windowed: everything after the system text and task). vLLM caches prefixes itself.",
+        description="With prompt_format=conversation (transformers sampler): keep each episode's KV cache between "
+        "turns, so a turn's prompt feeds only its new message (a segment restart: all after the system text and "
+        "task). vLLM caches prefixes itself.",
     )
 
 

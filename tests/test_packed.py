@@ -267,16 +267,14 @@ class FedTokens:
                                                       with_kwargs=True)
 
 
-@pytest.mark.parametrize("prompt_format, fed_share", [("conversation", 0.5), ("windowed", 0.9)])
-def test_prefix_cache_feeds_only_new_tokens_and_samples_the_same(tiny_model, tokenizer, prompt_format, fed_share):
-    """Rollouts with the kept KV caches sample exactly what whole-prompt prefills sample,
-    feeding a fraction of the tokens: in the conversation format all but each turn's new
-    message (a segment restart, which extends no kept sequence, reuses its opening); in
-    the windowed format all but the shared system text and task."""
+def test_prefix_cache_feeds_only_new_tokens_and_samples_the_same(tiny_model, tokenizer):
+    """Conversation rollouts with the kept KV caches sample exactly what whole-prompt
+    prefills sample, feeding a fraction of the tokens; a segment restart (a prompt that
+    extends no kept sequence) reuses the system text and task it shares with one."""
     from epo_cli.rollout import TransformersSampler
 
     settings = RolloutSettings(max_turns=6, max_prompt_tokens=400, max_response_tokens=12, temperature=1.0,
-                               prompt_format=prompt_format)
+                               prompt_format="conversation")
     tasks = [TaskInstance("fake", "t", i, 0) for i in range(3)]
     played, fed = {}, {}
     for reuse in (False, True):
@@ -287,13 +285,12 @@ def test_prefix_cache_feeds_only_new_tokens_and_samples_the_same(tiny_model, tok
         counter.handle.remove()
         fed[reuse] = sum(counter.passes)
     turns = {reuse: [t for e in episodes for t in e.turns] for reuse, episodes in played.items()}
-    if prompt_format == "conversation":
-        assert max(t.segment for t in turns[True]) >= 1  # 400 tokens: the fifth turn restarts
+    assert max(t.segment for t in turns[True]) >= 1  # 400 tokens: the fifth turn restarts
     assert [t.prompt_ids for t in turns[True]] == [t.prompt_ids for t in turns[False]]
     assert [t.response_ids for t in turns[True]] == [t.response_ids for t in turns[False]]
     for cached, plain in zip(turns[True], turns[False]):
         assert torch.allclose(torch.tensor(cached.sample_logprobs), torch.tensor(plain.sample_logprobs), atol=1e-4)
-    assert fed[True] < fed_share * fed[False]
+    assert fed[True] < 0.5 * fed[False]
 
 
 def test_prefix_cache_lives_until_the_rollout_ends(tiny_model, tokenizer):
@@ -319,6 +316,34 @@ def test_prefix_cache_lives_until_the_rollout_ends(tiny_model, tokenizer):
     assert sampler.prefixes == []
 
 
+def test_a_prompt_equal_to_a_kept_sequence_feeds_its_last_token_only(tiny_model, tokenizer):
+    """The longest reuse: a prompt that is exactly a kept sequence feeds one token (its
+    logits are needed), and samples what a sampler without kept caches samples."""
+    from epo_cli.rollout import TransformersSampler
+
+    sampler = TransformersSampler(tiny_model, tokenizer, generator=torch.Generator().manual_seed(0), prefix_cache=True)
+    sampler.generate([tokenizer("a prompt of some length")["input_ids"]], 5, 1.0, 1.0)
+    (kept,) = sampler.prefixes
+    counter = FedTokens(tiny_model)
+    sampler.generator, fresh = torch.Generator().manual_seed(7), TransformersSampler(tiny_model, tokenizer, generator=torch.Generator().manual_seed(7))
+    (reused,) = sampler.generate([kept.ids], 6, 1.0, 1.0)
+    counter.handle.remove()
+    (plain,) = fresh.generate([kept.ids], 6, 1.0, 1.0)
+    assert counter.passes[0] == 1
+    assert reused.token_ids == plain.token_ids
+    assert torch.allclose(torch.tensor(reused.logprobs), torch.tensor(plain.logprobs), atol=1e-4)
+
+
+def test_prefill_passes_group_rows_of_like_lengths():
+    """Rows sorted by tokens to feed; a pass takes the next row while its padding stays
+    within 25% of its real tokens: 10, 12 (24 <= 27.5), then 95, 100 (200 <= 243.75), then
+    300 alone (900 > 618.75)."""
+    from epo_cli.rollout import _prefill_buckets
+
+    assert _prefill_buckets([100, 10, 12, 95, 300]) == [[1, 2], [3, 0], [4]]
+    assert _prefill_buckets([50] * 4) == [[0, 1, 2, 3]]
+
+
 def test_identical_prompts_are_computed_once(tiny_model, tokenizer):
     """A group's identical prompts take one row of the first pass; each copy still samples
     from its own random stream, and a row samples what it samples without the sharing."""
@@ -331,14 +356,14 @@ def test_identical_prompts_are_computed_once(tiny_model, tokenizer):
         sampler = TransformersSampler(tiny_model, tokenizer, generator=torch.Generator().manual_seed(1))
         generations.append(sampler.generate(prompts, 8, 1.0, 1.0))
         counter.handle.remove()
-        first_pass.append(counter.passes[:3])
-    prefills = [len(same), len(other)]  # two distinct prompts either way, each in its own pass, unpadded
-    assert first_pass == [prefills + [2], prefills + [4]]  # then one token per row
+        first_pass.append(counter.passes[0])
+    assert len(same) < len(other) <= 1.25 * (len(same) + len(other)) / 2  # alike: one prefill pass
+    assert first_pass == [2 * len(other)] * 2  # two distinct prompts either way, left-padded to the longer
     counter = FedTokens(tiny_model)
     unshared = TransformersSampler(tiny_model, tokenizer, generator=torch.Generator().manual_seed(1), share_prompts=False)
     assert [g.token_ids for g in unshared.generate([same, same, same, other], 8, 1.0, 1.0)] == [g.token_ids for g in generations[1]]
     counter.handle.remove()
-    assert counter.passes[:4] == [len(same)] * 3 + [len(other)]
+    assert counter.passes[0] == 4 * len(other)
     distinct, shared = generations
     assert shared[0].token_ids == distinct[0].token_ids  # row 0 draws the first seed in both batches
     assert torch.allclose(torch.tensor(shared[0].logprobs), torch.tensor(distinct[0].logprobs), atol=1e-5)

@@ -1,8 +1,9 @@
 """The ``recipe_rollout`` part: rollout seconds of one RL step of each CPU recipe (real
 engines, constrained actions, the same seed) through the transformers sampler's paths:
 one forward pass per token (the baseline), forced-token runs fed in one pass
-(``rollout.fast_forward``), identical prompts of a batch prefilled once, each episode's
-KV cache kept between turns (``rollout.prefix_cache``), and the conversation format."""
+(``rollout.fast_forward``), identical prompts of a batch prefilled once, and the
+conversation format with each episode's KV cache kept between turns
+(``rollout.prefix_cache``)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ SETTINGS = (
     ("one pass per token", False, False, False, "windowed"),
     ("fast-forward", True, False, False, "windowed"),
     ("+ shared prompts", True, True, False, "windowed"),
-    ("+ prefix cache", True, True, True, "windowed"),
-    ("conversation format", True, True, True, "conversation"),
+    ("+ conversation, prefix cache", True, True, True, "conversation"),
 )
 
 
@@ -83,11 +83,11 @@ def render_recipe_rollout(model_name: str, rows: list[tuple[str, list[dict]]]) -
         f"{model_name} (base weights), each recipe's episodes of one step (`rollout.tasks_per_step` x `group_size`) "
         "on the real engines with `rollout.constrain: admissible`, the same seed in every setting; the time includes "
         "the engines' steps. Each setting adds one path to the one before: forced-token runs fed in one pass "
-        "(`rollout.fast_forward`), identical prompts of a batch (a group's first turn) prefilled once, each "
-        "episode's KV cache kept between turns (`rollout.prefix_cache`: a turn prefills only its tokens after the "
-        "beginning it shares with the last turn's sequence, here the system text and task), and the conversation "
-        "prompt format (a turn prefills only its new message). Every setting prefills each distinct prompt in a "
-        "pass of its own, unpadded. Speed-ups are against the first setting. `same responses`: the windowed "
+        "(`rollout.fast_forward`), identical prompts of a batch (a group's first turn) prefilled once, and the "
+        "conversation prompt format with each episode's KV cache kept between turns (`rollout.prefix_cache`: a "
+        "turn prefills only its new message; a segment restart reuses the system text and task). In every "
+        "setting prompts with unlike numbers of tokens to feed are prefilled in passes of their own (at most 25% "
+        "padding per pass). Speed-ups are against the first setting. `same responses`: the windowed "
         "settings sampled identical tokens, as they must (the conversation format's prompts, and so its episodes, "
         "differ).",
         "",
