@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from epo_cli.spec import ExperimentSpec, SpecError, resolve_spec, spec_to_yaml
+from epo_cli.spec import ExperimentSpec, SpecError, resolve_spec, saved_spec, spec_to_yaml
 from epo_cli.tracking import Tracker, connect, resolve_uri
 
 
@@ -251,7 +251,7 @@ def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpe
             if checkpoint is not None:
                 console.print(f"[bold]{parent_info.name}[/]: {label}, seed {seed}: resuming {child.info.run_id}")
                 try:
-                    run_training(resolve_spec(checkpoint / "spec.yaml"), console, resume_from=checkpoint, overall=overall)
+                    run_training(saved_spec(checkpoint / "spec.yaml"), console, resume_from=checkpoint, overall=overall)
                 except TrainingFinished:  # every step was trained and saved before the stop
                     client.set_terminated(child.info.run_id, "FINISHED")
             else:

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from epo_cli.spec import ALGOS, VARIANTS, SpecError, deep_merge, resolve_spec, spec_to_yaml
+from epo_cli.spec import ALGOS, VARIANTS, SpecError, deep_merge, resolve_spec, saved_spec, spec_to_yaml
 
 app = typer.Typer(
     help="Train LLM agents with EPO (Entropy-regularized Policy Optimization) on ScienceWorld and ALFWorld.",
@@ -188,11 +188,14 @@ def train(
             checkpoint = find_checkpoint(resume, tracking_uri)
         except FileNotFoundError as err:
             _fail(str(err))
-        spec = checkpoint / "spec.yaml"
-    model = _initial_model(init_from, model)
-    resolved = _resolve(spec, set_, env=env, algo=algo, variant=variant, steps=steps, seed=seed, model=model,
-                        run_name=run_name, tracking_uri=tracking_uri, scale=scale, strategy=strategy,
-                        rollout_backend=rollout_backend, task_types=task_types)
+        try:
+            resolved = saved_spec(checkpoint / "spec.yaml", _flags(tracking_uri=tracking_uri))
+        except SpecError as err:
+            _fail(str(err))
+    else:
+        resolved = _resolve(spec, set_, env=env, algo=algo, variant=variant, steps=steps, seed=seed,
+                            model=_initial_model(init_from, model), run_name=run_name, tracking_uri=tracking_uri,
+                            scale=scale, strategy=strategy, rollout_backend=rollout_backend, task_types=task_types)
     _quiet_libraries(resolved.tracking.backend)
     dist = init_distributed(resolved.distributed.timeout_minutes)
     out = console if dist.is_main else Console(quiet=True)  # rank 0 speaks for the job

@@ -12,7 +12,7 @@ import torch
 from epo_cli.distributed import DistContext
 from epo_cli.envs.base import TaskInstance, of_task_types, stratified_order
 from epo_cli.envs.registry import load_split, max_score_of
-from epo_cli.rollout import EnvBatch, RolloutSettings, Sampler, build_sampler, episode_stats, play_episodes
+from epo_cli.rollout import EnvBatch, RolloutSettings, Sampler, build_sampler, episode_stats, play_episodes, sampler_dtype
 
 EVAL_SEED = 20250926  # fixed: the same episodes for every run, checkpoint and seed
 EVAL_SPLITS = {"iid", "ood", "l2"}
@@ -169,7 +169,7 @@ def evaluate_model(spec, model_name: str, splits, progress=None, policy=None) ->
 
     tokenizer = load_tokenizer(model_name)
     if policy is None and spec.rollout.backend == "transformers":
-        policy = load_causal_lm(model_name, spec.model.dtype).eval()
+        policy = load_causal_lm(model_name, sampler_dtype(spec)).eval()
     with tempfile.TemporaryDirectory(prefix="epo-eval-") as scratch:
         model_dir = model_directory(model_name, tokenizer, Path(scratch), spec.model.dtype) if policy is None else None
         sampler = build_sampler(spec, policy, tokenizer, torch.Generator(), model_dir=model_dir)
@@ -193,7 +193,7 @@ def evaluate_checkpoint(
     """Evaluate a saved policy on ``splits``; log to its training run when that run is
     known. Returns (results, run id, checkpoint step)."""
     from epo_cli.checkpoint import POLICY_DIR, load_policy, read_meta
-    from epo_cli.spec import resolve_spec
+    from epo_cli.spec import saved_spec
     from epo_cli.tracking import open_tracker
 
     meta = read_meta(checkpoint_dir)
@@ -204,8 +204,8 @@ def evaluate_checkpoint(
         overrides.append(f"eval.temperature={temperature}")
     if repeats is not None:
         overrides.append(f"eval.repeats={repeats}")
-    spec = resolve_spec(checkpoint_dir / "spec.yaml", overrides=overrides)
-    policy = load_policy(checkpoint_dir, spec.model.dtype).eval() if spec.rollout.backend == "transformers" else None
+    spec = saved_spec(checkpoint_dir / "spec.yaml", overrides=overrides)
+    policy = load_policy(checkpoint_dir, sampler_dtype(spec)).eval() if spec.rollout.backend == "transformers" else None
     results = evaluate_model(spec, str(checkpoint_dir / POLICY_DIR), splits, progress, policy)
     run_id = meta.get("mlflow_run_id")
     if run_id:

@@ -407,7 +407,8 @@ class Learner:
         old_logp = out.logp.detach() if batch.old_logp is None else batch.padded(batch.old_logp, rows, width).to(device)
         # Sampler vs trainer log-probs of the same tokens under the pre-update policy: large
         # values mean stale sampler weights or a numerics mismatch.
-        logprob_diff = float(((batch.padded(batch.sample_logp, rows, width).to(device) - old_logp).abs() * w).sum())
+        sample_logp = batch.padded(batch.sample_logp, rows, width).to(device)
+        logprob_diff = float(((sample_logp - old_logp).abs() * w).sum())
         inputs = LossInputs(
             weights=w,
             advantages=batch.advantages[rows].to(device),
@@ -417,6 +418,7 @@ class Learner:
             entropy_ref=reference[rows].to(device) if torch.is_tensor(reference) else reference,
             old_values=batch.values[rows].to(device) if self.is_ppo else None,
             returns=batch.returns[rows].to(device) if self.is_ppo else None,
+            sample_logp=sample_logp,
         )
         values = None
         if self.is_ppo:

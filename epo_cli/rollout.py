@@ -345,6 +345,14 @@ def _forced(constraints, row: int) -> bool:
     return allowed is not None and len(allowed) == 1
 
 
+def sampler_dtype(spec) -> str:
+    """The sampler's weight dtype: ``rollout.dtype``, else the policy's (vLLM under bf16
+    autocast: bfloat16)."""
+    if spec.rollout.dtype is not None:
+        return spec.rollout.dtype
+    return "bfloat16" if spec.rollout.backend == "vllm" and spec.model.autocast == "bf16" else spec.model.dtype
+
+
 def build_sampler(spec, policy, tokenizer, generator: torch.Generator, model_dir=None) -> Sampler:
     """The sampler ``rollout.backend`` names: transformers on ``policy``, or a vLLM engine
     started from ``model_dir`` (a transformers folder; its weights are replaced through
@@ -355,7 +363,7 @@ def build_sampler(spec, policy, tokenizer, generator: torch.Generator, model_dir
         options = spec.rollout.vllm
         return VLLMSampler(
             model_dir, generator, spec.rollout.max_prompt_tokens + spec.rollout.max_response_tokens,
-            "bfloat16" if spec.model.autocast == "bf16" else spec.model.dtype,
+            sampler_dtype(spec),
             options.gpu_memory_utilization, options.cpu_kv_cache_gb, options.enforce_eager, spec.train.seed,
         )
     return TransformersSampler(policy, tokenizer, spec.rollout.generation_batch_size, generator, spec.model.autocast,

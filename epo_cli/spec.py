@@ -149,6 +149,13 @@ class RolloutSpec(_Section):
         60, gt=0, description="Admissible actions listed in the prompt at most."
     )
     generation_batch_size: int = Field(16, gt=0, description="Prompts per generate call.")
+    dtype: Literal["float32", "bfloat16"] | None = Field(
+        None,
+        description="The sampler's weight dtype; unset: model.dtype (the transformers sampler then samples with "
+        "the policy itself). Another dtype samples with a copy refreshed after every update; the update "
+        "recomputes the old log-probs with the policy. The CPU scale sets bfloat16 on processors with native "
+        "bf16 (AVX512-BF16 or AMX; docs/performance.md).",
+    )
     backend: Literal["transformers", "vllm"] = Field(
         "transformers",
         description="Sampler: transformers (KV-cached loop, any device) or a colocated vLLM engine "
@@ -252,6 +259,13 @@ class AlgoSpec(_Section):
         gt=1,
         description="Dual-clip PPO: a token with A < 0 has its loss capped at -c*A (verl's clip_ratio_c, 3 in every "
         "run of the EPO reference code); null turns it off.",
+    )
+    tis_cap: float | None = Field(
+        None,
+        gt=1,
+        description="Truncated importance sampling: weight each token's surrogate by min(pi_old / pi_sampler, C), "
+        "for a sampler whose numerics differ from the trainer's (rollout.dtype, vLLM); null: off. The CPU scale's "
+        "bf16 sampler sets 2.",
     )
     value_clip: float = Field(0.5, gt=0, description="Clip of the critic's value change (EPO_SPEC.md §2: 0.5).")
     vf_coef: float = Field(1.0, ge=0, description="Weight of the critic loss.")
@@ -506,6 +520,9 @@ CPU_SCALE: dict[str, Any] = {
     "tracking": {"transcripts": "all"},
 }
 CPU_SCALE_GRPO: dict[str, Any] = {"rollout": {"tasks_per_step": 2, "group_size": 2}}
+# On a processor with bf16 matrix instructions a bf16 copy of the weights prefills about
+# 2.4x faster than fp32 (docs/benchmarks.md, "Rollout of one RL step of the CPU recipes").
+CPU_SCALE_BF16: dict[str, Any] = {"rollout": {"dtype": "bfloat16"}, "algo": {"tis_cap": 2.0}}
 
 # The toy word game has one size at every scale: seconds per step with the tiny random
 # model, constrained to the action words so that the reward signal exists from step 0.
@@ -519,6 +536,7 @@ TOY_PRESET: dict[str, Any] = {
         "max_prompt_tokens": 512,
         "max_response_tokens": 24,
         "generation_batch_size": 64,
+        "dtype": None,  # sampled by the policy itself: sampler and trainer log-probs agree exactly
     },
     "optim": {"lr": 2e-3, "critic_lr": 2e-3, "warmup_ratio": 0.0, "mini_batch_size": 256, "micro_batch_size": 64},
     "algo": {"invalid_action_penalty": 0.0},
@@ -572,6 +590,16 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SpecError(f"spec file {path}: expected a mapping of fields, got {type(data).__name__}")
     return data
+
+
+def native_bf16() -> bool:
+    """Whether this machine multiplies bf16 matrices natively: a CUDA device that supports
+    bf16, else a CPU with AVX512-BF16 or AMX (elsewhere torch emulates bf16, slower than fp32)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def detect_scale() -> str:
@@ -638,6 +666,8 @@ def resolve_spec(
         merged = deep_merge(merged, CPU_SCALE)
         if base == "grpo":
             merged = deep_merge(merged, CPU_SCALE_GRPO)
+        if native_bf16():
+            merged = deep_merge(merged, CPU_SCALE_BF16)
     if env_name in TOY_VARIANTS:
         merged = deep_merge(deep_merge(merged, TOY_PRESET), TOY_VARIANTS[env_name])
         if base == "grpo":
@@ -650,6 +680,19 @@ def resolve_spec(
         return ExperimentSpec.model_validate(merged)
     except ValidationError as err:
         raise SpecError(format_validation_error(err)) from None
+
+
+def saved_spec(path: Path, flags: dict[str, Any] | None = None, overrides: list[str] | None = None) -> ExperimentSpec:
+    """The spec a run wrote (a checkpoint's ``spec.yaml``), with ``flags`` and ``overrides``
+    on top. It is complete, so no preset applies again: a field added to the toolkit since
+    takes its default, which is what the run did before the field existed."""
+    merged: dict[str, Any] = {}
+    for layer in (load_yaml(path), flags or {}, *(parse_override(o) for o in overrides or [])):
+        merged = deep_merge(merged, layer)
+    try:
+        return ExperimentSpec.model_validate(merged)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, f"spec file {path}")) from None
 
 
 # The paper's ablations as named spec changes (EPO_SPEC.md §3 table). ``ea`` shapes the

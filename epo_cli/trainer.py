@@ -24,7 +24,7 @@ from epo_cli.evaluate import evaluate_splits, log_evaluation
 from epo_cli.learner import Learner
 from epo_cli.models import load_causal_lm, load_tokenizer, model_directory
 from epo_cli.progress import OverallProgress
-from epo_cli.rollout import RolloutSettings, Sampler, build_sampler, episode_stats, play_episodes
+from epo_cli.rollout import RolloutSettings, Sampler, build_sampler, episode_stats, play_episodes, sampler_dtype
 from epo_cli.spec import ExperimentSpec, flatten, spec_to_yaml
 from epo_cli.tracking import RunTracker, check_store, open_tracker
 from epo_cli.transcripts import episodes_jsonl, train_file
@@ -80,14 +80,15 @@ class Trainer:
         self.envs = env_batch_for(spec, self.episodes_per_rank)  # last: worker processes to close
 
     def _build_sampler(self) -> tuple[Sampler, bool]:
-        """The rollout sampler, and whether it holds its own copy of the weights (vLLM, or
-        a full copy beside an FSDP2-sharded policy) that must follow every update."""
+        """The rollout sampler, and whether it holds its own copy of the weights (vLLM, a
+        copy in ``rollout.dtype``, or a full copy beside an FSDP2-sharded policy) that must
+        follow every update."""
         spec = self.spec
         if spec.rollout.backend == "vllm":
             model_dir = model_directory(spec.model.name, self.tokenizer, Path(self.scratch.name), spec.model.dtype)
             return build_sampler(spec, None, self.tokenizer, self.sample_generator, model_dir), True
-        if self.learner.sharded:
-            copy = load_causal_lm(spec.model.name, spec.model.dtype, spec.train.seed).to(self.dist.device).requires_grad_(False)
+        if self.learner.sharded or sampler_dtype(spec) != spec.model.dtype:
+            copy = load_causal_lm(spec.model.name, sampler_dtype(spec), spec.train.seed).to(self.dist.device).requires_grad_(False)
             return build_sampler(spec, copy, self.tokenizer, self.sample_generator), True
         return build_sampler(spec, self.learner.policy, self.tokenizer, self.sample_generator), False
 

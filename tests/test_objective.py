@@ -57,6 +57,24 @@ def test_the_differentiable_parts_add_up_to_the_loss_and_match_the_hand_case():
     assert torch.autograd.grad(out.entropy_bonus, entropy, retain_graph=True)[0].item() == pytest.approx(-0.1)
     assert torch.autograd.grad(out.smoothing, entropy)[0].item() == pytest.approx(0.1 * 2.0 * 0.25)
 
+def test_truncated_importance_weights_correct_the_surrogate_for_the_sampler():
+    # Ratio 1 on both tokens, A = 1. The trainer gives them 0.5 and 0.25; the sampler drew them
+    # at 0.25 (weight 2, cut to the cap 1.5) and 0.5 (weight 0.5): L = -(0.5 * 1.5 + 0.5 * 0.5).
+    old = torch.log(torch.tensor([[0.5, 0.25]]))
+    logp = old.clone().requires_grad_(True)
+    inputs = LossInputs(torch.tensor([[0.5, 0.5]]), torch.ones(1), old, torch.zeros(1, dtype=torch.long),
+                        sample_logp=torch.log(torch.tensor([[0.25, 0.5]])))
+    algo = AlgoSpec(tis_cap=1.5)
+    out = epo_loss(inputs, logp, torch.zeros(1, 2), algo, EPOSpec(), StepCoefficients(0.0, 1.0))
+    assert out.pg.item() == pytest.approx(-(0.5 * 1.5 + 0.5 * 0.5))
+    assert out.metrics["actor/tis_weight"].item() == pytest.approx(0.5 * 1.5 + 0.5 * 0.5)
+    assert out.metrics["actor/tis_truncated_frac"].item() == pytest.approx(0.5)
+    out.loss.backward()
+    assert logp.grad[0].tolist() == pytest.approx([-0.5 * 1.5, -0.5 * 0.5])  # the weights carry no gradient
+    plain = epo_loss(inputs, old.clone().requires_grad_(True), torch.zeros(1, 2), AlgoSpec(), EPOSpec(), StepCoefficients(0.0, 1.0))
+    assert plain.pg.item() == pytest.approx(-1.0) and "actor/tis_weight" not in plain.metrics  # tis_cap null: off
+
+
 def test_no_history_gives_the_entropy_regularized_loss():
     entropy = torch.full((1, 1), 2.5)
     out = epo_loss(_inputs([1.0], [[1.0]]), torch.zeros(1, 1), entropy, AlgoSpec(), EPOSpec(), StepCoefficients(0.1, 2.0))

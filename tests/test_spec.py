@@ -5,7 +5,16 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from epo_cli.spec import CPU_SCALE, VARIANT_OVERRIDES, VARIANTS, SpecError, parse_override, resolve_spec, spec_to_yaml
+from epo_cli.spec import (
+    CPU_SCALE,
+    VARIANT_OVERRIDES,
+    VARIANTS,
+    SpecError,
+    parse_override,
+    resolve_spec,
+    saved_spec,
+    spec_to_yaml,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,6 +25,33 @@ def test_cpu_scale_is_small_and_says_so():
     assert spec.env.max_turns == CPU_SCALE["env"]["max_turns"]
     assert spec.train.steps == CPU_SCALE["train"]["steps"]
     assert spec.episodes_per_step == 4
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_scale_samples_with_bf16_weights_only_where_the_processor_has_bf16(monkeypatch, native):
+    monkeypatch.setattr("epo_cli.spec.native_bf16", lambda: native)
+    spec = resolve_spec(flags={"scale": "cpu", "env": {"name": "alfworld"}})
+    assert (spec.rollout.dtype, spec.algo.tis_cap) == (("bfloat16", 2.0) if native else (None, None))
+    toy = resolve_spec(flags={"scale": "cpu", "env": {"name": "toy"}})
+    assert toy.rollout.dtype is None  # the toy samples with the policy itself
+    assert resolve_spec(flags={"scale": "paper"}).rollout.dtype is None
+
+
+def test_a_saved_spec_is_taken_whole_and_new_fields_keep_what_the_run_did(tmp_path, monkeypatch):
+    monkeypatch.setattr("epo_cli.spec.native_bf16", lambda: True)
+    spec = resolve_spec(flags={"scale": "cpu", "env": {"name": "alfworld"}})
+    saved = tmp_path / "spec.yaml"
+    saved.write_text(spec_to_yaml(spec))
+    assert saved_spec(saved) == spec
+    assert saved_spec(saved, {"tracking": {"uri": "sqlite:///x.db"}}, ["eval.episodes=3"]).eval.episodes == 3
+    # A run saved before rollout.dtype existed sampled with its own weights: no preset fills the field in.
+    old = yaml.safe_load(saved.read_text())
+    del old["rollout"]["dtype"], old["algo"]["tis_cap"]
+    saved.write_text(yaml.safe_dump(old))
+    assert (saved_spec(saved).rollout.dtype, saved_spec(saved).algo.tis_cap) == (None, None)
+    assert resolve_spec(saved).rollout.dtype == "bfloat16"  # what re-resolving through the presets would do
+    with pytest.raises(SpecError, match=r"spec\.yaml: rollout\.temperature"):
+        saved_spec(saved, overrides=["rollout.temperature=-1"])
 
 
 def test_paper_scale_uses_the_paper_settings():

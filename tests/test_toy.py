@@ -4,6 +4,7 @@ constrained decoding). A flipped policy-gradient sign, a detached loss or a mask
 keeps the reward at chance and fails these tests (docs/learning.md)."""
 
 import pytest
+import torch
 
 from epo_cli.envs.base import TaskInstance
 from epo_cli.envs.toy import WORDS, ToyEngine, episode_plan, load_split
@@ -48,9 +49,11 @@ def test_toy_splits_are_disjoint_and_ood_uses_unseen_words():
         load_split("toy", "l2")
 
 
-def _learn(env: str, algo: str, max_steps: int) -> list[float]:
-    """Train until the mean reward of the last 3 steps reaches 0.8 (or ``max_steps``)."""
-    spec = resolve_spec(flags={"env": {"name": env}, "algo": {"name": algo}, "train": {"steps": max_steps, "seed": 0}})
+def _learn(env: str, algo: str, max_steps: int, overrides: list[str] | None = None, on_step=None) -> list[float]:
+    """Train until the mean reward of the last 3 steps reaches 0.8 (or ``max_steps``);
+    ``on_step(trainer, metrics)`` checks each step."""
+    spec = resolve_spec(flags={"env": {"name": env}, "algo": {"name": algo}, "train": {"steps": max_steps, "seed": 0}},
+                        overrides=overrides)
     trainer = Trainer(spec)
     rewards = []
     try:
@@ -59,12 +62,16 @@ def _learn(env: str, algo: str, max_steps: int) -> list[float]:
             trainer.step += 1
             rewards.append(metrics["train/reward_mean"])
             assert metrics["train/invalid_action_rate"] == 0.0  # constrained: always a word
-            assert metrics["rollout/logprob_diff"] < 1e-5  # sampler and trainer score the same policy
+            (on_step or _same_policy)(trainer, metrics)
             if len(rewards) >= 3 and sum(rewards[-3:]) / 3 >= 0.8:
                 break
     finally:
         trainer.close()
     return rewards
+
+
+def _same_policy(trainer, metrics) -> None:
+    assert metrics["rollout/logprob_diff"] < 1e-5  # sampler and trainer score the same policy
 
 
 @pytest.mark.slow
@@ -79,4 +86,17 @@ def test_every_algorithm_learns_the_toy(algo):
 def test_grpo_epo_learns_the_multiturn_toy_from_the_final_reward_only():
     rewards = _learn("toy-multiturn", "grpo+epo", max_steps=80)
     assert rewards[0] <= 0.5
+    assert sum(rewards[-3:]) / 3 >= 0.8, [round(r, 2) for r in rewards]
+
+
+@pytest.mark.slow
+def test_a_bf16_sampler_copy_follows_every_update_and_the_toy_is_still_learnt():
+    def follows(trainer, metrics) -> None:
+        copy = dict(trainer.sampler.model.named_parameters())
+        for name, weight in trainer.learner.policy.named_parameters():
+            assert torch.equal(copy[name], weight.detach().to(torch.bfloat16)), name  # synced after the update
+        assert 0 < metrics["rollout/logprob_diff"] < 0.05  # bf16 numerics, not stale weights
+        assert 0.5 < metrics["actor/tis_weight"] <= 2.0
+
+    rewards = _learn("toy", "grpo+epo", 60, ["rollout.dtype=bfloat16", "algo.tis_cap=2"], follows)
     assert sum(rewards[-3:]) / 3 >= 0.8, [round(r, 2) for r in rewards]

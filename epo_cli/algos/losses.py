@@ -81,6 +81,15 @@ def value_loss(
     return (per_sample * sample_weights).sum()
 
 
+def truncated_is_weights(old_logp: torch.Tensor, sample_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights ``min(pi_old / pi_sampler, C)`` per token (detached), for
+    a sampler whose numerics differ from the trainer's (a bf16 copy, vLLM): they make the
+    surrogate's expectation under the sampler's tokens that under ``pi_old``'s, up to the
+    truncation (Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"; verl's TIS)."""
+    return torch.exp(old_logp - sample_logp).clamp(max=cap).detach()
+
+
 def low_var_kl(logp: torch.Tensor, ref_logp: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The k3 estimator of ``KL(pi || pi_ref)`` as verl's ``low_var_kl``: ``k3 = exp(d) - d - 1``
     with ``d = ref - logp`` clamped to [-20, 20], then ``k3`` clamped to [-10, 10]."""

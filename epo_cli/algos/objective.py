@@ -24,6 +24,7 @@ from epo_cli.algos.losses import (
     low_var_kl,
     ppo_clip_loss,
     trajectory_entropy,
+    truncated_is_weights,
     turn_decay_coef,
     value_loss,
 )
@@ -63,6 +64,7 @@ class LossInputs:
     entropy_ref: torch.Tensor | float | None = None  # Hbar_W (Eq. 3): scalar or [B]; None at step 0
     old_values: torch.Tensor | None = None  # [B], PPO critic before the update
     returns: torch.Tensor | None = None  # [B], PPO critic targets
+    sample_logp: torch.Tensor | None = None  # [B, L], the sampler's log-probs (algo.tis_cap)
 
 
 @dataclass(frozen=True)
@@ -97,10 +99,17 @@ def epo_loss(
     advantages = inputs.advantages[:, None].expand_as(logp)
     if epo.entropy_advantage.enabled:  # the EA baseline
         advantages = entropy_shaped_advantages(advantages, entropy, epo.entropy_advantage.psi, epo.entropy_advantage.kappa)
+    tis = None  # the surrogate's (and its stats') tokens weighted by the sampler correction
+    if algo.tis_cap is not None and inputs.sample_logp is not None:
+        tis = truncated_is_weights(inputs.old_logp, inputs.sample_logp, algo.tis_cap)
     pg_loss, pg_stats = ppo_clip_loss(
-        logp, inputs.old_logp, advantages, w, algo.clip_eps_low, algo.clip_eps_high, algo.dual_clip_c
+        logp, inputs.old_logp, advantages, w if tis is None else w * tis, algo.clip_eps_low, algo.clip_eps_high,
+        algo.dual_clip_c,
     )
     metrics = {"actor/pg_loss": pg_loss.detach(), "actor/clipfrac": pg_stats["clipfrac"], "actor/approx_kl": pg_stats["approx_kl"]}
+    if tis is not None:
+        metrics["actor/tis_weight"] = (tis * w).sum()
+        metrics["actor/tis_truncated_frac"] = ((tis >= algo.tis_cap).float() * w).sum()
     if algo.dual_clip_c is not None:
         metrics["actor/dual_clipfrac"] = pg_stats["dual_clipfrac"]
     pg = pg_loss
