@@ -3,7 +3,7 @@ engines, constrained actions, the same seed) through the transformers sampler's 
 one forward pass per token (the baseline), forced-token runs fed in one pass
 (``rollout.fast_forward``), identical prompts of a batch prefilled once, and the
 conversation format with each episode's KV cache kept between turns
-(``rollout.prefix_cache``)."""
+(``rollout.prefix_cache``), then that with a bf16 copy of the weights (``rollout.dtype``)."""
 
 from __future__ import annotations
 
@@ -19,17 +19,18 @@ RECIPES = {
 }
 
 
-# (label, fast_forward, share_prompts, prefix_cache, prompt_format): each adds one path to the one before.
+# (label, fast_forward, share_prompts, prefix_cache, prompt_format, dtype): each adds one path to the one before.
 SETTINGS = (
-    ("one pass per token", False, False, False, "windowed"),
-    ("fast-forward", True, False, False, "windowed"),
-    ("+ shared prompts", True, True, False, "windowed"),
-    ("+ conversation, prefix cache", True, True, True, "conversation"),
+    ("one pass per token", False, False, False, "windowed", "float32"),
+    ("fast-forward", True, False, False, "windowed", "float32"),
+    ("+ shared prompts", True, True, False, "windowed", "float32"),
+    ("+ conversation, prefix cache", True, True, True, "conversation", "float32"),
+    ("+ bf16 weights", True, True, True, "conversation", "bfloat16"),
 )
 
 
 def _recipe_case(spec_file: Path, model_name: str, fast_forward: bool, share_prompts: bool, prefix_cache: bool,
-                 prompt_format: str) -> dict:
+                 prompt_format: str, dtype: str) -> dict:
     """Play one RL step's episodes of a recipe with the base model; time the whole rollout
     (sampling and engine steps), as ``perf/rollout_s`` does."""
     import torch
@@ -44,7 +45,7 @@ def _recipe_case(spec_file: Path, model_name: str, fast_forward: bool, share_pro
     spec = resolve_spec(spec_file, {"model": {"name": model_name}, "rollout": {"prompt_format": prompt_format}})
     torch.manual_seed(0)
     tokenizer = load_tokenizer(model_name)
-    model = load_causal_lm(model_name, spec.model.dtype).eval()
+    model = load_causal_lm(model_name, dtype).eval()
     split = of_task_types(load_split(spec.env.name, spec.env.data_dir, spec.env.train_split), spec.env.task_types, "train")
     tasks, groups = grouped_tasks(TaskSampler(split, spec.train.seed), spec.rollout.tasks_per_step, spec.rollout.group_size)
     sampler = TransformersSampler(model, tokenizer, spec.rollout.generation_batch_size, torch.Generator().manual_seed(0),
@@ -87,9 +88,10 @@ def render_recipe_rollout(model_name: str, rows: list[tuple[str, list[dict]]]) -
         "conversation prompt format with each episode's KV cache kept between turns (`rollout.prefix_cache`: a "
         "turn prefills only its new message; a segment restart reuses the system text and task). In every "
         "setting prompts with unlike numbers of tokens to feed are prefilled in passes of their own (at most 25% "
-        "padding per pass). Speed-ups are against the first setting. `same responses`: the windowed "
+        "padding per pass). The last setting samples with a bf16 copy of the weights (`rollout.dtype: bfloat16`, "
+        "which the CPU scale sets on processors with native bf16). Speed-ups are against the first setting. `same responses`: the windowed "
         "settings sampled identical tokens, as they must (the conversation format's prompts, and so its episodes, "
-        "differ).",
+        "differ; bf16 numerics move the samples).",
         "",
         "| recipe | episodes | turns (windowed / conversation) | prompt tokens / turn (windowed / conversation) | "
         + " | ".join(f"{label} (s)" for label in labels) + " | " + " | ".join(f"speed-up {label}" for label in labels[1:])
@@ -97,8 +99,10 @@ def render_recipe_rollout(model_name: str, rows: list[tuple[str, list[dict]]]) -
         "|---|---:|---:|---:|" + "---:|" * (2 * len(labels) - 1) + "---|",
     ]
     for name, cases in rows:
-        windowed, conversation = cases[0], cases[-1]
-        same = "yes" if all(case["responses"] == windowed["responses"] for case in cases[:-1]) else "NO"
+        windowed_cases = [case for case, setting in zip(cases, SETTINGS) if setting[4] == "windowed"]
+        windowed = windowed_cases[0]
+        conversation = next(case for case, setting in zip(cases, SETTINGS) if setting[4] == "conversation")
+        same = "yes" if all(case["responses"] == windowed["responses"] for case in windowed_cases) else "NO"
         lines.append(
             f"| {name} | {windowed['episodes']} | {windowed['turns']} / {conversation['turns']} | "
             f"{windowed['prompt_tokens']:.0f} / {conversation['prompt_tokens']:.0f} | "
