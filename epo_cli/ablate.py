@@ -154,8 +154,11 @@ def summary_rows(children: list[ChildSummary], diverged: Counter | None = None,
 
 
 def _experiment_json(spec: ExperimentSpec) -> str:
-    """What a parent run's key is made of: the experiment, not where its runs are stored."""
-    return json.dumps(spec.model_dump(mode="json", exclude={"checkpoint", "tracking", "sft"}), sort_keys=True)
+    """What a parent run's key is made of: the experiment, not where its runs are stored;
+    fields at their defaults are left out, so a field added to the toolkit later does not
+    change the key of an experiment that leaves it unset."""
+    return json.dumps(spec.model_dump(mode="json", exclude={"checkpoint", "tracking", "sft"}, exclude_defaults=True),
+                      sort_keys=True)
 
 
 def _key(text: str) -> str:

@@ -159,11 +159,16 @@ def load_causal_lm(name: str, dtype: str = "float32", seed: int = 0) -> nn.Modul
 
     torch_dtype = getattr(torch, dtype)
     if name == TINY_MODEL:
-        tokenizer = load_tokenizer(name)
+        config = tiny_config(len(load_tokenizer(name)))
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer)))
-        return model.to(torch_dtype)
+            model = AutoModelForCausalLM.from_config(config)  # fp32 init: the same weights in every dtype
+        if torch_dtype == torch.float32:
+            return model
+        # Built in the dtype, as from_pretrained does, so that the rotary buffers stay fp32.
+        typed = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        typed.load_state_dict(model.state_dict())
+        return typed
     source = resolve_model_dir(name)
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=True)

@@ -521,7 +521,8 @@ CPU_SCALE: dict[str, Any] = {
 }
 CPU_SCALE_GRPO: dict[str, Any] = {"rollout": {"tasks_per_step": 2, "group_size": 2}}
 # On a processor with bf16 matrix instructions a bf16 copy of the weights prefills about
-# 2.4x faster than fp32 (docs/benchmarks.md, "Rollout of one RL step of the CPU recipes").
+# 2.4x faster than fp32 (docs/performance.md, "Rollout backends"); the update corrects for
+# the sampler's other numerics with truncated importance weights.
 CPU_SCALE_BF16: dict[str, Any] = {"rollout": {"dtype": "bfloat16"}, "algo": {"tis_cap": 2.0}}
 
 # The toy word game has one size at every scale: seconds per step with the tiny random
@@ -539,7 +540,7 @@ TOY_PRESET: dict[str, Any] = {
         "dtype": None,  # sampled by the policy itself: sampler and trainer log-probs agree exactly
     },
     "optim": {"lr": 2e-3, "critic_lr": 2e-3, "warmup_ratio": 0.0, "mini_batch_size": 256, "micro_batch_size": 64},
-    "algo": {"invalid_action_penalty": 0.0},
+    "algo": {"invalid_action_penalty": 0.0, "tis_cap": None},
     "eval": {"every": 0, "episodes": 64},
 }
 TOY_VARIANTS: dict[str, dict[str, Any]] = {
@@ -598,8 +599,9 @@ def native_bf16() -> bool:
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu API: absent means unknown
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def detect_scale() -> str:

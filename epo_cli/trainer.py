@@ -25,7 +25,7 @@ from epo_cli.learner import Learner
 from epo_cli.models import load_causal_lm, load_tokenizer, model_directory
 from epo_cli.progress import OverallProgress
 from epo_cli.rollout import RolloutSettings, Sampler, build_sampler, episode_stats, play_episodes, sampler_dtype
-from epo_cli.spec import ExperimentSpec, flatten, spec_to_yaml
+from epo_cli.spec import ExperimentSpec, flatten, native_bf16, spec_to_yaml
 from epo_cli.tracking import RunTracker, check_store, open_tracker
 from epo_cli.transcripts import episodes_jsonl, train_file
 
@@ -87,6 +87,9 @@ class Trainer:
         if spec.rollout.backend == "vllm":
             model_dir = model_directory(spec.model.name, self.tokenizer, Path(self.scratch.name), spec.model.dtype)
             return build_sampler(spec, None, self.tokenizer, self.sample_generator, model_dir), True
+        if sampler_dtype(spec) == "bfloat16" and spec.model.dtype != "bfloat16" and not native_bf16():
+            self.console.print("[yellow]rollout.dtype bfloat16: this machine has no native bf16 (AVX512-BF16, AMX or "
+                               "a bf16 GPU), so torch emulates it, slower than float32[/]")
         if self.learner.sharded or sampler_dtype(spec) != spec.model.dtype:
             copy = load_causal_lm(spec.model.name, sampler_dtype(spec), spec.train.seed).to(self.dist.device).requires_grad_(False)
             return build_sampler(spec, copy, self.tokenizer, self.sample_generator), True

@@ -69,6 +69,7 @@ def test_truncated_importance_weights_correct_the_surrogate_for_the_sampler():
     assert out.pg.item() == pytest.approx(-(0.5 * 1.5 + 0.5 * 0.5))
     assert out.metrics["actor/tis_weight"].item() == pytest.approx(0.5 * 1.5 + 0.5 * 0.5)
     assert out.metrics["actor/tis_truncated_frac"].item() == pytest.approx(0.5)
+    assert out.metrics["actor/clipfrac"].item() == 0.0 and out.metrics["actor/approx_kl"].item() == 0.0  # stats unweighted
     out.loss.backward()
     assert logp.grad[0].tolist() == pytest.approx([-0.5 * 1.5, -0.5 * 0.5])  # the weights carry no gradient
     plain = epo_loss(inputs, old.clone().requires_grad_(True), torch.zeros(1, 2), AlgoSpec(), EPOSpec(), StepCoefficients(0.0, 1.0))

@@ -33,7 +33,7 @@ def test_cpu_scale_samples_with_bf16_weights_only_where_the_processor_has_bf16(m
     spec = resolve_spec(flags={"scale": "cpu", "env": {"name": "alfworld"}})
     assert (spec.rollout.dtype, spec.algo.tis_cap) == (("bfloat16", 2.0) if native else (None, None))
     toy = resolve_spec(flags={"scale": "cpu", "env": {"name": "toy"}})
-    assert toy.rollout.dtype is None  # the toy samples with the policy itself
+    assert (toy.rollout.dtype, toy.algo.tis_cap) == (None, None)  # the toy samples with the policy itself
     assert resolve_spec(flags={"scale": "paper"}).rollout.dtype is None
 
 

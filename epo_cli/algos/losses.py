@@ -40,8 +40,12 @@ def ppo_clip_loss(
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
     dual_clip_c: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``L_clip = agg max(-r A, -clip(r, 1-eps_low, 1+eps_high) A)``, ``r = exp(logp - old)``.
+
+    ``is_weights`` (detached, per token) scale each token's term of the loss, not the stats
+    (:func:`truncated_is_weights`).
 
     ``dual_clip_c`` (dual-clip PPO, verl's ``clip_ratio_c``): a token with ``A < 0`` has
     its loss capped at ``-c A``, so a large ratio on it cannot dominate (no gradient there).
@@ -58,7 +62,7 @@ def ppo_clip_loss(
         cap = -dual_clip_c * advantages
         dual = (advantages < 0) & (per_token > cap)
         per_token = torch.where(dual, cap, per_token)
-    loss = (per_token * weights).sum()
+    loss = (per_token * (weights if is_weights is None else weights * is_weights)).sum()
     with torch.no_grad():
         stats = {
             "clipfrac": ((clipped > unclipped).float() * weights).sum(),

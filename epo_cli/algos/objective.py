@@ -99,12 +99,11 @@ def epo_loss(
     advantages = inputs.advantages[:, None].expand_as(logp)
     if epo.entropy_advantage.enabled:  # the EA baseline
         advantages = entropy_shaped_advantages(advantages, entropy, epo.entropy_advantage.psi, epo.entropy_advantage.kappa)
-    tis = None  # the surrogate's (and its stats') tokens weighted by the sampler correction
+    tis = None  # the sampler correction of the surrogate's tokens
     if algo.tis_cap is not None and inputs.sample_logp is not None:
         tis = truncated_is_weights(inputs.old_logp, inputs.sample_logp, algo.tis_cap)
     pg_loss, pg_stats = ppo_clip_loss(
-        logp, inputs.old_logp, advantages, w if tis is None else w * tis, algo.clip_eps_low, algo.clip_eps_high,
-        algo.dual_clip_c,
+        logp, inputs.old_logp, advantages, w, algo.clip_eps_low, algo.clip_eps_high, algo.dual_clip_c, tis
     )
     metrics = {"actor/pg_loss": pg_loss.detach(), "actor/clipfrac": pg_stats["clipfrac"], "actor/approx_kl": pg_stats["approx_kl"]}
     if tis is not None:
