@@ -145,6 +145,9 @@ def load_policy(folder: Path, dtype: str):
     """The checkpoint's policy, from safetensors weights only (never a pickled .bin)."""
     from transformers import AutoModelForCausalLM
 
+    from epo_cli.models import use_grouped_attention_on_cpu
+
+    use_grouped_attention_on_cpu()
     folder = Path(folder)
     policy_dir = folder / POLICY_DIR
     try:

@@ -1,4 +1,5 @@
 import math
+import os
 
 import torch
 
@@ -247,3 +248,26 @@ def test_bf16_autocast_stays_close_to_fp32(tiny_model):
     assert low.logp.dtype == torch.float32  # log-probs and entropy are always computed in fp32
     assert torch.allclose(low.logp, full.logp, atol=0.05) and torch.allclose(low.entropy, full.entropy, atol=0.05)
     assert not torch.equal(low.logp, full.logp)  # the matmuls did run in bf16
+
+
+def test_grouped_kv_heads_are_read_as_they_are_on_cpu_with_the_same_values(monkeypatch):
+    from epo_cli.models import GROUPED_ATTENTION_FLAG, load_causal_lm, use_grouped_attention_on_cpu
+
+    monkeypatch.delenv(GROUPED_ATTENTION_FLAG, raising=False)
+    use_grouped_attention_on_cpu()
+    assert os.environ.get(GROUPED_ATTENTION_FLAG) == (None if torch.cuda.is_available() else "1")
+    model = load_causal_lm("tiny").eval()  # 4 query heads over 2 KV heads
+    kv_heads = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, *args, **kwargs: kv_heads.append(k.shape[1]) or sdpa(q, k, v, *args, **kwargs))
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0  # a left-padded row: transformers passes a mask
+    logits = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv(GROUPED_ATTENTION_FLAG, flag)
+        with torch.no_grad():
+            logits[flag] = model(input_ids=ids, attention_mask=mask).logits
+    assert kv_heads == [2, 2, 4, 4]  # two layers read 2 grouped heads, then the 4 repeated ones
+    assert torch.allclose(logits["1"][:, 4:], logits["0"][:, 4:], atol=1e-6)
