@@ -46,15 +46,19 @@ def forward_turns(
     logp = entropy = values = None
     if with_logprobs:
         rows, sequences, seq_cols, resp_cols = response_positions(micro)
-        flat_logp, flat_entropy = response_logprobs_and_entropy(
-            hidden[sequences, seq_cols - 1],
-            model.get_output_embeddings().weight,
-            micro.input_ids[sequences, seq_cols],
-            micro.allowed[rows, resp_cols] if micro.allowed is not None else None,
-            temperature,
-            chunk_tokens,
-            compiled_head,
-        )
+        head = model.get_output_embeddings().weight
+        # The LM head in the weights' own dtype even under bf16 autocast (fp32 logits from fp32
+        # weights): it runs on response positions only, a small share of the pass.
+        with torch.autocast(hidden.device.type, enabled=False):
+            flat_logp, flat_entropy = response_logprobs_and_entropy(
+                hidden[sequences, seq_cols - 1].to(head.dtype),
+                head,
+                micro.input_ids[sequences, seq_cols],
+                micro.allowed[rows, resp_cols] if micro.allowed is not None else None,
+                temperature,
+                chunk_tokens,
+                compiled_head,
+            )
         shape = (len(micro.rows), micro.response_width)
         logp = torch.zeros(shape, dtype=flat_logp.dtype, device=hidden.device).index_put((rows, resp_cols), flat_logp)
         entropy = torch.zeros(shape, dtype=flat_entropy.dtype, device=hidden.device).index_put((rows, resp_cols), flat_entropy)

@@ -521,14 +521,19 @@ CPU_SCALE: dict[str, Any] = {
 }
 CPU_SCALE_GRPO: dict[str, Any] = {"rollout": {"tasks_per_step": 2, "group_size": 2}}
 # On a processor with bf16 matrix instructions a bf16 copy of the weights prefills about
-# 2.4x faster than fp32 (docs/performance.md, "Rollout backends"); the update corrects for
-# the sampler's other numerics with truncated importance weights.
-CPU_SCALE_BF16: dict[str, Any] = {"rollout": {"dtype": "bfloat16"}, "algo": {"tis_cap": 2.0}}
+# 2.4x faster than fp32, and an update under bf16 autocast (fp32 weights, AdamW state and
+# LM head) runs about 2x faster (docs/performance.md); the update corrects for the
+# sampler's other numerics with truncated importance weights.
+CPU_SCALE_BF16: dict[str, Any] = {
+    "model": {"autocast": "bf16"},
+    "rollout": {"dtype": "bfloat16"},
+    "algo": {"tis_cap": 2.0},
+}
 
 # The toy word game has one size at every scale: seconds per step with the tiny random
 # model, constrained to the action words so that the reward signal exists from step 0.
 TOY_PRESET: dict[str, Any] = {
-    "model": {"name": "tiny", "critic": "shared"},
+    "model": {"name": "tiny", "critic": "shared", "autocast": "none"},
     "env": {"workers": 0},
     "train": {"steps": 40},
     "rollout": {

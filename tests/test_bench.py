@@ -13,8 +13,10 @@ def test_update_cases_run_on_the_same_tokens():
     naive = update._update_case("naive", "tiny", 2, 1, 1)
     ours = update._update_case("ours", "tiny", 2, 1, 1)
     assert naive["tokens"] == ours["tokens"] > 0 and naive["params"] == ours["params"]
-    text = update.render_update("tiny", 2, 1, naive, ours, ours, ours, ours, naive, 1e9, 5e8)
-    assert "| ours |" in text and "MFU | 50.0%" in text
+    bf16 = update._update_case("ours-bf16", "tiny", 2, 1, 1)
+    assert bf16["tokens"] == ours["tokens"]
+    text = update.render_update("tiny", 2, 1, naive, ours, ours, ours, ours, bf16, naive, 1e9, 5e8)
+    assert "| ours |" in text and "| ours under bf16 autocast" in text and "MFU | 50.0%" in text
 
 
 @pytest.mark.slow
@@ -33,12 +35,24 @@ def test_recipe_rollout_plays_the_same_step_every_windowed_way():
     spec_file = recipe_rollout.RECIPES["ALFWorld pick_and_place_simple"]
     cases = [recipe_rollout._recipe_case(spec_file, "tiny", *setting[1:]) for setting in recipe_rollout.SETTINGS]
     assert all(case["episodes"] == 8 and case["turns"] > 0 for case in cases)
-    windowed = [case for case, setting in zip(cases, recipe_rollout.SETTINGS) if setting[4] == "windowed"]
-    assert len(windowed) == 3 and all(case["responses"] == cases[0]["responses"] for case in windowed)
+    exact = [case for case, setting in zip(cases, recipe_rollout.SETTINGS) if setting[4:] == ("windowed", "float32")]
+    assert len(exact) == 3 and all(case["responses"] == cases[0]["responses"] for case in exact)
     assert cases[-1]["prompt_tokens"] > cases[0]["prompt_tokens"]  # a conversation prompt holds the whole episode
-    table = recipe_rollout.render_recipe_rollout("tiny", [("ALFWorld", cases)])
-    assert "| ALFWorld | 8 |" in table and table.rstrip().endswith("| yes |")
+    table = recipe_rollout.render_recipe_rollout("tiny", [("ALFWorld", cases, 3), ("none", cases, None)])
+    assert "| ALFWorld | 8 |" in table and "| + bf16 weights: " in table and table.rstrip().endswith("| none measured | yes |")
     assert table.count("speed-up") == len(recipe_rollout.SETTINGS) - 1
+
+
+def test_each_recipe_names_the_path_it_runs(monkeypatch):
+    """The windowed ALFWorld recipe samples windowed, the ScienceWorld one in the conversation
+    format; each with a bf16 copy only where the processor has native bf16."""
+    for native, dtype in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr("epo_cli.spec.native_bf16", lambda: native)
+        paths = {name: recipe_rollout.recipe_setting(spec_file) for name, spec_file in recipe_rollout.RECIPES.items()}
+        settings = {name: None if index is None else recipe_rollout.SETTINGS[index][4:] for name, index in paths.items()}
+        assert settings["ALFWorld pick_and_place_simple"] == ("windowed", dtype)
+        expected = ("conversation", "bfloat16") if native else None  # no fp32 conversation setting
+        assert settings["ScienceWorld find-non-living-thing"] == expected
 
 
 @pytest.mark.slow

@@ -31,8 +31,10 @@ def _run(tmp_path, *args):
 
 @pytest.mark.slow
 def test_train_ppo_epo_end_to_end(tmp_path):
-    # fp32 sampling (the CPU scale samples with a bf16 copy where the processor has bf16).
-    client, run = _run(tmp_path, "--algo", "ppo+epo", "--run-name", "e2e", "--set", "rollout.dtype=float32")
+    # fp32 throughout (the CPU scale samples with a bf16 copy and updates under bf16 autocast
+    # where the processor has bf16).
+    client, run = _run(tmp_path, "--algo", "ppo+epo", "--run-name", "e2e", "--set", "rollout.dtype=float32",
+                       "--set", "model.autocast=none")
     assert run.info.status == "FINISHED" and run.info.run_name == "e2e"
     keys = set(run.data.metrics)
     assert REQUIRED_KEYS | {"critic/value_loss", "epo/entropy_ref", "epo/smooth_penalty", "epo/out_of_corridor_frac"} <= keys
@@ -120,6 +122,7 @@ def test_train_alfworld_grpo_epo_end_to_end(tmp_path):
 
     if native_bf16():  # the CPU scale's bf16 sampler copy, with its importance correction
         assert run.data.params["rollout.dtype"] == "bfloat16" and "actor/tis_weight" in metrics
+        assert run.data.params["model.autocast"] == "bf16"
     lines = open(client.download_artifacts(run.info.run_id, "episodes/step_00001.jsonl", str(tmp_path))).read().splitlines()
     import json
 

@@ -21,9 +21,10 @@ TURNS = [(0, 0, 0, 5, 3, 0.0), (0, 0, 1, 7, 2, 1.0), (1, 0, 0, 4, 4, 0.0), (2, 1
 
 
 def _learner(*overrides: str) -> Learner:
-    # TIS off (the CPU scale sets it with a bf16 sampler): the batches' sample log-probs are placeholders.
+    # TIS off (the CPU scale sets it with a bf16 sampler): the batches' sample log-probs are placeholders;
+    # fp32 (the CPU scale's bf16 autocast would blur the hand-computed gradients).
     spec = resolve_spec(None, {"algo": {"name": "grpo+epo"}, "model": {"name": "tiny"}}, [
-        "scale=cpu", "algo.tis_cap=null", f"train.steps={STEPS}", "optim.mini_batch_size=16", "optim.micro_batch_size=3",
+        "scale=cpu", "algo.tis_cap=null", "model.autocast=none", f"train.steps={STEPS}", "optim.mini_batch_size=16", "optim.micro_batch_size=3",
         f"epo.entropy_coef={LAMBDA}", f"epo.smoothing.alpha={ALPHA}", f"epo.smoothing.kappa_r={KAPPA_R}", *overrides,
     ])
     return Learner(spec, pad_id=0)

@@ -185,7 +185,7 @@ def test_packed_forward_matches_the_per_turn_forward(tiny_model, tokenizer, cons
 
 def _learner(algo: str, prompt_format: str, *overrides: str) -> Learner:
     spec = resolve_spec(None, {"algo": {"name": algo}, "model": {"name": "tiny"}}, [
-        "scale=cpu", "train.steps=4", "optim.mini_batch_size=64", "optim.micro_batch_size=2",
+        "scale=cpu", "model.autocast=none", "train.steps=4", "optim.mini_batch_size=64", "optim.micro_batch_size=2",
         f"rollout.prompt_format={prompt_format}", "epo.entropy_coef=0.3", *overrides,
     ])
     return Learner(spec, pad_id=2)

@@ -250,6 +250,22 @@ def test_bf16_autocast_stays_close_to_fp32(tiny_model):
     assert not torch.equal(low.logp, full.logp)  # the matmuls did run in bf16
 
 
+def test_under_bf16_autocast_the_lm_head_runs_in_fp32_and_every_weight_gets_a_gradient(tiny_model):
+    from epo_cli.precision import autocast_context
+
+    batch = TurnBatch([[5, 6, 7, 8]], [[11, 12, 13]], torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), torch.zeros(1))
+    micro = collate(batch, [0], pad_id=2)
+    with autocast_context("bf16", tiny_model):
+        out = forward_turns(tiny_model, micro, 1.0)
+        hidden = tiny_model.base_model(input_ids=micro.input_ids).last_hidden_state[0, 3:6]
+    logits = hidden.float() @ tiny_model.get_output_embeddings().weight.T  # an fp32 head on the bf16 backbone's states
+    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor([[11], [12], [13]])).squeeze(-1)
+    assert torch.allclose(out.logp[0], expected, atol=1e-5)
+    out.logp.sum().backward()
+    for name, param in tiny_model.named_parameters():
+        assert param.grad is not None and param.grad.dtype == torch.float32, name
+
+
 def test_grouped_kv_heads_are_read_as_they_are_on_cpu_with_the_same_values(monkeypatch):
     from epo_cli.models import GROUPED_ATTENTION_FLAG, load_causal_lm, use_grouped_attention_on_cpu
 

@@ -28,13 +28,16 @@ def test_cpu_scale_is_small_and_says_so():
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_cpu_scale_samples_with_bf16_weights_only_where_the_processor_has_bf16(monkeypatch, native):
+def test_cpu_scale_uses_bf16_only_where_the_processor_has_bf16(monkeypatch, native):
     monkeypatch.setattr("epo_cli.spec.native_bf16", lambda: native)
     spec = resolve_spec(flags={"scale": "cpu", "env": {"name": "alfworld"}})
-    assert (spec.rollout.dtype, spec.algo.tis_cap) == (("bfloat16", 2.0) if native else (None, None))
+    expected = ("bfloat16", 2.0, "bf16") if native else (None, None, "none")
+    assert (spec.rollout.dtype, spec.algo.tis_cap, spec.model.autocast) == expected
+    assert spec.model.dtype == "float32"  # autocast: the weights and AdamW state stay fp32
     toy = resolve_spec(flags={"scale": "cpu", "env": {"name": "toy"}})
-    assert (toy.rollout.dtype, toy.algo.tis_cap) == (None, None)  # the toy samples with the policy itself
-    assert resolve_spec(flags={"scale": "paper"}).rollout.dtype is None
+    assert (toy.rollout.dtype, toy.algo.tis_cap, toy.model.autocast) == (None, None, "none")  # the toy: all fp32
+    paper = resolve_spec(flags={"scale": "paper"})
+    assert (paper.rollout.dtype, paper.model.autocast) == (None, "none")
 
 
 def test_a_saved_spec_is_taken_whole_and_new_fields_keep_what_the_run_did(tmp_path, monkeypatch):
