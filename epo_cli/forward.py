@@ -43,22 +43,29 @@ def forward_turns(
     the response positions of its turns (the logits of prompt tokens are never formed) and
     the value head at each turn's last prompt token, ``V(s_t)``."""
     hidden = model.base_model(input_ids=micro.input_ids, attention_mask=micro.attention_mask).last_hidden_state
+    # The heads run in the weights' own dtype even under bf16 autocast (fp32 logits and values
+    # from fp32 weights): they see response positions and turn ends only, a small share of the pass.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _heads(model, micro, hidden, temperature, chunk_tokens, value_head, with_logprobs, compiled_head)
+
+
+def _heads(model, micro: MicroBatch, hidden: torch.Tensor, temperature: float, chunk_tokens: int,
+           value_head: nn.Module | None, with_logprobs: bool, compiled_head: bool) -> TurnOutputs:
+    """:func:`forward_turns` after the backbone: the LM head at response positions, the value
+    head at each turn's last prompt token."""
     logp = entropy = values = None
     if with_logprobs:
         rows, sequences, seq_cols, resp_cols = response_positions(micro)
         head = model.get_output_embeddings().weight
-        # The LM head in the weights' own dtype even under bf16 autocast (fp32 logits from fp32
-        # weights): it runs on response positions only, a small share of the pass.
-        with torch.autocast(hidden.device.type, enabled=False):
-            flat_logp, flat_entropy = response_logprobs_and_entropy(
-                hidden[sequences, seq_cols - 1].to(head.dtype),
-                head,
-                micro.input_ids[sequences, seq_cols],
-                micro.allowed[rows, resp_cols] if micro.allowed is not None else None,
-                temperature,
-                chunk_tokens,
-                compiled_head,
-            )
+        flat_logp, flat_entropy = response_logprobs_and_entropy(
+            hidden[sequences, seq_cols - 1].to(head.dtype),
+            head,
+            micro.input_ids[sequences, seq_cols],
+            micro.allowed[rows, resp_cols] if micro.allowed is not None else None,
+            temperature,
+            chunk_tokens,
+            compiled_head,
+        )
         shape = (len(micro.rows), micro.response_width)
         logp = torch.zeros(shape, dtype=flat_logp.dtype, device=hidden.device).index_put((rows, resp_cols), flat_logp)
         entropy = torch.zeros(shape, dtype=flat_entropy.dtype, device=hidden.device).index_put((rows, resp_cols), flat_entropy)

@@ -307,7 +307,7 @@ class Learner:
                         w = torch.stack([weight_of[r][:width] for r in micro.rows])
                     last = i == len(chunks) - 1
                     measure = i == measured
-                    with self._gradient_sync(last), autocast_context(spec.model.autocast, self.policy):
+                    with self._gradient_sync(last):
                         entropy_per_turn, logprob_diff = self._micro_step(
                             batch, micro, w.to(self.device), coefs, reference, stats, measure
                         )
@@ -401,7 +401,9 @@ class Learner:
         CPU) and its weighted sampler vs trainer log-prob difference."""
         spec = self.spec
         device = self.device
-        out = self.actor(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens)
+        with autocast_context(spec.model.autocast, self.policy):  # the forward passes; loss and backward outside
+            out = self.actor(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens)
+            own_critic = self.critic(micro, 1.0, with_logprobs=False) if self.is_ppo and not self.shared_critic else None
         rows = micro.rows
         width = micro.response_width
         old_logp = out.logp.detach() if batch.old_logp is None else batch.padded(batch.old_logp, rows, width).to(device)
@@ -422,7 +424,7 @@ class Learner:
         )
         values = None
         if self.is_ppo:
-            values = out.values if self.shared_critic else self.critic(micro, 1.0, with_logprobs=False).values
+            values = out.values if self.shared_critic else own_critic.values
         result = epo_loss(inputs, out.logp, out.entropy, spec.algo, spec.epo, coefs, values)
         if measure_terms:
             self._term_grad_norms(result, w, stats)

@@ -114,6 +114,37 @@ def test_advantages_and_eq2_token_weights_reach_the_gradient(monkeypatch):
     assert not _close(got, _hand_gradient(learner, batch, loss_of(flat / flat.sum())))  # token-mean differs
 
 
+def test_under_bf16_autocast_only_the_forward_is_autocast(monkeypatch):
+    """``model.autocast: bf16``: the backbone's forward in bf16; the heads, the loss and the
+    backward in fp32 (a backward under autocast would run the LM head's gradient in bf16)."""
+    from epo_cli.precision import autocast_context
+
+    batch = _batch()
+    learner = _learner("epo.smoothing.enabled=false", "model.autocast=bf16", "optim.micro_batch_size=7")
+    got = _learner_gradient(learner, batch, 0, monkeypatch)
+    s = 1 / math.sqrt(2)
+    advantages = torch.tensor([s, s, -s, 0.0, 0.0, 0.0, 0.0])[:, None]
+    weights = _hand_weights(batch)
+
+    def gradient(backward_under_autocast: bool) -> dict[str, torch.Tensor]:
+        learner.policy.zero_grad(set_to_none=True)
+        micro = collate(batch, list(range(len(batch))), 0)
+        with autocast_context("bf16", learner.policy):
+            out = forward_turns(learner.policy, micro, learner.spec.rollout.temperature)
+            loss = -(advantages * torch.exp(out.logp - out.logp.detach()) * weights).sum() - LAMBDA * (out.entropy * weights).sum()
+            if backward_under_autocast:
+                loss.backward()
+        if not backward_under_autocast:
+            loss.backward()
+        return {name: p.grad.clone() for name, p in learner.policy.named_parameters()}
+
+    def distance(a: dict, b: dict) -> float:
+        return sum(float((a[n] - b[n]).norm()) for n in a) / sum(float(b[n].norm()) for n in b)
+
+    fp32_backward, bf16_backward = gradient(False), gradient(True)
+    assert distance(got, fp32_backward) < 1e-4 < distance(got, bf16_backward)
+
+
 def _hand_entropy_record(learner: Learner, batch: TurnBatch) -> tuple[float, dict[int, float]]:
     """Hbar of the batch by hand under the learner's current policy: Eq. 2 weights over the
     whole batch; and the mean token entropy per turn index."""

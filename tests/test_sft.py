@@ -148,7 +148,7 @@ def test_packed_sft_scores_as_the_per_step_sequences_do(trajectories, tokenizer)
     per step: the same held-out loss and token accuracy, and the same gradients."""
     from epo_cli.models import load_causal_lm
 
-    spec = resolve_spec(flags={"scale": "cpu", "model": {"name": "tiny"}}, overrides=["sft.micro_batch_size=2"])
+    spec = resolve_spec(flags={"scale": "cpu", "model": {"name": "tiny", "autocast": "none"}}, overrides=["sft.micro_batch_size=2"])
     settings = replace(SETTINGS, prompt_format="conversation")
     packed = render_samples(trajectories["alfworld"], tokenizer, "ALFWorld", settings, "empty")
     per_step = [replace(s, segment=None) for s in packed]
@@ -183,7 +183,7 @@ def test_targets_parse_back_and_must_fit_the_budget(trajectories, tokenizer):
 def test_a_few_sft_steps_lower_the_loss(trajectories, tokenizer):
     from epo_cli.models import load_causal_lm
 
-    spec = resolve_spec(flags={"scale": "cpu", "model": {"name": "tiny"}},
+    spec = resolve_spec(flags={"scale": "cpu", "model": {"name": "tiny", "autocast": "none"}},
                         overrides=["sft.lr=5e-3", "sft.epochs=4", "sft.batch_size=4", "sft.micro_batch_size=2", "optim.warmup_ratio=0"])
     samples = render_samples(trajectories["alfworld"], tokenizer, "ALFWorld", SETTINGS, "empty")
     model = load_causal_lm("tiny", seed=0)

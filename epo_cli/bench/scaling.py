@@ -24,7 +24,7 @@ def _scaling_rank(rank: int, world: int, port: int, strategy: str, model_name: s
 
     dist = init_distributed()
     spec = resolve_spec(None, {"algo": {"name": "grpo+epo"}, "model": {"name": model_name}, "distributed": {"strategy": strategy}},
-                        ["scale=cpu", f"optim.mini_batch_size={samples}", "optim.micro_batch_size=2"])
+                        ["scale=cpu", "model.autocast=none", f"optim.mini_batch_size={samples}", "optim.micro_batch_size=2"])
     tokenizer = load_tokenizer(model_name)
     learner = Learner(spec, tokenizer.pad_token_id, dist)
     batch = synthetic_batch(len(tokenizer), samples, 480, 40)
