@@ -54,7 +54,9 @@ class ModelSpec(_Section):
         "paper) or on the policy's own backbone ('shared', half the compute).",
     )
     autocast: Literal["none", "bf16"] = Field(
-        "none", description="bf16 autocast for rollout and update (weights stay in model.dtype)."
+        "none",
+        description="bf16 autocast for the rollout's and the update's forward passes (weights, heads, loss, backward "
+        "and AdamW state stay in model.dtype); the CPU scale sets it on processors with native bf16.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward (less memory, docs/benchmarks.md).")
     logit_chunk_tokens: int = Field(1024, gt=0, description="Response tokens per LM-head chunk.")

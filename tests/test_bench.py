@@ -84,6 +84,20 @@ def test_main_keeps_the_blocks_it_does_not_measure(tmp_path, monkeypatch):
     assert document.index("envs v2") < document.index("update v1") < document.index("gpu v1")
 
 
+def test_a_part_that_fails_keeps_the_parts_measured_before_it(tmp_path, monkeypatch):
+    out = tmp_path / "benchmarks.md"
+
+    def broken(args):
+        raise ModuleNotFoundError("No module named 'datasets'")
+
+    monkeypatch.setitem(cli.MEASURE, "envs", lambda args: "envs v2")
+    monkeypatch.setitem(cli.MEASURE, "update", broken)
+    monkeypatch.setattr(sys, "argv", ["bench", "--only", "envs", "--only", "update", "--out", str(out)])
+    with pytest.raises(ModuleNotFoundError):
+        cli.main()
+    assert "envs v2" in out.read_text() and list(tmp_path.iterdir()) == [out]
+
+
 def test_the_parts_keep_their_names_and_order():
     assert cli.PARTS == ("envs", "update", "compile", "rollout", "recipe_rollout", "scaling", "packed")
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from epo_cli.bench import compile as compile_part
@@ -32,8 +33,10 @@ def main() -> None:
     args = parser.parse_args()
     # The parts not re-measured (and the GPU check's, never measured here) stay from the existing file.
     document = render_header() + "\n" + kept_blocks(args.out.read_text() if args.out.exists() else "")
-    for part in args.only or PARTS:
-        document = merge_part(document, part, MEASURE[part](args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(document)
+    for part in args.only or PARTS:  # written after each part: a later part's failure keeps the earlier ones
+        document = merge_part(document, part, MEASURE[part](args))
+        staging = args.out.with_name(args.out.name + ".partial")
+        staging.write_text(document)
+        os.replace(staging, args.out)
     print(document)
