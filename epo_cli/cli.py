@@ -540,19 +540,22 @@ def _print_comparison(baseline: dict, results, source: Path) -> None:
     from epo_cli.evaluate import compare_paired
 
     table = Table(title=f"paired comparison with {source} (same tasks and seeds)")
-    for column in ("split", "episode pairs", "before", "after", "after - before", "95% CI (bootstrap over tasks)",
-                   "tasks worse", "tasks better", "sign test p"):
+    for column in ("split", "metric", "episode pairs", "before", "after", "after - before",
+                   "95% CI (bootstrap over tasks)", "tasks worse", "tasks better", "sign test p"):
         table.add_column(column, justify="right")
     for result in results:
         if result.split not in baseline:
             continue
-        try:
-            c = compare_paired(baseline[result.split], result.outcomes)
-        except ValueError as err:
-            _fail(f"--compare {source}: {result.split}: {err}")
-        low, high = c.bootstrap_interval
-        table.add_row(result.split, str(c.pairs), f"{c.before:.3f}", f"{c.after:.3f}", f"{c.difference:+.3f}",
-                      f"[{low:+.3f}, {high:+.3f}]", str(c.tasks_worse), str(c.tasks_better), f"{c.sign_test_p:.3g}")
+        both = baseline[result.split] + result.outcomes
+        partial_scores = any(o.score != float(o.won) for o in both)  # ScienceWorld: score says more than success
+        for metric in ("success", "score") if partial_scores else ("success",):
+            try:
+                c = compare_paired(baseline[result.split], result.outcomes, metric)
+            except ValueError as err:
+                _fail(f"--compare {source}: {result.split}: {err}")
+            low, high = c.bootstrap_interval
+            table.add_row(result.split, metric, str(c.pairs), f"{c.before:.3f}", f"{c.after:.3f}", f"{c.difference:+.3f}",
+                          f"[{low:+.3f}, {high:+.3f}]", str(c.tasks_worse), str(c.tasks_better), f"{c.sign_test_p:.3g}")
     console.print(table)
 
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -225,12 +226,12 @@ def log_evaluation(tracker, results: list[EvalResult], step: int, transcribed: i
 
 @dataclass
 class PairedComparison:
-    """Success of two stages on the same episodes (task and seed)."""
+    """Success (or mean score) of two stages on the same episodes (task and seed)."""
 
     pairs: int
     before: float
     after: float
-    tasks_better: int  # tasks won more often after than before
+    tasks_better: int  # tasks won more often (or scored higher in sum) after than before
     tasks_worse: int
     sign_test_p: float  # exact, over tasks (= McNemar with one episode per task)
     bootstrap_interval: tuple[float, float]  # 95% CI of after - before, resampling tasks
@@ -250,15 +251,24 @@ def sign_test_p(worse: int, better: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def compare_paired(before: list[EpisodeOutcome], after: list[EpisodeOutcome], resamples: int = 10_000, seed: int = 0) -> PairedComparison:
+def compare_paired(
+    before: list[EpisodeOutcome],
+    after: list[EpisodeOutcome],
+    metric: Literal["success", "score"] = "success",
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> PairedComparison:
     """Pair episodes by (task, seed). Repeats of one task are not independent, so the
     tests work over tasks: an exact sign test on whether each task was won more often
-    after or before, and a bootstrap interval of the success difference that resamples
-    whole tasks."""
+    (``metric="score"``: scored higher in sum) after or before, and a bootstrap interval
+    of the difference in success rate (or mean score) that resamples whole tasks."""
     import random
 
-    first = {(o.task, o.seed): o.won for o in before}
-    second = {(o.task, o.seed): o.won for o in after}
+    def value(o: EpisodeOutcome) -> float:
+        return float(o.won) if metric == "success" else o.score
+
+    first = {(o.task, o.seed): value(o) for o in before}
+    second = {(o.task, o.seed): value(o) for o in after}
     keys = sorted(first.keys() & second.keys())
     if not keys:
         raise ValueError("no episode in common: compare evaluations of the same split, episodes and repeats")
@@ -273,7 +283,7 @@ def compare_paired(before: list[EpisodeOutcome], after: list[EpisodeOutcome], re
         differences.append(sum(b - a for a, b in drawn) / len(drawn))
     differences.sort()
     task_change = [sum(b - a for a, b in pairs) for pairs in tasks]
-    better, worse = sum(d > 0 for d in task_change), sum(d < 0 for d in task_change)
+    better, worse = sum(d > 1e-9 for d in task_change), sum(d < -1e-9 for d in task_change)
     return PairedComparison(
         pairs=len(keys),
         before=sum(first[k] for k in keys) / len(keys),

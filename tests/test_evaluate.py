@@ -59,3 +59,49 @@ def test_paired_comparison_pairs_by_task_and_seed():
     assert 0 <= low <= c.difference <= high <= 1 and low < high
     with pytest.raises(ValueError, match="no episode in common"):
         compare_paired(before, extra)
+
+
+def test_paired_comparison_of_scores_works_over_task_sums():
+    from epo_cli.evaluate import EpisodeOutcome, compare_paired
+
+    def outcomes(scores):
+        return [EpisodeOutcome(f"g{i // 2}", i % 2, s == 1.0, s, 4, 0) for i, s in enumerate(scores)]
+
+    before, after = outcomes([0.5, 0.5, 0.0, 1.0]), outcomes([0.75, 0.5, 0.0, 0.5])
+    c = compare_paired(before, after, "score")
+    assert (c.before, c.after, c.difference) == (0.5, 0.4375, -0.0625)
+    assert (c.tasks_worse, c.tasks_better, c.sign_test_p) == (1, 1, 1.0)  # g0 +0.25, g1 -0.5
+    success = compare_paired(before, after)
+    assert (success.before, success.after, success.tasks_worse, success.tasks_better) == (0.25, 0.0, 1, 0)
+    same = outcomes([0.67 + 0.17, 0.0, 0.17, 0.67])
+    swapped = outcomes([0.17 + 0.67, 0.0, 0.67, 0.17])  # equal sums up to float rounding
+    assert compare_paired(same, swapped, "score").tasks_worse == compare_paired(same, swapped, "score").tasks_better == 0
+
+
+def test_eval_compare_adds_a_score_row_only_where_scores_are_partial(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from epo_cli.cli import app
+
+    runner = CliRunner()
+    saved = tmp_path / "after.json"
+    args = ["eval", "--model", "tiny", "--env", "toy", "--split", "iid", "--episodes", "2", "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}"]
+
+    def compared_metrics(baseline) -> list[str]:
+        result = runner.invoke(app, [*args, "--compare", str(baseline)], env={"COLUMNS": "240"})
+        assert result.exit_code == 0, result.output
+        rows = [line.split("│") for line in result.output.split("paired comparison")[1].splitlines()]
+        return [cells[2].strip() for cells in rows if len(cells) > 2 and cells[1].strip() == "iid"]
+
+    result = runner.invoke(app, [*args, "--save", str(saved)])
+    assert result.exit_code == 0, result.output
+    assert compared_metrics(saved) == ["success"]  # the toy's score is its success
+    payload = json.loads(saved.read_text())
+    for row in payload["splits"]["iid"]:
+        row.update(won=False, score=0.5)
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(payload))
+    assert compared_metrics(partial) == ["success", "score"]
