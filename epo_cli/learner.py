@@ -149,6 +149,13 @@ class Learner:
         self.optimizers = [torch.optim.AdamW(actor_groups, **adamw)]
         if self.critic is not None:
             self.optimizers.append(torch.optim.AdamW(unwrap(self.critic).parameters(), lr=spec.optim.critic_lr, **adamw))
+        # Policy and critic are clipped apart, as two models are: a shared critic's value
+        # head, learning from zero, has a gradient norm 10-20x the policy's, and one clip
+        # over both would shrink the policy's step by as much.
+        critic_params = [p for group in actor_groups[1:] for p in group["params"]]
+        if self.critic is not None:
+            critic_params = list(unwrap(self.critic).parameters())
+        self.clip_groups = [("actor", actor_groups[0]["params"])] + ([("critic", critic_params)] if critic_params else [])
         self.schedulers = [self._cosine_schedule(opt) for opt in self.optimizers]
 
     def _cosine_schedule(self, optimizer):
@@ -459,12 +466,11 @@ class Learner:
             stats.add(f"grad/{name}_ratio", norms[name] / norms["pg"] if has_signal else 0.0, count=has_signal)
 
     def _optimizer_step(self, norms: UpdateStats) -> None:
-        """Clip each optimizer's gradients and step; a non-finite gradient anywhere skips
-        the whole step, and is counted. Gradients are already global here, so every rank
-        takes the same decision."""
+        """Clip the policy's and the critic's gradients (each on its own) and step; a
+        non-finite gradient anywhere skips the whole step, and is counted. Gradients are
+        already global here, so every rank takes the same decision."""
         grad_norms = []
-        for name, optimizer in zip(("actor", "critic"), self.optimizers):
-            params = [p for group in optimizer.param_groups for p in group["params"]]
+        for name, params in self.clip_groups:
             norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, self.spec.optim.max_grad_norm))
             norms.add(f"{name}/grad_norm", norm)
             grad_norms.append(norm)

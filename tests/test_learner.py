@@ -230,6 +230,29 @@ def test_term_grad_norms_are_those_of_the_measured_micro_batch_and_leave_the_upd
         assert got[f"grad/{name}_ratio"] == pytest.approx(got[f"grad/{name}_norm"] / got["grad/pg_norm"], rel=1e-12)
 
 
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_the_policy_and_the_critic_are_clipped_apart(critic, monkeypatch):
+    """A large value-head gradient must not shrink the policy's step (one clip over both did)."""
+    from types import SimpleNamespace
+
+    learner = _learner("algo.name=ppo", f"model.critic={critic}", "optim.max_grad_norm=1.0")
+    critic_params = dict(learner.clip_groups)["critic"]
+    assert {id(p) for p in critic_params} == {
+        id(p) for p in (learner.value_head.parameters() if critic == "shared" else learner.critic.parameters())}
+    for optimizer in learner.optimizers:
+        monkeypatch.setattr(optimizer, "step", lambda: None)
+    policy = [p for p in learner.policy.parameters() if p.requires_grad]
+    for p in policy:
+        p.grad = torch.full_like(p, 0.5 / sum(q.numel() for q in policy) ** 0.5)  # norm 0.5
+    for p in critic_params:
+        p.grad = torch.full_like(p, 10.0 / sum(q.numel() for q in critic_params) ** 0.5)  # norm 10
+    logged = {}
+    learner._optimizer_step(SimpleNamespace(add=lambda name, value: logged.setdefault(name, float(value))))
+    assert logged == {"actor/grad_norm": pytest.approx(0.5, rel=1e-2), "critic/grad_norm": pytest.approx(10.0, rel=1e-2)}
+    assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in policy])) == pytest.approx(0.5, rel=1e-2)  # not 0.05: one clip over both
+    assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in critic_params])) == pytest.approx(1.0, rel=1e-2)
+
+
 def test_term_grad_norms_without_entropy_bonus_or_policy_gradient_signal():
     # epo.entropy_coef = 0 (no EPO): the bonus, and the smoothing it scales, move nothing.
     learner = _learner("tracking.term_grad_norms=true", "epo.entropy_coef=0")

@@ -135,6 +135,7 @@ def _bare_learner(param):
     learner = Learner.__new__(Learner)
     learner.spec = SimpleNamespace(optim=SimpleNamespace(max_grad_norm=1.0))
     learner.optimizers = [torch.optim.SGD([param], lr=0.1)]
+    learner.clip_groups = [("actor", [param])]
     learner.skipped_steps = learner.consecutive_skips = 0
     return learner
 
