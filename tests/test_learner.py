@@ -232,7 +232,7 @@ def test_term_grad_norms_are_those_of_the_measured_micro_batch_and_leave_the_upd
 
 @pytest.mark.parametrize("critic", ["shared", "separate"])
 def test_the_policy_and_the_critic_are_clipped_apart(critic, monkeypatch):
-    """A large value-head gradient must not shrink the policy's step (one clip over both did)."""
+    """A large value-head gradient must not scale the policy's gradient (one clip over both did)."""
     from types import SimpleNamespace
 
     learner = _learner("algo.name=ppo", f"model.critic={critic}", "optim.max_grad_norm=1.0")
