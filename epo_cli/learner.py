@@ -150,7 +150,7 @@ class Learner:
         if self.critic is not None:
             self.optimizers.append(torch.optim.AdamW(unwrap(self.critic).parameters(), lr=spec.optim.critic_lr, **adamw))
         # Policy and critic are clipped apart, as two models are: a shared critic's value
-        # head, learning from zero, has a gradient norm 3-20x the policy's, and one clip
+        # head, learning from zero, has a gradient norm several times the policy's, and one clip
         # over both scales the policy's gradient by a factor that the critic's error sets.
         critic_params = [p for group in actor_groups[1:] for p in group["params"]]
         if self.critic is not None:
