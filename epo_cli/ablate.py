@@ -9,7 +9,7 @@ import json
 import math
 import statistics
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,8 @@ def ablation_variants(ablation: str, base: str) -> list[tuple[str, dict[str, Any
 
 @dataclass
 class ChildSummary:
-    """One finished child run: success and reward over its steps, and its last IID
-    evaluation's episode counts (0 / 0 when it was never evaluated)."""
+    """One finished child run: success and reward over its steps, and its last evaluation
+    of each split as (wins, episodes) (none when it was never evaluated)."""
 
     variant: str
     seed: int
@@ -62,8 +62,7 @@ class ChildSummary:
     final_success: float
     final_reward: float
     entropy_variance: float
-    eval_successes: int = 0
-    eval_episodes: int = 0
+    final_eval: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def _history(client, run_id: str, key: str) -> list[float]:
@@ -79,7 +78,10 @@ def summarize_child(client, run, variant: str, seed: int) -> ChildSummary:
     entropy = _history(client, run_id, "actor/entropy")
     reward = _history(client, run_id, "train/reward_mean")
     latest = run.data.metrics  # the last evaluation's values, logged together
-    episodes = int(latest.get("eval/iid/episodes", 0))
+    final_eval = {}
+    for split in ("iid", "ood"):
+        if episodes := int(latest.get(f"eval/{split}/episodes", 0)):
+            final_eval[split] = (round(latest[f"eval/{split}/success_rate"] * episodes), episodes)
     return ChildSummary(
         variant=variant,
         seed=seed,
@@ -88,8 +90,7 @@ def summarize_child(client, run, variant: str, seed: int) -> ChildSummary:
         final_success=success[-1] if success else float("nan"),
         final_reward=reward[-1] if reward else float("nan"),
         entropy_variance=statistics.pvariance(entropy) if len(entropy) > 1 else 0.0,
-        eval_successes=round(latest["eval/iid/success_rate"] * episodes) if episodes else 0,
-        eval_episodes=episodes,
+        final_eval=final_eval,
     )
 
 
@@ -111,21 +112,28 @@ def _mean_t_interval(values: list[float]) -> str:
     return f"{mean:.3f} [{max(mean - half, 0.0):.3f}, {min(mean + half, 1.0):.3f}]"
 
 
-def _pooled(children: list[ChildSummary]) -> str:
-    """The final IID evaluations of all seeds pooled: wins / episodes and a 95% Wilson interval."""
+def _pooled(children: list[ChildSummary], split: str) -> str:
+    """The final evaluations of ``split`` of all seeds pooled: wins / episodes and a 95% Wilson interval."""
     from epo_cli.evaluate import wilson_interval
 
-    wins, episodes = sum(c.eval_successes for c in children), sum(c.eval_episodes for c in children)
+    counts = [c.final_eval[split] for c in children if split in c.final_eval]
+    wins, episodes = sum(w for w, _ in counts), sum(n for _, n in counts)
     if not episodes:
         return "-"
     low, high = wilson_interval(wins, episodes)
     return f"{wins}/{episodes} = {wins / episodes:.3f} [{low:.3f}, {high:.3f}]"
 
 
-SUMMARY_COLUMNS = ("best success", "final success [95% t]", "IID pooled [95% Wilson]", "final reward", "entropy var.")
+def _final_ood(children: list[ChildSummary]) -> str:
+    rates = [wins / episodes for wins, episodes in (c.final_eval["ood"] for c in children if "ood" in c.final_eval)]
+    return _mean_t_interval(rates) if rates else "-"
+
+
+SUMMARY_COLUMNS = ("best success", "final success [95% t]", "IID pooled [95% Wilson]", "OOD final [95% t]",
+                   "OOD pooled [95% Wilson]", "final reward", "entropy var.")
 SUMMARY_CAPTION = ("best (Succ.*) / final (Succ.) success: of the IID evaluations where the runs have them, else of "
-                   "training; [95% t]: Student-t interval of the mean over seeds, clipped to [0, 1]; IID pooled: "
-                   "every seed's last IID evaluation, wins / episodes; entropy var.: variance of the step entropy "
+                   "training; [95% t]: Student-t interval of the mean over seeds, clipped to [0, 1]; IID / OOD pooled: "
+                   "every seed's last evaluation of the split, wins / episodes; entropy var.: variance of the step entropy "
                    "over training; the other columns are mean ± std over seeds")
 
 
@@ -146,7 +154,9 @@ def summary_rows(children: list[ChildSummary], diverged: Counter | None = None,
             str(len(mine)) + (f" (+{diverged[variant]} diverged)" if diverged[variant] else ""),
             _mean_std([c.best_success for c in mine]),
             _mean_t_interval([c.final_success for c in mine]),
-            _pooled(mine),
+            _pooled(mine, "iid"),
+            _final_ood(mine),
+            _pooled(mine, "ood"),
             _mean_std([c.final_reward for c in mine]),
             _mean_std([c.entropy_variance for c in mine]),
         ])

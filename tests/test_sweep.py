@@ -81,7 +81,8 @@ def test_summary_counts_diverged_runs_beside_the_finished_ones():
 
 
 def test_summary_reports_t_interval_over_seeds_and_pooled_wilson():
-    children = [ChildSummary("a", 0, "r0", 0.5, 0.25, 0.0, 0.0, 8, 32), ChildSummary("a", 1, "r1", 0.5, 0.75, 0.0, 0.0, 24, 32)]
+    children = [ChildSummary("a", 0, "r0", 0.5, 0.25, 0.0, 0.0, {"iid": (8, 32), "ood": (1, 4)}),
+                ChildSummary("a", 1, "r1", 0.5, 0.75, 0.0, 0.0, {"iid": (24, 32), "ood": (3, 4)})]
     (row,) = summary_rows(children)
     # mean 0.5, std 0.3536, t(0.975, 1) = 12.706: half-width 12.706 * 0.3536 / sqrt(2) = 3.177
     assert row[3] == "0.500 [0.000, 1.000]"  # [-2.677, 3.677], clipped
@@ -89,7 +90,10 @@ def test_summary_reports_t_interval_over_seeds_and_pooled_wilson():
     assert summary_rows(three)[0][3] == "0.500 [0.252, 0.748]"  # t(0.975, 2) = 4.303, std 0.1: 4.303 * 0.1 / sqrt(3)
     # Wilson, z = 1.96: centre 0.5, half-width 1.96 * sqrt(0.25/64 + 3.8415/16384) / (1 + 3.8415/64) = 0.119
     assert row[4] == "32/64 = 0.500 [0.381, 0.619]"
-    assert summary_rows([ChildSummary("b", 0, "r", 0.0, 0.0, 0.0, 0.0)])[0][3:5] == ["0.000", "-"]
+    # OOD: per seed 0.25 and 0.75, as the IID finals above; pooled 4/8: centre (4 + 1.92) / 11.84 = 0.5,
+    # half-width 1.96 * sqrt(2 + 0.96) / 11.84 = 0.285
+    assert row[5:7] == ["0.500 [0.000, 1.000]", "4/8 = 0.500 [0.215, 0.785]"]
+    assert summary_rows([ChildSummary("b", 0, "r", 0.0, 0.0, 0.0, 0.0)])[0][3:7] == ["0.000", "-", "-", "-"]
 
 
 @pytest.mark.slow
@@ -164,7 +168,7 @@ def test_sweep_and_ablation_name_are_exclusive(tmp_path):
         assert result.exit_code == 2, result.output
 
 
-@pytest.mark.parametrize("name", ["cpu_epo_study.yaml", "cpu_epo_study_grpo.yaml"])
+@pytest.mark.parametrize("name", ["cpu_epo_study.yaml", "cpu_epo_study_variants.yaml", "cpu_epo_study_grpo.yaml"])
 def test_the_study_sweeps_resolve_every_arm(name):
     from pathlib import Path
 
