@@ -655,7 +655,7 @@ def plot(
                 parent = latest[0].info.run_id
                 _say(f"plotting the latest ablation, {latest[0].info.run_name} ({parent})")
             runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'")
-            name = f"ablation_{parent[:8]}"
+            name = f"ablation_{parent[:8]}_{metric.replace('/', '_')}"  # one file per metric
         else:
             runs = [_find_run(client, experiment_id, r) for r in run] if run else _latest_runs(client, experiment_id, where)
             name = f"{kind}_" + "_".join(r.info.run_id[:8] for r in runs)

@@ -55,10 +55,13 @@ def test_ablate_smoothing_then_plot(tmp_path):
     assert len(client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 4
 
     out = tmp_path / "plots"
-    result = runner.invoke(app, ["plot", "ablation", "--parent", parent.info.run_id, "--tracking-uri", uri, "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    _check_png(out / f"ablation_{parent.info.run_id[:8]}.png")
-    assert (out / f"ablation_{parent.info.run_id[:8]}.svg").exists()
+    for metric in ("train/reward_mean", "actor/entropy"):  # one figure per metric, none overwritten
+        plot = ["plot", "ablation", "--parent", parent.info.run_id, "--metric", metric, "--tracking-uri", uri, "--out", str(out)]
+        result = runner.invoke(app, plot)
+        assert result.exit_code == 0, result.output
+    for slug in ("train_reward_mean", "actor_entropy"):
+        _check_png(out / f"ablation_{parent.info.run_id[:8]}_{slug}.png")
+        assert (out / f"ablation_{parent.info.run_id[:8]}_{slug}.svg").exists()
 
     child = by_variant["epo"].info.run_id
     for kind in ("entropy", "reward", "success", "corridor"):
