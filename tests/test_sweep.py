@@ -130,7 +130,7 @@ def test_sweep_runs_every_arm_and_seed_then_resumes_and_plots(tmp_path):
     out = tmp_path / "plots"
     result = runner.invoke(app, ["plot", "ablation", "--parent", parent.info.run_id, "--tracking-uri", uri, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    image = mpimg.imread(out / f"ablation_{parent.info.run_id[:8]}.png")
+    image = mpimg.imread(out / f"ablation_{parent.info.run_id[:8]}_train_reward_mean.png")
     assert image.shape[0] > 600 and image.shape[1] > 1000  # a grid of panels, not one row of two
 
 
