@@ -212,7 +212,7 @@ def run_ablation(
 
 def run_sweep(sweep_file: Path, flags: dict[str, Any], overrides: list[str], console: Console) -> tuple[str, list[list[str]]]:
     """The arms of a sweep file (:mod:`epo_cli.sweep`) over its seeds: see :func:`run_children`."""
-    from epo_cli.sweep import load_sweep, sweep_specs
+    from epo_cli.sweep import load_sweep, sweep_seeds, sweep_specs
 
     sweep = load_sweep(sweep_file)
     specs = sweep_specs(sweep, flags, overrides)
@@ -220,7 +220,7 @@ def run_sweep(sweep_file: Path, flags: dict[str, Any], overrides: list[str], con
         if arm.note:
             console.print(f"[dim]{arm.name}: {arm.note}[/]")
     key = _key("|".join([f"sweep {sweep.name}"] + [f"{arm}:{seed}:{_experiment_json(s)}" for (arm, seed), s in specs.items()]))
-    params = {"sweep": sweep.name, "arms": " ".join(a.name for a in sweep.arms), "seeds": " ".join(map(str, sweep.seeds))}
+    params = {"sweep": sweep.name, "arms": " ".join(a.name for a in sweep.arms), "seeds": " ".join(map(str, sweep_seeds(sweep)))}
     parent = Parent(sweep.name, f"sweep-{sweep.name}", key, {"epo.sweep": sweep_file.name}, params)
     return run_children(parent, specs, console)
 

@@ -10,6 +10,7 @@ arms:
   - {name: ppo, set: [algo.name=ppo]}
   - {name: ppo+epo, set: [algo.name=ppo+epo]}
   - {name: ppo+epo-lambda0.01, set: [algo.name=ppo+epo, epo.entropy_coef=0.01], note: outside the paper's settings}
+  - {name: ppo-extra, set: [algo.name=ppo], seeds: [3, 4]}        # an arm's own seeds
 ```
 """
 
@@ -23,6 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from epo_cli.spec import ExperimentSpec, SpecError, deep_merge, format_validation_error, load_yaml, parse_override, resolve_spec
 
 
+def _distinct(seeds: list[int]) -> list[int]:
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"expected distinct seeds, got {seeds}")
+    return seeds
+
+
 class SweepArm(BaseModel):
     """One arm: a name (its child runs' variant tag) and its spec overrides."""
 
@@ -31,6 +38,12 @@ class SweepArm(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", description="Label of the arm's runs.")
     set: list[str] = Field(default_factory=list, description="Overrides FIELD.PATH=VALUE, as `--set`, after the sweep's.")
     note: str = Field("", description="Shown beside the arm, e.g. 'outside the paper's settings'.")
+    seeds: list[int] | None = Field(None, min_length=1, description="This arm's seeds (default: the sweep's).")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        return seeds if seeds is None else _distinct(seeds)
 
 
 class SweepSpec(BaseModel):
@@ -40,16 +53,14 @@ class SweepSpec(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", description="The sweep's name (its parent run).")
     base: Path | None = Field(None, description="Base experiment spec, relative to the sweep file (default: none).")
-    seeds: list[int] = Field(min_length=1, description="train.seed of each arm's runs.")
+    seeds: list[int] = Field(min_length=1, description="train.seed of each arm's runs (unless the arm names its own).")
     set: list[str] = Field(default_factory=list, description="Overrides for every arm, FIELD.PATH=VALUE.")
     arms: list[SweepArm] = Field(min_length=1)
 
     @field_validator("seeds")
     @classmethod
     def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
-        if len(set(seeds)) != len(seeds):
-            raise ValueError(f"expected distinct seeds, got {seeds}")
-        return seeds
+        return _distinct(seeds)
 
     @field_validator("arms")
     @classmethod
@@ -92,13 +103,18 @@ def sweep_specs(sweep: SweepSpec, flags: dict[str, Any], overrides: list[str]) -
         return resolve_spec(sweep.base, deep_merge(layer, flags), [*overrides, *seed_overrides])
 
     specs = {}
-    for seed in sweep.seeds:  # seed by seed: a stopped sweep is balanced across arms
-        for arm in sweep.arms:
+    for seed in sweep_seeds(sweep):  # seed by seed: a stopped sweep is balanced across arms
+        for arm in (a for a in sweep.arms if seed in (a.seeds or sweep.seeds)):
             try:
                 specs[(arm.name, seed)] = resolved([*sweep.set, *arm.set], [f"train.seed={seed}"])
             except SpecError as err:
                 raise SpecError(f"sweep {sweep.name}, {_culprit(resolved, sweep, arm)}: {_one_line(err)}") from None
     return specs
+
+
+def sweep_seeds(sweep: SweepSpec) -> list[int]:
+    """Every seed some arm runs: the sweep's, then the arms' own, in order of appearance."""
+    return list(dict.fromkeys([*sweep.seeds, *(seed for arm in sweep.arms for seed in arm.seeds or [])]))
 
 
 def _culprit(resolved, sweep: SweepSpec, arm: SweepArm) -> str:

@@ -43,12 +43,27 @@ def test_layers_base_then_sweep_then_arm_then_flags_then_command_line_sets_then_
     assert plain.epo.entropy_coef == 0.0 and epo.epo.entropy_coef > 0  # each arm resolves its own algorithm preset
 
 
+def test_an_arm_may_name_its_own_seeds_and_runs_still_go_seed_by_seed(tmp_path):
+    path = _write(tmp_path, """
+        name: rest
+        seeds: [2]
+        arms:
+          - {name: a}
+          - {name: b, seeds: [1, 2]}
+          - {name: c, seeds: [5]}
+    """)
+    specs = sweep_specs(load_sweep(path), {"env": {"name": "toy"}}, [])
+    assert list(specs) == [("a", 2), ("b", 2), ("b", 1), ("c", 5)]  # the sweep's seeds first, then the arms' own
+    assert [s.train.seed for s in specs.values()] == [2, 2, 1, 5]
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
         ("name: s\nseeds: [0]\narms: [{name: a}, {name: a}]\n", "repeated: a"),
         ("name: s\nseeds: [0, 0]\narms: [{name: a}]\n", "expected distinct seeds"),
         ("name: s\nseeds: [0]\narms: []\n", "arms"),
+        ("name: s\nseeds: [0]\narms: [{name: a, seeds: [1, 1]}]\n", "arms.0.seeds: .*expected distinct seeds"),
         ("name: s\nseeds: [0]\narms: [{name: a, sett: []}]\n", "arms.0.sett: unknown field"),
         ("name: s\nbase: nowhere.yaml\nseeds: [0]\narms: [{name: a}]\n", "base:"),
         ("name: s\nseeds: [0]\narms: [{name: 'a b'}]\n", "arms.0.name"),
@@ -178,3 +193,14 @@ def test_the_study_sweeps_resolve_every_arm(name):
     budgets = {(s.train.steps, s.episodes_per_step, s.env.max_turns, s.optim.lr) for s in specs.values()}
     assert len(budgets) == 1  # the same step budget in every arm
     assert all(s.tracking.term_grad_norms and s.eval.every == s.train.steps for s in specs.values())
+
+
+def test_the_rest_of_stage_two_is_the_same_experiment_as_its_missing_children():
+    from pathlib import Path
+
+    from epo_cli.ablate import _experiment_json
+
+    sweeps = Path(__file__).parents[1] / "experiments" / "sweeps"
+    full, rest = (sweep_specs(load_sweep(sweeps / f"cpu_epo_study_variants{s}.yaml"), {}, []) for s in ("", "_rest"))
+    assert list(rest) == [("ppo+no-dw", 1), ("ppo+epo-base", 2), ("ppo+no-dw", 2)]
+    assert all(_experiment_json(rest[pair]) == _experiment_json(full[pair]) for pair in rest)
