@@ -13,7 +13,7 @@ import torch
 from epo_cli.distributed import DistContext
 from epo_cli.envs.base import TaskInstance, of_task_types, stratified_order
 from epo_cli.envs.registry import load_split, max_score_of
-from epo_cli.rollout import EnvBatch, RolloutSettings, Sampler, build_sampler, episode_stats, play_episodes, sampler_dtype
+from epo_cli.rollout import EnvBatch, RolloutSettings, Sampler, build_sampler, episode_stats, play_episodes, sampler_dtype, stats_of
 
 EVAL_SEED = 20250926  # fixed: the same episodes for every run, checkpoint and seed
 EVAL_SPLITS = {"iid", "ood", "l2"}
@@ -120,23 +120,31 @@ def evaluate(
     episodes = [episode for part in dist.all_gather_objects(played) for episode in part]
     for number, episode in enumerate(episodes):  # numbered over the split, not per batch
         episode.episode_id = episode.group_id = number
-    stats = episode_stats(episodes)
-    return EvalResult(
-        split=split,
-        episodes=stats.episodes,
-        successes=stats.successes,
-        mean_turns=stats.mean_turns,
-        invalid_action_rate=stats.invalid_action_rate,
-        per_type=stats.per_type,
-        outcomes=[
-            EpisodeOutcome(
-                f"{e.task.env}:{e.task.name}", e.task.seed, e.won, max(e.score, 0.0) / max_score_of(e.task.env),
-                len(e.turns), e.invalid_turns,
-            )
-            for e in episodes
-        ],
-        played=episodes,
-    )
+    outcomes = [_outcome(e.task.env, e.task.name, e.task.seed, e.won, e.score, len(e.turns), e.invalid_turns) for e in episodes]
+    return _result(split, episode_stats(episodes), outcomes, episodes)
+
+
+def logged_result(split: str, records: list[dict], source: str) -> EvalResult:
+    """A split's evaluation as its episode file logged it (``episodes/eval_<split>_step_N.jsonl``):
+    the figures and outcomes it had when it was played, without playing it again."""
+    try:
+        rows = [(r["env"], r["task_type"], r["name"], r["seed"], r["won"], r["score"], r["turns"], r["invalid_turns"]) for r in records]
+    except KeyError as err:
+        raise LookupError(f"{source}: its episodes lack {err}, recorded since evaluation files name each episode's "
+                          "env and seed; evaluate the checkpoint again (epo eval RUN_ID)") from None
+    stats = stats_of([(task_type, won, turns, invalid) for _, task_type, _, _, won, _, turns, invalid in rows])
+    outcomes = [_outcome(env, name, seed, won, score, turns, invalid) for env, _, name, seed, won, score, turns, invalid in rows]
+    return _result(split, stats, outcomes, [])
+
+
+def _outcome(env: str, name: str, seed: int, won: bool, score: float, turns: int, invalid_turns: int) -> EpisodeOutcome:
+    """An episode's outcome, keyed by ``env:name`` and its score a fraction of the env's maximum."""
+    return EpisodeOutcome(f"{env}:{name}", seed, bool(won), max(score, 0.0) / max_score_of(env), turns, invalid_turns)
+
+
+def _result(split: str, stats, outcomes: list[EpisodeOutcome], played: list) -> EvalResult:
+    return EvalResult(split=split, episodes=stats.episodes, successes=stats.successes, mean_turns=stats.mean_turns,
+                      invalid_action_rate=stats.invalid_action_rate, per_type=stats.per_type, outcomes=outcomes, played=played)
 
 
 def eval_batch_size(spec) -> int:

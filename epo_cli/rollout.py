@@ -479,16 +479,22 @@ class EpisodeStats:
 
 def episode_stats(episodes: Sequence[Episode]) -> EpisodeStats:
     """The figures of ``episodes`` (rates are 0 where there are no episodes or turns)."""
+    return stats_of([(e.task.task_type, e.won, len(e.turns), e.invalid_turns) for e in episodes])
+
+
+def stats_of(rows: Sequence[tuple[str, bool, int, int]]) -> EpisodeStats:
+    """The figures of episodes given as (task type, won, turns, invalid turns): played ones,
+    or ones read back from an episode file."""
     per_type: dict[str, tuple[int, int]] = {}
-    for episode in episodes:
-        wins, n = per_type.get(episode.task.task_type, (0, 0))
-        per_type[episode.task.task_type] = (wins + int(episode.won), n + 1)
-    turns = sum(len(episode.turns) for episode in episodes)
+    for task_type, won, _, _ in rows:
+        wins, n = per_type.get(task_type, (0, 0))
+        per_type[task_type] = (wins + int(won), n + 1)
+    turns = sum(row[2] for row in rows)
     return EpisodeStats(
-        episodes=len(episodes),
-        successes=sum(episode.won for episode in episodes),
-        mean_turns=turns / max(len(episodes), 1),
-        invalid_action_rate=sum(episode.invalid_turns for episode in episodes) / max(turns, 1),
+        episodes=len(rows),
+        successes=sum(bool(row[1]) for row in rows),
+        mean_turns=turns / max(len(rows), 1),
+        invalid_action_rate=sum(row[3] for row in rows) / max(turns, 1),
         per_type=dict(sorted(per_type.items())),
     )
 
