@@ -438,12 +438,17 @@ def eval_(
     transcripts: Annotated[
         Optional[Path], typer.Option(help="Also write every episode, turn by turn, to DIR/<split>.jsonl (read with `epo show FILE`).")
     ] = None,
+    logged: Annotated[
+        bool, typer.Option(help="Read the run's logged evaluation (at --step; default the latest) instead of playing it again.")
+    ] = False,
+    step: Annotated[Optional[int], typer.Option(help="With --logged: the evaluation step.")] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Success on the fixed, seeded IID / OOD / L2 episodes, with 95% Wilson intervals.
 
-    Of a run's checkpoint (logged to that run), or of any model with --model (printed only;
-    --spec, --env, --task-types and --set set up its episodes)."""
+    Of a run's checkpoint (logged to that run), of any model with --model (printed only;
+    --spec, --env, --task-types and --set set up its episodes), or, with --logged, as the
+    run's training already evaluated it (e.g. to --save or --compare its final evaluation)."""
     from rich.progress import Progress
 
     _one_process("eval")
@@ -455,6 +460,11 @@ def eval_(
         _fail("epo eval takes a run (RUN_ID or a checkpoint folder) or --model NAME_OR_DIR, one of the two")
     if target is not None and (env or task_types or set_ or spec_file):
         _fail("--spec, --env, --task-types and --set go with --model; a run is evaluated with its own spec")
+    if logged and (target is None or episodes or temperature is not None or greedy or repeats or transcripts):
+        _fail("--logged reads a run's logged evaluation: it takes RUN_ID (not --model, --episodes, --temperature, --greedy, "
+              "--repeats or --transcripts)")
+    if step is not None and not logged:
+        _fail("--step goes with --logged; a checkpoint folder (step_N) picks the step of a new evaluation")
     baseline = _read_outcomes(compare) if compare is not None else None
     _quiet_libraries()
     splits = ["iid", "ood"] if split == "all" else [split]
@@ -462,7 +472,9 @@ def eval_(
     run_id = None
     try:
         with Progress(console=console) as progress:
-            if model is not None:
+            if logged:
+                results, title = _logged_evaluation(target, step, splits, tracking_uri)
+            elif model is not None:
                 resolved = resolve_spec(spec_file, _flags(env=env, model=model, task_types=task_types, episodes=episodes,
                                                           temperature=temperature, repeats=repeats), set_)
                 results = evaluate_model(resolved, model, splits, progress)
@@ -473,7 +485,7 @@ def eval_(
                     checkpoint, splits, episodes, temperature, tracking_uri, progress, repeats
                 )
                 title = f"evaluation of {checkpoint} (step {step})"
-    except _run_errors() as err:
+    except (*_run_errors(), LookupError) as err:
         _fail(str(err))
     table = Table(title=title)
     for column in ("split", "episodes", "success", "95% CI", "score", "turns", "invalid"):
@@ -507,6 +519,24 @@ def eval_(
     console.print(per_type)
     if run_id:
         console.print(f"logged to MLflow run {run_id} at step {step}")
+
+
+def _logged_evaluation(target: str, step: int | None, splits: list[str], tracking_uri: str | None) -> tuple[list, str]:
+    """Each split's evaluation as the run logged it at ``step`` (default: its latest), and a title."""
+    from epo_cli.evaluate import logged_result
+    from epo_cli.spec import TrackingSpec
+    from epo_cli.transcripts import read_episodes
+
+    results, chosen_steps = [], set()
+    for split in splits:
+        run, chosen, text = _run_episodes(target, step, split, TrackingSpec().experiment, tracking_uri)
+        source = f"{run.info.run_name} ({run.info.run_id}), {chosen.label}"
+        results.append(logged_result(split, read_episodes(text, source), source))
+        chosen_steps.add(chosen.step)
+    if len(chosen_steps) > 1:
+        raise LookupError(f"run {target}: its latest evaluations of {', '.join(splits)} are of different steps "
+                          f"({', '.join(map(str, sorted(chosen_steps)))}); pass --step")
+    return results, f"logged evaluation of {run.info.run_name} ({run.info.run_id}), step {chosen.step}"
 
 
 def _write_outcomes(path: Path, title: str, results) -> None:
@@ -720,7 +750,8 @@ def show(
         if target is not None and target.endswith(".jsonl"):
             source, text = target, _read_text(Path(target))
         else:
-            source, text = _run_episodes(target, step, split, experiment, tracking_uri)
+            run, chosen, text = _run_episodes(target, step, split, experiment, tracking_uri)
+            source = f"{run.info.run_name} ({run.info.run_id}), {chosen.label}"
         episodes = read_episodes(text, source)
     except (TrackingError, LookupError, ValueError) as err:
         _fail(str(err))
@@ -742,8 +773,8 @@ def _read_text(path: Path) -> str:
         raise LookupError(f"episode file {path}: {err.strerror}") from None
 
 
-def _run_episodes(target: str | None, step: int | None, split: str | None, experiment: str, tracking_uri: str | None) -> tuple[str, str]:
-    """(label, text) of a run's episode file: of ``split`` (None: training) at ``step``."""
+def _run_episodes(target: str | None, step: int | None, split: str | None, experiment: str, tracking_uri: str | None):
+    """(run, file, text) of a run's episode file: of ``split`` (None: training) at ``step``."""
     import os
     import tempfile
 
@@ -768,7 +799,7 @@ def _run_episodes(target: str | None, step: int | None, split: str | None, exper
         _say(f"showing the latest run with episodes, {run.info.run_name} ({run.info.run_id})")
     with tempfile.TemporaryDirectory(prefix="epo-show-") as scratch:
         local = client.download_artifacts(run.info.run_id, chosen.path, scratch)
-        return f"{run.info.run_name} ({run.info.run_id}), {chosen.label}", Path(local).read_text()
+        return run, chosen, Path(local).read_text()
 
 
 def main() -> None:

@@ -105,3 +105,41 @@ def test_eval_compare_adds_a_score_row_only_where_scores_are_partial(tmp_path):
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps(payload))
     assert compared_metrics(partial) == ["success", "score"]
+
+
+def test_a_runs_logged_evaluation_reads_back_as_played(tmp_path):
+    """`epo eval RUN --logged` rebuilds the training run's last evaluation from its episode
+    files: the same outcomes as evaluating that checkpoint again, in the --save format."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from epo_cli.cli import app
+
+    runner = CliRunner()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trained = runner.invoke(app, ["train", "--env", "toy", "--model", "tiny", "--algo", "grpo", "--steps", "1", "--tracking-uri", uri,
+                                  "--set", f"checkpoint.dir={tmp_path}/ckpt", "--set", "eval.every=1", "--set", "eval.episodes=3"])
+    assert trained.exit_code == 0, trained.output
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("epo").experiment_id])
+    logged, played = tmp_path / "logged.json", tmp_path / "played.json"
+    for args, path in ((["--logged"], logged), (["--episodes", "3"], played)):
+        result = runner.invoke(app, ["eval", run.info.run_id, *args, "--save", str(path), "--tracking-uri", uri], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        assert ("logged evaluation of" in result.output) == (path == logged)
+    logged_splits, played_splits = (json.loads(p.read_text())["splits"] for p in (logged, played))
+    assert set(logged_splits) == {"iid", "ood"} and all(len(rows) == 3 for rows in logged_splits.values())
+    assert logged_splits == played_splits
+    assert all(row["task"].startswith("toy:") and row["seed"] == 20250926 for row in logged_splits["iid"])
+    wins = sum(row["won"] for row in logged_splits["iid"])
+    assert run.data.metrics["eval/iid/success_rate"] == pytest.approx(wins / 3)
+
+    for args, message in ((["--logged", "--model", "tiny"], "--logged reads"),
+                          ([run.info.run_id, "--logged", "--episodes", "2"], "--logged reads"),
+                          ([run.info.run_id, "--step", "1"], "--step goes with --logged")):
+        result = runner.invoke(app, ["eval", *args, "--tracking-uri", uri])
+        assert result.exit_code == 2 and message in result.output, result.output
+    missing = runner.invoke(app, ["eval", run.info.run_id, "--logged", "--step", "7", "--tracking-uri", uri])
+    assert missing.exit_code != 0 and "--step 7: the run has evaluation episodes of split 'iid' at steps 1" in missing.output
