@@ -465,7 +465,7 @@ def eval_(
               "--repeats or --transcripts)")
     if step is not None and not logged:
         _fail("--step goes with --logged; a checkpoint folder (step_N) picks the step of a new evaluation")
-    baseline = _read_outcomes(compare) if compare is not None else None
+    baseline = _read_outcomes(compare, "--compare") if compare is not None else None
     _quiet_libraries()
     splits = ["iid", "ood"] if split == "all" else [split]
     temperature = 0.0 if greedy else temperature
@@ -554,7 +554,7 @@ def _write_atomically(path: Path, text: str) -> None:
     staging.replace(path)
 
 
-def _read_outcomes(path: Path) -> dict:
+def _read_outcomes(path: Path, option: str) -> dict:
     import json
 
     from epo_cli.evaluate import EpisodeOutcome
@@ -563,7 +563,7 @@ def _read_outcomes(path: Path) -> dict:
         payload = json.loads(path.read_text())
         return {split: [EpisodeOutcome(**o) for o in rows] for split, rows in payload["splits"].items()}
     except (OSError, ValueError, KeyError, TypeError) as err:
-        _fail(f"--compare {path}: not a file written by `epo eval --save` ({err.__class__.__name__}: {err})")
+        _fail(f"{option} {path}: not a file written by `epo eval --save` ({err.__class__.__name__}: {err})")
 
 
 def _print_comparison(baseline: dict, results, source: Path) -> None:
@@ -662,6 +662,9 @@ def plot(
     parent: Annotated[Optional[str], typer.Option(help="Ablation parent run id (for `ablation`); default: the latest.")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "epo",
     metric: Annotated[str, typer.Option(help="Metric of the ablation figure.")] = "train/reward_mean",
+    start: Annotated[
+        Optional[Path], typer.Option(help="Ablation: the starting model's `epo eval --save` file, drawn on the success panels.")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs/plots"),
     tracking_uri: TrackingUri = None,
 ) -> None:
@@ -672,6 +675,9 @@ def plot(
 
     if kind not in PLOTS:
         _fail(f"plot kind {kind!r} is unknown; expected one of {', '.join(PLOTS)}")
+    if start is not None and kind != "ablation":
+        _fail("--start goes with `epo plot ablation`")
+    start_outcomes = (start.name, _read_outcomes(start, "--start")) if start is not None else None
     try:
         client, experiment_id = connect(tracking_uri, experiment)
         where = f"experiment {experiment!r} of {resolve_uri(tracking_uri)}"
@@ -689,7 +695,7 @@ def plot(
         else:
             runs = [_find_run(client, experiment_id, r) for r in run] if run else _latest_runs(client, experiment_id, where)
             name = f"{kind}_" + "_".join(r.info.run_id[:8] for r in runs)
-        paths = draw(kind, client, runs, out, name, metric)
+        paths = draw(kind, client, runs, out, name, metric, start_outcomes)
     except (TrackingError, PlotError, LookupError) as err:
         _fail(str(err))
     for path in paths:

@@ -147,17 +147,19 @@ def _band(ax, steps: list[int], mean: list[float], std: list[float], color: str,
 # The panels of the ablation figure after the chosen metric: (title, y label, metrics drawn per variant).
 ABLATION_PANELS = (
     ("IID success (evaluation)", "success rate", ("eval/iid/success_rate",)),
+    ("OOD success (evaluation)", "success rate", ("eval/ood/success_rate",)),
     ("Entropy and the smoothing corridor", "mean token entropy (nats)", ("actor/entropy",)),
     ("Entropy weight beta_k (Eq. 5)", "beta_k", ("epo/beta",)),
     ("Gradient norm of each EPO term / policy gradient's", "ratio", ("grad/entropy_bonus_ratio", "grad/smooth_ratio")),
 )
 
 
-def plot_ablation(client, children, metric: str = "train/reward_mean") -> plt.Figure:
+def plot_ablation(client, children, metric: str = "train/reward_mean", start: tuple[str, dict] | None = None) -> plt.Figure:
     """Figure 3 and the study's panels: per variant, the mean over seeds with a ±1 std band
-    of ``metric``, IID success, the entropy with its corridor ``[kappa_l Hbar, kappa_r
-    Hbar]`` (Eq. 4), ``beta_k`` and the EPO terms' gradient-norm ratios; panels without
-    data are left out."""
+    of ``metric``, IID and OOD success, the entropy with its corridor ``[kappa_l Hbar,
+    kappa_r Hbar]`` (Eq. 4), ``beta_k`` and the EPO terms' gradient-norm ratios; panels
+    without data are left out. ``start``: (label, outcomes by split) of the model the runs
+    started from (an ``epo eval --save`` file), drawn on the success panels."""
     by_variant: dict[str, list] = {}
     for run in children:
         by_variant.setdefault(run.data.tags.get("epo.ablation.variant", _label(run)), []).append(run)
@@ -184,6 +186,9 @@ def plot_ablation(client, children, metric: str = "train/reward_mean") -> plt.Fi
                 _band(ax, steps, mean, std, color, label, style)
             if keys == ("actor/entropy",) and _smooths(runs[0]):
                 _corridor(ax, client, runs, color)
+        split = keys[0].split("/")[1] if keys[0].endswith("/success_rate") and keys[0].startswith("eval/") else None
+        if start is not None and split in start[1]:
+            starting_point(ax, start[0], start[1][split])
         _style(ax, title, ylabel)
         if keys[0].startswith("grad/"):
             ax.set_yscale("log")
@@ -193,6 +198,17 @@ def plot_ablation(client, children, metric: str = "train/reward_mean") -> plt.Fi
     kind = "Sweep" if "epo.sweep" in parent_tags else "Ablation"
     fig.suptitle(f"{kind}: {parent_tags.get('epo.ablation', '')} (mean ± std over seeds)")
     return fig
+
+
+def starting_point(ax, label: str, outcomes) -> None:
+    """The success of the runs' starting model on the same episodes: a dotted line at its
+    rate over a band of its 95% Wilson interval."""
+    from epo_cli.evaluate import wilson_interval
+
+    wins, n = sum(o.won for o in outcomes), len(outcomes)
+    low, high = wilson_interval(wins, n)
+    ax.axhspan(low, high, color="black", alpha=0.06, linewidth=0)
+    ax.axhline(wins / max(n, 1), color="black", linestyle=":", label=f"start, {label}: {wins}/{n}")
 
 
 def _smooths(run) -> bool:
@@ -211,9 +227,10 @@ def _corridor(ax, client, runs, color: str) -> None:
                     edgecolor=color, linewidth=0)
 
 
-def draw(kind: str, client, runs, out_dir: Path, name: str, metric: str = "train/reward_mean") -> list[Path]:
+def draw(kind: str, client, runs, out_dir: Path, name: str, metric: str = "train/reward_mean",
+         start: tuple[str, dict] | None = None) -> list[Path]:
     if kind == "ablation":
-        fig = plot_ablation(client, runs, metric)
+        fig = plot_ablation(client, runs, metric, start)
     else:
         fig = {"entropy": plot_entropy, "reward": plot_reward, "success": plot_success, "corridor": plot_corridor}[kind](client, runs)
     return _save(fig, out_dir, name)

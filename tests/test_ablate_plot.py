@@ -54,9 +54,14 @@ def test_ablate_smoothing_then_plot(tmp_path):
     assert client.get_run(by_variant["epo-base"].info.run_id).info.status == "FINISHED"
     assert len(client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 4
 
+    # The starting point on the success panels: here, one child's logged final evaluation.
+    start = tmp_path / "start.json"
+    saved = runner.invoke(app, ["eval", by_variant["epo"].info.run_id, "--logged", "--save", str(start), "--tracking-uri", uri])
+    assert saved.exit_code == 0, saved.output
     out = tmp_path / "plots"
     for metric in ("train/reward_mean", "actor/entropy"):  # one figure per metric, none overwritten
-        plot = ["plot", "ablation", "--parent", parent.info.run_id, "--metric", metric, "--tracking-uri", uri, "--out", str(out)]
+        plot = ["plot", "ablation", "--parent", parent.info.run_id, "--metric", metric, "--tracking-uri", uri, "--out", str(out),
+                "--start", str(start)]
         result = runner.invoke(app, plot)
         assert result.exit_code == 0, result.output
     for slug in ("train_reward_mean", "actor_entropy"):
@@ -76,6 +81,31 @@ def test_plot_errors_are_clear(tmp_path):
     assert result.exit_code == 2 and "no run with that id or name" in result.output
     result = runner.invoke(app, ["plot", "pie", "--run", "x", "--tracking-uri", uri])
     assert result.exit_code == 2 and "expected one of" in result.output
+    result = runner.invoke(app, ["plot", "reward", "--start", "sft.json", "--tracking-uri", uri])
+    assert result.exit_code == 2 and "--start goes with `epo plot ablation`" in result.output
+    (tmp_path / "bad.json").write_text("{}")
+    result = runner.invoke(app, ["plot", "ablation", "--start", str(tmp_path / "bad.json"), "--tracking-uri", uri])
+    assert result.exit_code == 2 and "--start" in result.output and "not a file written by `epo eval --save`" in result.output
+
+
+@pytest.mark.parametrize("wins", [0, 2])
+def test_the_starting_point_is_its_success_over_its_wilson_band(wins):
+    import matplotlib.pyplot as plt
+
+    from epo_cli.evaluate import EpisodeOutcome
+    from epo_cli.plots import starting_point
+
+    outcomes = [EpisodeOutcome(f"toy:{i}", 0, i < wins, float(i < wins), 3, 0) for i in range(3)]
+    fig, ax = plt.subplots()
+    starting_point(ax, "sft.json", outcomes)
+    (line,) = ax.get_lines()
+    assert list(line.get_ydata()) == [wins / 3, wins / 3] and line.get_label() == f"start, sft.json: {wins}/3"
+    (band,) = ax.patches
+    # Wilson, n = 3, z = 1.96: 2/3 -> [0.208, 0.939]; 0/3 -> [0, 0.562]
+    low, high = {2: (0.2077, 0.9385), 0: (0.0, 0.5615)}[wins]
+    bottom, top = band.get_bbox().y0, band.get_bbox().y1
+    assert bottom == pytest.approx(low, abs=1e-4) and top == pytest.approx(high, abs=1e-4)
+    plt.close(fig)
 
 
 def test_every_ablation_names_its_variants():
