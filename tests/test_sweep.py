@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from epo_cli.ablate import ChildSummary, summary_rows
 from epo_cli.cli import app
-from epo_cli.spec import SpecError
+from epo_cli.spec import SpecError, resolve_spec
 from epo_cli.sweep import load_sweep, sweep_specs
 
 runner = CliRunner()
@@ -193,6 +193,23 @@ def test_the_study_sweeps_resolve_every_arm(name):
     budgets = {(s.train.steps, s.episodes_per_step, s.env.max_turns, s.optim.lr) for s in specs.values()}
     assert len(budgets) == 1  # the same step budget in every arm
     assert all(s.tracking.term_grad_norms and s.eval.every == s.train.steps for s in specs.values())
+
+
+@pytest.mark.parametrize("name", ["cpu_epo_study.yaml", "cpu_epo_study_variants.yaml", "cpu_epo_study_grpo.yaml"])
+def test_the_study_is_one_experiment_on_processors_with_and_without_native_bf16(name, monkeypatch):
+    from pathlib import Path
+
+    from epo_cli.ablate import _experiment_json
+
+    sweep = load_sweep(Path(__file__).parents[1] / "experiments" / "sweeps" / name)
+    resolved = {}
+    for native in (True, False):
+        monkeypatch.setattr("epo_cli.spec.native_bf16", lambda native=native: native)
+        resolved[native] = {pair: _experiment_json(spec) for pair, spec in sweep_specs(sweep, {}, []).items()}
+    assert resolved[True] == resolved[False]
+    monkeypatch.setattr("epo_cli.spec.native_bf16", lambda: False)  # what pinning overrides: the scale's own choice
+    unpinned = resolve_spec(sweep.base, {}, [])
+    assert (unpinned.model.autocast, unpinned.rollout.dtype, unpinned.algo.tis_cap) == ("none", None, None)
 
 
 def test_the_rest_of_stage_two_is_the_same_experiment_as_its_missing_children():
