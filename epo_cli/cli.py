@@ -439,7 +439,8 @@ def eval_(
         Optional[Path], typer.Option(help="Also write every episode, turn by turn, to DIR/<split>.jsonl (read with `epo show FILE`).")
     ] = None,
     logged: Annotated[
-        bool, typer.Option(help="Read the run's logged evaluation (at --step; default the latest) instead of playing it again.")
+        bool, typer.Option(help="Read the run's logged evaluation (at --step; default the latest) instead of playing it again: training's, "
+                  "or the latest `epo eval RUN_ID` of that step and split, which replaces it.")
     ] = False,
     step: Annotated[Optional[int], typer.Option(help="With --logged: the evaluation step.")] = None,
     tracking_uri: TrackingUri = None,
@@ -460,9 +461,12 @@ def eval_(
         _fail("epo eval takes a run (RUN_ID or a checkpoint folder) or --model NAME_OR_DIR, one of the two")
     if target is not None and (env or task_types or set_ or spec_file):
         _fail("--spec, --env, --task-types and --set go with --model; a run is evaluated with its own spec")
-    if logged and (target is None or episodes or temperature is not None or greedy or repeats or transcripts):
+    if logged and (target is None or episodes is not None or temperature is not None or greedy or repeats is not None
+                   or transcripts is not None):
         _fail("--logged reads a run's logged evaluation: it takes RUN_ID (not --model, --episodes, --temperature, --greedy, "
               "--repeats or --transcripts)")
+    if logged and Path(target).exists():
+        _fail(f"--logged reads a run's logged evaluation from MLflow: it takes a run id or name, not the folder {target}")
     if step is not None and not logged:
         _fail("--step goes with --logged; a checkpoint folder (step_N) picks the step of a new evaluation")
     baseline = _read_outcomes(compare, "--compare") if compare is not None else None

@@ -166,7 +166,8 @@ def plot_ablation(client, children, metric: str = "train/reward_mean", start: tu
     if not by_variant:
         raise PlotError("the parent run has no finished child runs")
     panels = [(metric, metric.split("/")[-1], (metric,))] + [
-        panel for panel in ABLATION_PANELS if any(key in run.data.metrics for run in children for key in panel[2])
+        panel for panel in ABLATION_PANELS
+        if panel[2] != (metric,) and any(key in run.data.metrics for run in children for key in panel[2])
     ]
     columns = min(len(panels), 3)
     rows = -(-len(panels) // columns)

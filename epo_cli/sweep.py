@@ -114,7 +114,8 @@ def sweep_specs(sweep: SweepSpec, flags: dict[str, Any], overrides: list[str]) -
 
 def sweep_seeds(sweep: SweepSpec) -> list[int]:
     """Every seed some arm runs: the sweep's, then the arms' own, in order of appearance."""
-    return list(dict.fromkeys([*sweep.seeds, *(seed for arm in sweep.arms for seed in arm.seeds or [])]))
+    candidates = dict.fromkeys([*sweep.seeds, *(seed for arm in sweep.arms for seed in arm.seeds or [])])
+    return [seed for seed in candidates if any(seed in (arm.seeds or sweep.seeds) for arm in sweep.arms)]
 
 
 def _culprit(resolved, sweep: SweepSpec, arm: SweepArm) -> str:

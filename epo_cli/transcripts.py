@@ -49,7 +49,8 @@ def episodes_jsonl(episodes: Sequence, transcribed: int | str = "all") -> str:
     for index, e in enumerate(episodes):
         record = {
             "episode": e.episode_id, "group": e.group_id, "env": e.task.env, "task_type": e.task.task_type,
-            "task": str(e.task.task_id), "name": e.task.name, "variation": e.task.variation, "seed": e.task.seed, "won": e.won, "score": e.score, "turns": len(e.turns),
+            "task": str(e.task.task_id), "name": e.task.name, "variation": e.task.variation, "seed": e.task.seed,
+            "won": e.won, "score": e.score, "turns": len(e.turns),
             "reward": round(e.total_reward, 6), "actions": [t.action for t in e.turns],
             "invalid_turns": e.invalid_turns,
         }

@@ -1,5 +1,7 @@
 """`epo ablate` and `epo plot` on real (tiny-model, real-engine) runs."""
 
+import json
+
 import matplotlib.image as mpimg
 import pytest
 from mlflow.tracking import MlflowClient
@@ -7,6 +9,8 @@ from typer.testing import CliRunner
 
 from epo_cli.ablate import ablation_variants, summary_rows, ChildSummary
 from epo_cli.cli import app
+from epo_cli.evaluate import EpisodeOutcome
+from epo_cli.plots import plot_ablation
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -67,6 +71,14 @@ def test_ablate_smoothing_then_plot(tmp_path):
     for slug in ("train_reward_mean", "actor_entropy"):
         _check_png(out / f"ablation_{parent.info.run_id[:8]}_{slug}.png")
         assert (out / f"ablation_{parent.info.run_id[:8]}_{slug}.svg").exists()
+    outcomes = {split: [EpisodeOutcome(**o) for o in rows] for split, rows in json.loads(start.read_text())["splits"].items()}
+    finished = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    figure = plot_ablation(client, finished, "eval/iid/success_rate", ("start.json", outcomes))
+    labels = {ax.get_title(): [line.get_label() for line in ax.get_lines()] for ax in figure.axes if ax.get_visible()}
+    wins = sum(o.won for o in outcomes["ood"])
+    assert f"start, start.json: {wins}/{len(outcomes['ood'])}" in labels["OOD success (evaluation)"]
+    assert "IID success (evaluation)" not in labels  # the chosen metric's own panel, not twice
+    assert any(label.startswith("start, start.json: ") for label in labels["success_rate"])
 
     child = by_variant["epo"].info.run_id
     for kind in ("entropy", "reward", "success", "corridor"):

@@ -138,8 +138,9 @@ def test_a_runs_logged_evaluation_reads_back_as_played(tmp_path):
 
     for args, message in ((["--logged", "--model", "tiny"], "--logged reads"),
                           ([run.info.run_id, "--logged", "--episodes", "2"], "--logged reads"),
-                          ([run.info.run_id, "--step", "1"], "--step goes with --logged")):
+                          ([run.info.run_id, "--step", "1"], "--step goes with --logged"),
+                          ([str(tmp_path / "ckpt"), "--logged"], "it takes a run id or name, not the folder")):
         result = runner.invoke(app, ["eval", *args, "--tracking-uri", uri])
         assert result.exit_code == 2 and message in result.output, result.output
     missing = runner.invoke(app, ["eval", run.info.run_id, "--logged", "--step", "7", "--tracking-uri", uri])
-    assert missing.exit_code != 0 and "--step 7: the run has evaluation episodes of split 'iid' at steps 1" in missing.output
+    assert missing.exit_code == 2 and "--step 7: the run has evaluation episodes of split 'iid' at steps 1" in missing.output

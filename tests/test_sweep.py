@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from epo_cli.ablate import ChildSummary, summary_rows
 from epo_cli.cli import app
 from epo_cli.spec import SpecError, resolve_spec
-from epo_cli.sweep import load_sweep, sweep_specs
+from epo_cli.sweep import load_sweep, sweep_seeds, sweep_specs
 
 runner = CliRunner()
 
@@ -55,6 +55,8 @@ def test_an_arm_may_name_its_own_seeds_and_runs_still_go_seed_by_seed(tmp_path):
     specs = sweep_specs(load_sweep(path), {"env": {"name": "toy"}}, [])
     assert list(specs) == [("a", 2), ("b", 2), ("b", 1), ("c", 5)]  # the sweep's seeds first, then the arms' own
     assert [s.train.seed for s in specs.values()] == [2, 2, 1, 5]
+    own_only = _write(tmp_path, "name: s\nseeds: [0]\narms: [{name: a, seeds: [3]}, {name: b, seeds: [4, 3]}]\n")
+    assert sweep_seeds(load_sweep(own_only)) == [3, 4]  # the sweep's seed 0 runs in no arm
 
 
 @pytest.mark.parametrize(
@@ -195,7 +197,9 @@ def test_the_study_sweeps_resolve_every_arm(name):
     assert all(s.tracking.term_grad_norms and s.eval.every == s.train.steps for s in specs.values())
 
 
-@pytest.mark.parametrize("name", ["cpu_epo_study.yaml", "cpu_epo_study_variants.yaml", "cpu_epo_study_grpo.yaml"])
+@pytest.mark.parametrize(
+    "name", ["cpu_epo_study.yaml", "cpu_epo_study_variants.yaml", "cpu_epo_study_variants_rest.yaml", "cpu_epo_study_grpo.yaml"]
+)
 def test_the_study_is_one_experiment_on_processors_with_and_without_native_bf16(name, monkeypatch):
     from pathlib import Path
 
@@ -207,9 +211,10 @@ def test_the_study_is_one_experiment_on_processors_with_and_without_native_bf16(
         monkeypatch.setattr("epo_cli.spec.native_bf16", lambda native=native: native)
         resolved[native] = {pair: _experiment_json(spec) for pair, spec in sweep_specs(sweep, {}, []).items()}
     assert resolved[True] == resolved[False]
-    monkeypatch.setattr("epo_cli.spec.native_bf16", lambda: False)  # what pinning overrides: the scale's own choice
-    unpinned = resolve_spec(sweep.base, {}, [])
-    assert (unpinned.model.autocast, unpinned.rollout.dtype, unpinned.algo.tis_cap) == ("none", None, None)
+    for native, chosen in ((False, ("none", None, None)), (True, ("bf16", "bfloat16", 2.0))):  # what pinning overrides
+        monkeypatch.setattr("epo_cli.spec.native_bf16", lambda native=native: native)
+        unpinned = resolve_spec(sweep.base, {}, [])
+        assert (unpinned.model.autocast, unpinned.rollout.dtype, unpinned.algo.tis_cap) == chosen
 
 
 def test_the_rest_of_stage_two_is_the_same_experiment_as_its_missing_children():
