@@ -78,7 +78,7 @@ def test_ablate_smoothing_then_plot(tmp_path):
     wins = sum(o.won for o in outcomes["ood"])
     assert f"start, start.json: {wins}/{len(outcomes['ood'])}" in labels["OOD success (evaluation)"]
     assert "IID success (evaluation)" not in labels  # the chosen metric's own panel, not twice
-    assert any(label.startswith("start, start.json: ") for label in labels["success_rate"])
+    assert any(label.startswith("start, start.json: ") for label in labels["eval/iid/success_rate"])
 
     child = by_variant["epo"].info.run_id
     for kind in ("entropy", "reward", "success", "corridor"):
