@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -222,3 +223,23 @@ class ValueHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(hidden.float()).squeeze(-1)
+
+
+def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, num_cycles: float, min_lr_ratio: float) -> float:
+    """The lr of optimizer step ``step`` as a share of the peak: linear warmup
+    ``(step + 1) / (warmup_steps + 1)``, which starts above 0 (no step runs at lr 0), then
+    cosine from 1 down to ``min_lr_ratio`` over the remaining steps."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress))
+    return max(0.0, cosine * (1.0 - min_lr_ratio) + min_lr_ratio)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, optim, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """:func:`warmup_cosine_factor` over ``optim.warmup_ratio`` of ``total_steps`` (the
+    paper's 10% warmup, EPO_SPEC.md §5), then down to ``optim.min_lr_ratio`` of the peak."""
+    warmup = int(optim.warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine_factor(step, warmup, total_steps, optim.num_cycles, optim.min_lr_ratio)
+    )

@@ -27,6 +27,7 @@ from epo_cli.envs.base import PromptState, build_prompt, parse_action
 from epo_cli.envs.registry import title_of
 from epo_cli.expert import ExpertTrajectory, expert_trajectories
 from epo_cli.forward import forward_turns
+from epo_cli.models import cosine_schedule
 from epo_cli.precision import autocast_context
 from epo_cli.prompts import Conversation, encode_prompt
 from epo_cli.rollout import RolloutSettings, TransformersSampler
@@ -182,8 +183,6 @@ def fit(model, train: list[SFTSample], spec: ExperimentSpec, pad_id: int, device
     """AdamW on the token-mean target NLL of each batch of ``sft.batch_size`` steps
     (whole segments in conversation format; micro-batches of ``sft.micro_batch_size``
     segments accumulate), lr warmup then cosine; ``on_step(step, metrics)``."""
-    from epo_cli.learner import cosine_schedule
-
     sft = spec.sft
     batch = as_turn_batch(train)
     units = batch.segments()
