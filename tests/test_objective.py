@@ -131,3 +131,14 @@ def test_kl_term_enters_the_loss_with_kl_coef():
     out = epo_loss(inputs, torch.zeros(1, 1), torch.zeros(1, 1), AlgoSpec(kl_coef=0.5), EPOSpec(), StepCoefficients(0.0, 1.0))
     assert out.metrics["actor/kl_ref"].item() == pytest.approx(0.5 - math.log(0.5) - 1)
     assert out.loss.item() == pytest.approx(0.5 * (0.5 - math.log(0.5) - 1))
+
+
+def test_the_surrogate_of_positive_and_negative_advantages_is_logged_apart():
+    # One GRPO group of two one-token episodes, A = +1 and -1, ratio 1, weight 1/2 each:
+    # the loss cancels to 0, its two parts do not (-1/2 and +1/2); without signal both are 0.
+    old = torch.log(torch.tensor([[0.5], [0.25]]))
+    for advantages, parts in ((torch.tensor([1.0, -1.0]), (-0.5, 0.5)), (torch.zeros(2), (0.0, 0.0))):
+        inputs = LossInputs(torch.full((2, 1), 0.5), advantages, old, torch.zeros(2, dtype=torch.long))
+        out = epo_loss(inputs, old.clone(), torch.zeros(2, 1), AlgoSpec(), EPOSpec(), StepCoefficients(0.0, 1.0))
+        assert out.metrics["actor/pg_loss"].item() == pytest.approx(0.0)
+        assert (out.metrics["actor/pg_loss_pos_adv"].item(), out.metrics["actor/pg_loss_neg_adv"].item()) == pytest.approx(parts)

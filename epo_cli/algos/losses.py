@@ -49,9 +49,11 @@ def ppo_clip_loss(
 
     ``dual_clip_c`` (dual-clip PPO, verl's ``clip_ratio_c``): a token with ``A < 0`` has
     its loss capped at ``-c A``, so a large ratio on it cannot dominate (no gradient there).
-    Stats: ``clipfrac`` (the ratio clip is active), ``dual_clipfrac`` (the cap is active)
-    and ``approx_kl = agg 0.5 (logp - old)^2``, the second-order ("k2") estimate of
-    ``KL(pi_old || pi)``: a diagnostic, not in the loss.
+    Stats: ``clipfrac`` (the ratio clip is active), ``dual_clipfrac`` (the cap is active),
+    ``approx_kl = agg 0.5 (logp - old)^2``, the second-order ("k2") estimate of
+    ``KL(pi_old || pi)`` (a diagnostic, not in the loss), and the loss of the tokens with
+    ``A > 0`` and with ``A < 0`` apart (``pos_adv_loss``, ``neg_adv_loss``): with whole
+    GRPO groups at ratio 1 they cancel in the loss, but each is 0 only without signal.
     """
     ratio = torch.exp(logp - old_logp)
     unclipped = -ratio * advantages
@@ -68,6 +70,8 @@ def ppo_clip_loss(
             "clipfrac": ((clipped > unclipped).float() * weights).sum(),
             "dual_clipfrac": (dual.float() * weights).sum(),
             "approx_kl": (0.5 * (logp - old_logp) ** 2 * weights).sum(),
+            "pos_adv_loss": (per_token * weights * (advantages > 0)).sum(),
+            "neg_adv_loss": (per_token * weights * (advantages < 0)).sum(),
         }
     return loss, stats
 

@@ -105,7 +105,13 @@ def epo_loss(
     pg_loss, pg_stats = ppo_clip_loss(
         logp, inputs.old_logp, advantages, w, algo.clip_eps_low, algo.clip_eps_high, algo.dual_clip_c, tis
     )
-    metrics = {"actor/pg_loss": pg_loss.detach(), "actor/clipfrac": pg_stats["clipfrac"], "actor/approx_kl": pg_stats["approx_kl"]}
+    metrics = {
+        "actor/pg_loss": pg_loss.detach(),
+        "actor/pg_loss_pos_adv": pg_stats["pos_adv_loss"],
+        "actor/pg_loss_neg_adv": pg_stats["neg_adv_loss"],
+        "actor/clipfrac": pg_stats["clipfrac"],
+        "actor/approx_kl": pg_stats["approx_kl"],
+    }
     if tis is not None:
         metrics["actor/tis_weight"] = (tis * w).sum()
         metrics["actor/tis_truncated_frac"] = ((tis >= algo.tis_cap).float() * w).sum()
