@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +42,7 @@ from epo_cli.distributed import (
     wrap_for_training,
 )
 from epo_cli.forward import TurnScorer
-from epo_cli.models import ValueHead, enable_activation_checkpointing, load_causal_lm
+from epo_cli.models import ValueHead, cosine_schedule, enable_activation_checkpointing, load_causal_lm
 from epo_cli.precision import autocast_context
 from epo_cli.spec import ExperimentSpec
 
@@ -84,20 +85,6 @@ def _grad_norm(term: torch.Tensor | None, params: list[torch.Tensor]) -> float:
         return 0.0
     grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
     return float(torch.nn.utils.get_total_norm([g for g in grads if g is not None]))
-
-
-def cosine_schedule(optimizer, optim, total_steps: int):
-    """Linear warmup over ``optim.warmup_ratio`` of the steps, then cosine down to
-    ``optim.min_lr_ratio`` of the peak lr."""
-    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
-
-    return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer,
-        num_warmup_steps=int(optim.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-        num_cycles=optim.num_cycles,
-        min_lr_rate=optim.min_lr_ratio,
-    )
 
 
 class Learner:
@@ -185,9 +172,16 @@ class Learner:
         entropy = self._score(batch, owner)
         self._advantages(batch)
         metrics = self._update(batch, owner, step, entropy)
-        for scheduler in self.schedulers:
-            scheduler.step()
+        self.step_schedules()
         return metrics
+
+    def step_schedules(self) -> None:
+        """Advance the lr schedules by one RL step, also after a step without an optimizer
+        step (no signal): the schedule counts RL steps."""
+        with warnings.catch_warnings():  # torch warns when no optimizer step came first
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            for scheduler in self.schedulers:
+                scheduler.step()
 
     def units(self, batch: TurnBatch) -> list[list[int]]:
         """The rows of each unit the passes are made of: one turn each, or, in the packed
@@ -284,7 +278,12 @@ class Learner:
     def _update(self, batch: TurnBatch, owner: torch.Tensor, step: int, entropy: list[torch.Tensor | None]) -> dict[str, float]:
         """The mini-batch updates of one step. ``entropy``: per row, the token entropies
         under the policy before the update (from :meth:`_score`), or Nones; then the
-        policy does not move before the last micro-batch and its forwards give them."""
+        policy does not move before the last micro-batch and its forwards give them.
+
+        Weights are the step's (Eq. 2 over the whole batch, :meth:`step_weights`), so an
+        episode cut across mini-batches weighs what a whole one does. A mini-batch without a
+        policy-gradient signal (``optim.skip_signal_free``) takes no backward and no optimizer
+        step; its pre-update entropies are still recorded for ``Hbar``."""
         spec = self.spec
         coefs = step_coefficients(spec.epo, step, spec.train.steps)
         reference = self._entropy_reference(batch)
@@ -293,36 +292,44 @@ class Learner:
         step_logprob_diff = 0.0
         units = self.units(batch)
         n_minibatches = minibatch_count(len(batch), units, spec.optim.mini_batch_size)
+        step_weights = self.step_weights(batch) * n_minibatches  # a mini-batch's loss stays a mean
+        moved_units = self._move_units(units, step)
+        moved_rows = {row for u in moved_units for row in units[u]}
+        before = {} if batch.old_logp is None else dict(enumerate(batch.old_logp))  # row -> pre-update log-probs
+        signal_free = optimizer_steps = 0
         for module in self.scorers:
             module.train()
         for epoch in range(spec.algo.ppo_epochs):
             for index, minibatch in enumerate(unit_minibatches(units, len(batch), spec.optim.mini_batch_size, self.generator)):
                 rows = [row for unit in minibatch for row in units[unit]]
-                # Weights of the whole (global) mini-batch: they sum to 1 over all ranks.
-                weights = token_weights(batch.decision_mask(rows), batch.episode_ids[rows], spec.algo.loss_agg)
-                weight_of = {row: weights[i] for i, row in enumerate(rows)}
+                if spec.optim.skip_signal_free and not bool(batch.advantages[rows].any()):
+                    signal_free += 1
+                    if epoch == 0:
+                        step_logprob_diff += self._pre_update_pass(batch, units, minibatch, owner, step_weights, entropy,
+                                                                   record_entropy) / n_minibatches
+                    continue
                 for optimizer in self.optimizers:
                     optimizer.zero_grad(set_to_none=True)
                 chunks = self._my_chunks(batch, units, minibatch, owner, spec.optim.micro_batch_size)
                 measured = self._measured_chunk(step, epoch, index, len(chunks)) if spec.tracking.term_grad_norms else -1
                 for i, chunk in enumerate(chunks):
                     micro = self._collate(batch, units, chunk)
-                    width = micro.response_width
-                    if chunk is None:
-                        w = torch.zeros(len(micro.rows), width)
-                    else:
-                        w = torch.stack([weight_of[r][:width] for r in micro.rows])
+                    w = self._micro_weights(micro, chunk, step_weights)
                     last = i == len(chunks) - 1
                     measure = i == measured
                     with self._gradient_sync(last):
-                        entropy_per_turn, logprob_diff = self._micro_step(
+                        entropy_per_turn, logprob_diff, old_logp = self._micro_step(
                             batch, micro, w.to(self.device), coefs, reference, stats, measure
                         )
                     if epoch == 0 and chunk is not None:
                         step_logprob_diff += logprob_diff / n_minibatches
                         if record_entropy:
                             self._keep(micro.rows, None, None, entropy_per_turn, entropy, micro)
-                self._optimizer_step(norms)
+                        if batch.old_logp is None:  # this forward was the pre-update policy's
+                            for j, row in enumerate(micro.rows):
+                                if row in moved_rows:
+                                    before[row] = old_logp[j, : int(micro.response_lengths[j])]
+                optimizer_steps += self._optimizer_step(norms)
                 stats.minibatches += 1
                 norms.minibatches += 1
         stats.all_reduce(self.dist)
@@ -334,6 +341,12 @@ class Learner:
         metrics = {**stats.means(), **norms.means()}
         metrics["actor/entropy"] = step_entropy
         metrics["rollout/logprob_diff"] = step_logprob_diff
+        metrics["actor/signal_free_minibatches"] = signal_free
+        metrics["actor/optimizer_steps"] = optimizer_steps
+        if moved_units:
+            metrics["actor/step_kl"], metrics["actor/step_logprob_change"] = (
+                self._step_move(batch, units, moved_units, owner, before, step_weights) if optimizer_steps else (0.0, 0.0)
+            )
         for turn, value in sorted(turn_means.items()):
             metrics[f"actor/entropy_turn_{turn}"] = value
         metrics["epo/beta"] = coefs.beta
@@ -346,6 +359,71 @@ class Learner:
             metrics["critic/values_mean"] = float(batch.values.mean())
             metrics["critic/returns_mean"] = float(batch.returns.mean())
         return metrics
+
+    def step_weights(self, batch: TurnBatch) -> torch.Tensor:
+        """Eq. 2's aggregation weights over the whole step's batch (they sum to 1): each
+        episode's turns weigh 1/E in total, however the step is cut into mini-batches."""
+        return token_weights(batch.decision_mask(list(range(len(batch)))), batch.episode_ids, self.spec.algo.loss_agg)
+
+    @staticmethod
+    def _micro_weights(micro: MicroBatch, chunk: list[int] | None, step_weights: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's rows of ``step_weights``, cut to its response width; zero for padding."""
+        if chunk is None:
+            return torch.zeros(len(micro.rows), micro.response_width)
+        return step_weights[micro.rows, : micro.response_width]
+
+    def _move_units(self, units: list[list[int]], step: int) -> list[int]:
+        """The units ``tracking.step_move_units`` measures the step's move on, drawn from
+        the run's seed and the step alone (like :meth:`_measured_chunk`)."""
+        count = min(self.spec.tracking.step_move_units, len(units))
+        return sorted(random.Random(f"{self.spec.train.seed}:{step}:move").sample(range(len(units)), count))
+
+    @torch.no_grad()
+    def _pre_update_pass(self, batch, units, minibatch, owner, step_weights, entropy, record_entropy: bool) -> float:
+        """What a skipped mini-batch still gives: its weighted sampler vs trainer log-prob
+        difference, from the old log-probs, and, when no earlier pass computed them, its
+        pre-update entropies (one no-grad forward: the policy has not moved)."""
+        spec = self.spec
+        diff = 0.0
+        if not record_entropy:
+            for row in (r for u in minibatch for r in units[u] if int(owner[r]) == self.dist.rank):
+                n = len(batch.old_logp[row])
+                diff += float(((batch.sample_logp[row][:n] - batch.old_logp[row]).abs() * step_weights[row, :n]).sum())
+            return diff
+        for chunk in self._my_chunks(batch, units, minibatch, owner, spec.optim.micro_batch_size):
+            micro = self._collate(batch, units, chunk)
+            with autocast_context(spec.model.autocast, self.policy):
+                out = self.actor(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens)
+            if chunk is None:
+                continue
+            self._keep(micro.rows, None, None, out.entropy, entropy, micro)
+            w = self._micro_weights(micro, chunk, step_weights)
+            sample_logp = batch.padded(batch.sample_logp, micro.rows, micro.response_width)
+            diff += float(((sample_logp - out.logp.float().cpu()).abs() * w).sum())
+        return diff
+
+    @torch.no_grad()
+    def _step_move(self, batch, units, moved_units, owner, before, step_weights) -> tuple[float, float]:
+        """How far the whole RL step moved the policy, on the decision tokens of
+        ``moved_units`` weighted as in the loss: ``KL(pi_before || pi_after)`` by the k3
+        estimator ``exp(d) - 1 - d``, ``d = log pi_after - log pi_before`` on the sampled
+        tokens (drawn by ``pi_before`` up to the sampler's numerics), and the mean ``|d|``.
+        Unlike ``actor/approx_kl`` (0 on a step's first mini-batch) it sees every update."""
+        spec = self.spec
+        totals = torch.zeros(3, dtype=torch.float64)  # KL, |d|, weight
+        for chunk in self._my_chunks(batch, units, moved_units, owner, spec.optim.micro_batch_size):
+            micro = self._collate(batch, units, chunk)
+            with autocast_context(spec.model.autocast, self.policy):
+                out = self.actor(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens)
+            if chunk is None:
+                continue
+            for i, row in enumerate(micro.rows):
+                n = int(micro.response_lengths[i])
+                d = out.logp[i, :n].double().cpu() - before[row][:n].double()
+                w = step_weights[row, :n].double()
+                totals += torch.stack([((torch.exp(d) - 1 - d) * w).sum(), (d.abs() * w).sum(), w.sum()])
+        kl, change, weight = self.dist.all_reduce_sum(totals).tolist()
+        return kl / max(weight, 1e-12), change / max(weight, 1e-12)
 
     def _batch_entropy(
         self, batch: TurnBatch, entropy: list[torch.Tensor | None]
@@ -402,10 +480,10 @@ class Learner:
 
     def _micro_step(
         self, batch, micro, w, coefs: StepCoefficients, reference, stats: UpdateStats, measure_terms: bool
-    ) -> tuple[torch.Tensor, float]:
+    ) -> tuple[torch.Tensor, float, torch.Tensor]:
         """Forward, :func:`epo_loss` and backward for one micro-batch (first the gradient norms
         of its terms with ``measure_terms``); returns its per-token entropy (detached, on the
-        CPU) and its weighted sampler vs trainer log-prob difference."""
+        CPU), its weighted sampler vs trainer log-prob difference and the old log-probs."""
         spec = self.spec
         device = self.device
         with autocast_context(spec.model.autocast, self.policy):  # the forward passes; loss and backward outside
@@ -413,7 +491,7 @@ class Learner:
             own_critic = self.critic(micro, 1.0, with_logprobs=False) if self.is_ppo and not self.shared_critic else None
         rows = micro.rows
         width = micro.response_width
-        old_logp = out.logp.detach() if batch.old_logp is None else batch.padded(batch.old_logp, rows, width).to(device)
+        old_logp = out.logp.detach().float() if batch.old_logp is None else batch.padded(batch.old_logp, rows, width).to(device)
         # Sampler vs trainer log-probs of the same tokens under the pre-update policy: large
         # values mean stale sampler weights or a numerics mismatch.
         sample_logp = batch.padded(batch.sample_logp, rows, width).to(device)
@@ -440,7 +518,7 @@ class Learner:
         (result.loss * self.dist.world_size).backward()
         for name, value in result.metrics.items():
             stats.add(name, value)
-        return out.entropy.detach().float().cpu(), logprob_diff
+        return out.entropy.detach().float().cpu(), logprob_diff, old_logp.cpu()
 
     def _measured_chunk(self, step: int, epoch: int, minibatch: int, chunks: int) -> int:
         """The micro-batch of a mini-batch whose term gradient norms are measured: drawn at
@@ -465,10 +543,10 @@ class Learner:
         for name in ("entropy_bonus", "smooth"):
             stats.add(f"grad/{name}_ratio", norms[name] / norms["pg"] if has_signal else 0.0, count=has_signal)
 
-    def _optimizer_step(self, norms: UpdateStats) -> None:
+    def _optimizer_step(self, norms: UpdateStats) -> bool:
         """Clip the policy's and the critic's gradients (each on its own) and step; a
         non-finite gradient anywhere skips the whole step, and is counted. Gradients are
-        already global here, so every rank takes the same decision."""
+        already global here, so every rank takes the same decision. Returns whether it stepped."""
         grad_norms = []
         for name, params in self.clip_groups:
             norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, self.spec.optim.max_grad_norm))
@@ -479,10 +557,11 @@ class Learner:
             self.consecutive_skips += 1
             for optimizer in self.optimizers:
                 optimizer.zero_grad(set_to_none=True)
-            return
+            return False
         self.consecutive_skips = 0
         for optimizer in self.optimizers:
             optimizer.step()
+        return True
 
     # ------------------------------------------------------------- persistence
     def state_dict(self) -> dict:

@@ -288,6 +288,16 @@ class AlgoSpec(_Section):
         0.1, ge=0, description="Subtracted for a turn whose answer has no valid action (EPO_SPEC.md §1; reference 0.1)."
     )
     ppo_epochs: int = Field(1, gt=0, description="Passes over the step's batch (EPO_SPEC.md §2).")
+    filter_groups: bool = Field(
+        False,
+        description="DAPO's dynamic sampling (arXiv 2503.14476): a group whose episode returns are all equal has "
+        "zero GRPO advantages and is dropped from the update (no forward or backward); GRPO only (docs/algorithm.md).",
+    )
+    filter_max_rounds: int = Field(
+        1, ge=1,
+        description="With filter_groups: rounds of rollout.tasks_per_step groups played at most per step, until that "
+        "many groups with a signal are held (1: update on what one round keeps; DAPO's max_num_gen_batches).",
+    )
 
     @property
     def base(self) -> Literal["ppo", "grpo"]:
@@ -313,6 +323,12 @@ class OptimSpec(_Section):
     )
     micro_batch_size: int = Field(
         8, gt=0, description="Turn samples per forward pass (conversation format: segments, each one packed sequence)."
+    )
+    skip_signal_free: bool = Field(
+        True,
+        description="A mini-batch whose advantages are all 0 (GRPO groups without a signal) takes no backward and no "
+        "optimizer step, so AdamW's momentum and weight decay do not move the policy either; false: the entropy "
+        "terms alone step it, as in the reference code.",
     )
 
 
@@ -357,6 +373,13 @@ class TrackingSpec(_Section):
         description="Log grad/{pg,entropy_bonus,smooth}_norm and grad/{entropy_bonus,smooth}_ratio: L2 norms of the "
         "policy-parameter gradients of L_MT's policy part and the two EPO terms of Eq. 6, on one micro-batch "
         "of each mini-batch, drawn at random (three extra backward passes there; not with distributed.strategy fsdp2).",
+    )
+
+    step_move_units: int = Field(
+        4, ge=0,
+        description="Units (turn samples, or segments in the conversation format) of each step, drawn at random, on "
+        "which actor/step_kl and actor/step_logprob_change measure how far the whole step moved the policy "
+        "(one extra no-grad forward over them; 0: off).",
     )
 
     @field_validator("transcripts", mode="before")
@@ -457,6 +480,11 @@ class ExperimentSpec(_Section):
             )
         if self.env.name == "scienceworld" and self.env.data_dir is not None:
             raise ValueError("env.data_dir: ScienceWorld needs no data folder (its splits come from the engine); remove it")
+        if self.algo.filter_groups and self.algo.base != "grpo":
+            raise ValueError(
+                "algo.filter_groups needs a group-based estimator (grpo): PPO's GAE advantages are not 0 when a "
+                "group's returns tie, so there is nothing to filter"
+            )
         if self.optim.micro_batch_size > self.optim.mini_batch_size:
             raise ValueError("optim.micro_batch_size must not exceed optim.mini_batch_size")
         if self.tracking.term_grad_norms and self.distributed.strategy == "fsdp2":

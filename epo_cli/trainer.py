@@ -4,6 +4,7 @@ its slice of the step's task groups; rank 0 alone writes MLflow and checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import signal
 import tempfile
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from epo_cli import checkpoint as ckpt
+from epo_cli.algos.advantages import groups_with_signal
 from epo_cli.batch import TurnBatch
 from epo_cli.distributed import DistContext, rank_slice
 from epo_cli.envs.base import TaskSampler, grouped_tasks, of_task_types
@@ -158,7 +160,7 @@ class Trainer:
             info = (
                 f"{self.step * spec.episodes_per_step} ep, "
                 f"succ {last['train/success_rate']:.2f}, "
-                f"H {last['actor/entropy']:.2f}, "
+                f"H {last.get('actor/entropy', float('nan')):.2f}, "
                 f"{last['perf/rollout_tokens_per_s']:.0f} tok/s"
             )
             progress.update(steps_task, advance=1, info=info)
@@ -190,9 +192,6 @@ class Trainer:
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(self.dist.device)
         started = time.perf_counter()
-        tasks, group_ids = grouped_tasks(self.task_sampler, spec.rollout.tasks_per_step, spec.rollout.group_size)
-        first = self.my_groups.start * spec.rollout.group_size
-        mine = slice(first, first + self.episodes_per_rank)
         generated = {"tokens": 0}
 
         def on_turn(new_tokens: int, active: int) -> None:
@@ -201,27 +200,43 @@ class Trainer:
                 rate = generated["tokens"] / max(time.perf_counter() - started, 1e-9)
                 progress.update(turns_task, advance=1, info=f"{active} running, {rate:.1f} tok/s")
 
-        if progress is not None:
-            progress.reset(turns_task, total=spec.env.max_turns, visible=True, description=f"rollout step {self.step + 1}", info="")
-        local = play_episodes(self.sampler, self.tokenizer, self.envs, tasks[mine], group_ids[mine], RolloutSettings.from_spec(spec), on_turn)
-        for episode in local:
-            episode.episode_id += first  # global episode ids, in the one-process order
-        gathered = self.dist.all_gather_objects((local, self.envs.restarts))
-        episodes = [episode for part, _ in gathered for episode in part]
+        episodes, kept, restarts, rounds = [], [], 0, 0
+        max_rounds = spec.algo.filter_max_rounds if spec.algo.filter_groups else 1
+        while rounds < max_rounds and len(kept) < spec.episodes_per_step:
+            if progress is not None:
+                progress.reset(turns_task, total=spec.env.max_turns, visible=True,
+                               description=f"rollout step {self.step + 1}" + (f" round {rounds + 1}" if rounds else ""), info="")
+            played, round_restarts = self._play_round(rounds, on_turn)
+            episodes += played
+            restarts = round_restarts  # the pools' running count
+            kept += self._groups_kept(played)
+            rounds += 1
+        kept = kept[: spec.episodes_per_step]
         rollout_s = time.perf_counter() - started
         if progress is not None:
             progress.update(turns_task, visible=False)
 
-        batch = TurnBatch.from_episodes(episodes)
-        owner = batch.episode_ids // self.episodes_per_rank
+        # The update's batch: the kept episodes, numbered in order (GRPO groups stay whole).
         update_started = time.perf_counter()
-        update_metrics = self.learner.learn(batch, owner, self.step)
-        self._sync_sampler()
+        batch = None
+        if kept:
+            batch = TurnBatch.from_episodes([dataclasses.replace(e, episode_id=i) for i, e in enumerate(kept)])
+            owner = batch.episode_ids * self.dist.world_size // len(kept)
+            update_metrics = self.learner.learn(batch, owner, self.step)
+            self._sync_sampler()
+        else:  # every group tied: nothing to update on, but the step (and its lr schedule) passes
+            self.learner.step_schedules()
+            self.learner.turn_entropies = {}
+            update_metrics = {"actor/optimizer_steps": 0}
         update_s = time.perf_counter() - update_started
+        if spec.algo.filter_groups:
+            update_metrics["rollout/groups_kept"] = len(kept) // spec.rollout.group_size
+            update_metrics["rollout/groups_played"] = len(episodes) // spec.rollout.group_size
+            update_metrics["rollout/rounds"] = rounds
 
-        turns = [turn for episode in episodes for turn in episode.turns]  # the batch's row order
-        for row, turn in enumerate(turns):
+        for row, turn in enumerate(turn for episode in kept for turn in episode.turns):  # the batch's row order
             turn.entropy = self.learner.turn_entropies.get(row)
+        turns = [turn for episode in episodes for turn in episode.turns]
         response_tokens = sum(len(t.response_ids) for t in turns)
         stats = episode_stats(episodes)
         metrics = {
@@ -237,9 +252,9 @@ class Trainer:
             "perf/rollout_tokens_per_s": response_tokens / max(rollout_s, 1e-9),
             "perf/rollout_s": rollout_s,
             "perf/update_s": update_s,
-            "perf/update_tokens_per_s": self.learner.pass_tokens(batch) / max(update_s, 1e-9),
+            "perf/update_tokens_per_s": (self.learner.pass_tokens(batch) if batch is not None else 0) / max(update_s, 1e-9),
             "perf/step_s": time.perf_counter() - started,
-            "env/worker_restarts": sum(restarts for _, restarts in gathered),
+            "env/worker_restarts": restarts,
             **update_metrics,
         }
         if on_cuda:
@@ -247,6 +262,31 @@ class Trainer:
         for task_type, (wins, n) in stats.per_type.items():
             metrics[f"train/success/{task_type}"] = wins / n
         return metrics, episodes
+
+    def _play_round(self, round_index: int, on_turn) -> tuple[list, int]:
+        """``rollout.tasks_per_step`` groups of fresh tasks, each rank playing its own; returns
+        the episodes of all ranks (ids and group ids unique within the step) and the worker
+        pools' running count of worker restarts. Later rounds (``algo.filter_max_rounds``) number on after the earlier ones."""
+        spec = self.spec
+        tasks, group_ids = grouped_tasks(self.task_sampler, spec.rollout.tasks_per_step, spec.rollout.group_size)
+        first = self.my_groups.start * spec.rollout.group_size
+        mine = slice(first, first + self.episodes_per_rank)
+        offset = round_index * spec.episodes_per_step
+        local = play_episodes(self.sampler, self.tokenizer, self.envs, tasks[mine], group_ids[mine], RolloutSettings.from_spec(spec), on_turn)
+        for episode in local:
+            episode.episode_id += offset + first  # global episode ids, in the one-process order
+            episode.group_id += round_index * spec.rollout.tasks_per_step
+        gathered = self.dist.all_gather_objects((local, self.envs.restarts))
+        return [episode for part, _ in gathered for episode in part], sum(restarts for _, restarts in gathered)
+
+    def _groups_kept(self, episodes: list) -> list:
+        """The episodes the update uses: all of them, or with ``algo.filter_groups`` those
+        of groups whose returns differ (:func:`groups_with_signal`)."""
+        if not self.spec.algo.filter_groups:
+            return episodes
+        returns = torch.tensor([e.total_reward for e in episodes], dtype=torch.float64)
+        keep = groups_with_signal(returns, torch.tensor([e.group_id for e in episodes]))
+        return [episode for episode, kept in zip(episodes, keep.tolist()) if kept]
 
     # ------------------------------------------------------------- persistence
     def save(self, root: Path, run_id: str) -> Path:

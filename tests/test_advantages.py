@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from epo_cli.algos.advantages import entropy_shaped_advantages, gae_over_turns, grpo_advantages, whiten
+from epo_cli.algos.advantages import entropy_shaped_advantages, gae_over_turns, groups_with_signal, grpo_advantages, whiten
 
 
 def test_gae_with_paper_settings_is_return_minus_value():
@@ -49,3 +49,13 @@ def test_entropy_advantage_shaping():
     shaped = entropy_shaped_advantages(torch.tensor([5.0]), entropy, 0.4, 2.0)
     assert not shaped.requires_grad
     assert shaped.item() == pytest.approx(5.4)
+
+
+def test_dynamic_sampling_keeps_exactly_the_groups_with_a_non_zero_advantage():
+    # Group 0 ties at 1 (all win), group 1 differs, group 2 ties at a partial score, group 3 has one
+    # episode (no baseline to differ from): only group 1 carries a signal.
+    returns = torch.tensor([1.0, 1.0, 0.3, 0.7, 0.5, 0.5, 0.9])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3])
+    keep = groups_with_signal(returns, groups)
+    assert keep.tolist() == [False, False, True, True, False, False, False]
+    assert keep.tolist() == (grpo_advantages(returns, groups) != 0).tolist()

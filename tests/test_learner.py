@@ -52,8 +52,12 @@ def _hand_weights(batch: TurnBatch) -> torch.Tensor:
 def _learner_gradient(learner: Learner, batch: TurnBatch, step: int, monkeypatch) -> dict[str, torch.Tensor]:
     """The policy gradient the learner steps with (the optimizer step is replaced)."""
     grads = []
-    monkeypatch.setattr(learner, "_optimizer_step", lambda norms: grads.append(
-        {name: p.grad.clone() for name, p in learner.policy.named_parameters()}))
+
+    def record(norms) -> bool:
+        grads.append({name: p.grad.clone() for name, p in learner.policy.named_parameters()})
+        return False  # not stepped
+
+    monkeypatch.setattr(learner, "_optimizer_step", record)
     learner.learn(batch, torch.zeros(len(batch), dtype=torch.long), step)
     assert len(grads) == 1  # one mini-batch
     return grads[0]
@@ -76,9 +80,10 @@ def _close(a: dict, b: dict) -> bool:
 
 
 def test_entropy_terms_use_beta_k_of_step_k_and_an_undetached_penalty(monkeypatch):
-    # Equal rewards in each group: A = 0, so the gradient is the entropy terms' alone.
+    # Equal rewards in each group: A = 0, so the gradient is the entropy terms' alone (with
+    # optim.skip_signal_free off: by default such a mini-batch takes no step at all).
     batch = _batch([0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0])
-    learner = _learner()
+    learner = _learner("optim.skip_signal_free=false")
     learner.history.append(0.1, {})  # Hbar_W = 0.1: every token is above kappa_r * Hbar = 0.2
     step = 3
     got = _learner_gradient(learner, batch, step, monkeypatch)
@@ -262,7 +267,83 @@ def test_term_grad_norms_without_entropy_bonus_or_policy_gradient_signal():
     assert got["grad/entropy_bonus_norm"] == got["grad/smooth_norm"] == 0.0
     assert got["grad/entropy_bonus_ratio"] == got["grad/smooth_ratio"] == 0.0
     # Equal rewards in each group: A = 0 and no policy gradient; the ratios are left out, not inf.
-    learner = _learner("tracking.term_grad_norms=true")
+    learner = _learner("tracking.term_grad_norms=true", "optim.skip_signal_free=false")
     got = learner.learn(_batch([0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]), torch.zeros(len(TURNS), dtype=torch.long), 0)
     assert got["grad/pg_norm"] == 0.0 and got["grad/entropy_bonus_norm"] > 0 and got["grad/smooth_norm"] == 0.0
     assert "grad/entropy_bonus_ratio" not in got and "grad/smooth_ratio" not in got
+
+
+def _recorded_weights(learner: Learner, monkeypatch) -> list[tuple[list[int], torch.Tensor]]:
+    """The (rows, loss weights) of every micro-batch the learner updates on, as it runs."""
+    recorded, micro_step = [], learner._micro_step
+
+    def recording(batch, micro, w, *args):
+        recorded.append((list(micro.rows), w.detach().cpu().clone()))
+        return micro_step(batch, micro, w, *args)
+
+    monkeypatch.setattr(learner, "_micro_step", recording)
+    return recorded
+
+
+def test_an_episode_cut_across_mini_batches_weighs_what_a_whole_one_does(monkeypatch):
+    # Mini-batches of 3 turn samples cut the 4 episodes (2, 1, 3, 1 turns) into 3 optimizer
+    # steps. Each episode's turns weigh 1/4 of the step in all (Eq. 2 over the batch), times
+    # the 3 mini-batches that keep each mini-batch's loss a mean: 3/4 per episode.
+    batch = _batch(SIGNAL_REWARDS)
+    learner = _learner("optim.mini_batch_size=3", "optim.micro_batch_size=2", "optim.warmup_ratio=0")
+    recorded = _recorded_weights(learner, monkeypatch)
+    learner.learn(batch, torch.zeros(len(batch), dtype=torch.long), 0)
+    per_episode = torch.zeros(4)
+    per_row = torch.zeros(len(batch))
+    for rows, w in recorded:
+        for i, row in enumerate(rows):
+            per_row[row] += w[i].sum()
+    for row, (episode, *_) in enumerate(TURNS):
+        per_episode[episode] += per_row[row]
+    assert per_episode.tolist() == pytest.approx([3 / 4] * 4)
+    assert per_row.tolist() == pytest.approx((3 * _hand_weights(batch).sum(-1)).tolist())  # 1 / (E x turns)
+
+
+def test_a_mini_batch_without_signal_takes_no_step_and_still_records_the_entropy():
+    # Equal rewards in each group: every advantage is 0. The policy, AdamW's state and the
+    # weights (no weight decay step) stay as they were; Hbar still gets the step's entropy.
+    batch = _batch([0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0])
+    learner = _learner("optim.warmup_ratio=0", "optim.lr=0.05")
+    start = [p.detach().clone() for p in learner.policy.parameters()]
+    entropy, _ = _hand_entropy_record(learner, batch)
+    metrics = learner.learn(batch, torch.zeros(len(batch), dtype=torch.long), 0)
+    assert all(torch.equal(a, b) for a, b in zip(start, learner.policy.parameters()))
+    assert all(not state for state in learner.optimizers[0].state.values())
+    assert metrics["actor/signal_free_minibatches"] == 1 and metrics["actor/optimizer_steps"] == 0
+    assert metrics["actor/step_kl"] == 0.0
+    assert learner.history.step_means == [pytest.approx(entropy, rel=1e-5)]
+    # The same batch with the skip off: the entropy terms alone move every weight by ~lr.
+    learner = _learner("optim.warmup_ratio=0", "optim.lr=0.05", "optim.skip_signal_free=false")
+    learner.learn(batch, torch.zeros(len(batch), dtype=torch.long), 0)
+    assert any(not torch.equal(a, b) for a, b in zip(start, learner.policy.parameters()))
+
+
+def test_only_the_mini_batches_without_signal_are_skipped():
+    # Rows 0-2 (episodes 0 and 1, A = +-1/sqrt(2)) carry a signal, rows 3-6 (group 1, tied) none.
+    batch = _batch([0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    learner = _learner("optim.mini_batch_size=1", "optim.micro_batch_size=1", "optim.warmup_ratio=0")
+    metrics = learner.learn(batch, torch.zeros(len(batch), dtype=torch.long), 0)
+    assert metrics["actor/signal_free_minibatches"] == 4 and metrics["actor/optimizer_steps"] == 3
+
+
+def test_the_step_kl_measures_the_whole_step_where_approx_kl_sees_none_of_it():
+    # One mini-batch: approx_kl compares the policy with itself (0); step_kl is the k3
+    # estimate of KL(pi_before || pi_after) on every decision token, with Eq. 2's weights.
+    batch = _batch(SIGNAL_REWARDS)
+    learner = _learner("optim.warmup_ratio=0", "optim.lr=0.01", f"tracking.step_move_units={len(TURNS)}")
+    micro = collate(batch, list(range(len(batch))), 0)
+    with torch.no_grad():
+        before = forward_turns(learner.policy, micro, learner.spec.rollout.temperature).logp
+    metrics = learner.learn(batch, torch.zeros(len(batch), dtype=torch.long), 0)
+    with torch.no_grad():
+        after = forward_turns(learner.policy, micro, learner.spec.rollout.temperature).logp
+    d, w = (after - before).double(), _hand_weights(batch).double()
+    assert metrics["actor/approx_kl"] == 0.0
+    assert metrics["actor/step_kl"] > 0
+    assert metrics["actor/step_kl"] == pytest.approx(float(((torch.exp(d) - 1 - d) * w).sum()), rel=1e-3)
+    assert metrics["actor/step_logprob_change"] == pytest.approx(float((d.abs() * w).sum()), rel=1e-3)

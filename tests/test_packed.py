@@ -195,8 +195,9 @@ def _step(learner: Learner, batch: TurnBatch, monkeypatch) -> tuple[dict, dict]:
     """One learn step: its metrics and the gradients it steps with (per optimizer)."""
     grads = []
 
-    def capture(norms):
+    def capture(norms) -> bool:
         grads.append({name: p.grad.clone() for name, p in learner.actor.named_parameters() if p.grad is not None})
+        return False  # not stepped
 
     monkeypatch.setattr(learner, "_optimizer_step", capture)
     learner.history.append(1.5, {})  # a smoothing reference: every EPO term is on

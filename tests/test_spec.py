@@ -134,6 +134,14 @@ def test_grpo_needs_groups():
         resolve_spec(flags={"algo": {"name": "grpo"}}, overrides=["rollout.group_size=1"])
 
 
+def test_group_filtering_is_for_group_estimators_only():
+    assert resolve_spec(flags={"algo": {"name": "grpo+epo"}}, overrides=["algo.filter_groups=true"]).algo.filter_groups
+    with pytest.raises(SpecError, match="algo.filter_groups needs a group-based estimator"):
+        resolve_spec(flags={"algo": {"name": "ppo+epo"}}, overrides=["algo.filter_groups=true"])
+    with pytest.raises(SpecError, match="filter_max_rounds"):
+        resolve_spec(overrides=["algo.filter_max_rounds=0"])
+
+
 def test_term_grad_norms_refuse_fsdp2():
     assert resolve_spec(overrides=["tracking.term_grad_norms=true"]).tracking.term_grad_norms
     with pytest.raises(SpecError, match="tracking.term_grad_norms needs distributed.strategy ddp"):

@@ -100,3 +100,29 @@ def test_a_bf16_sampler_copy_follows_every_update_and_the_toy_is_still_learnt():
 
     rewards = _learn("toy", "grpo+epo", 60, ["rollout.dtype=bfloat16", "algo.tis_cap=2"], follows)
     assert sum(rewards[-3:]) / 3 >= 0.8, [round(r, 2) for r in rewards]
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_updates_on_whole_groups_with_a_signal_and_the_toy_is_still_learnt(monkeypatch):
+    from epo_cli.learner import Learner
+
+    batches = []
+    learn = Learner.learn
+    monkeypatch.setattr(Learner, "learn", lambda self, batch, *args: (batches.append(batch), learn(self, batch, *args))[1])
+
+    def only_signal(trainer, metrics) -> None:
+        kept = metrics["rollout/groups_kept"]
+        assert 1 <= metrics["rollout/rounds"] <= 3 and kept <= trainer.spec.rollout.tasks_per_step
+        if kept == 0:
+            assert metrics["actor/optimizer_steps"] == 0
+            return
+        batch, size = batches[-1], trainer.spec.rollout.group_size
+        assert batch.episode_ids.unique().tolist() == list(range(kept * size))
+        returns = torch.zeros(kept * size).index_add(0, batch.episode_ids, batch.rewards)
+        for group in batch.group_ids.unique():
+            members = returns[batch.episode_ids[batch.group_ids == group].unique()]
+            assert len(members) == size and members.max() > members.min()  # whole, and not tied
+        assert metrics["actor/signal_free_minibatches"] == 0
+
+    rewards = _learn("toy", "grpo", 60, ["algo.filter_groups=true", "algo.filter_max_rounds=3"], only_signal)
+    assert sum(rewards[-3:]) / 3 >= 0.8, [round(r, 2) for r in rewards]

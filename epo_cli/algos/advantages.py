@@ -46,6 +46,17 @@ def grpo_advantages(returns: torch.Tensor, group_ids: torch.Tensor, eps: float =
     return advantages
 
 
+def groups_with_signal(returns: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Per episode: whether its group's returns differ, i.e. whether :func:`grpo_advantages`
+    gives the group any non-zero advantage. DAPO's dynamic sampling (arXiv 2503.14476,
+    ``algo.filter_groups``) keeps only these groups."""
+    keep = torch.zeros(len(returns), dtype=torch.bool)
+    for group in torch.unique(group_ids):
+        members = group_ids == group
+        keep[members] = bool(returns[members].max() > returns[members].min())
+    return keep
+
+
 def whiten(values: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Zero mean, unit variance over the batch."""
     if values.numel() < 2:
