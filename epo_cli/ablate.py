@@ -63,6 +63,7 @@ class ChildSummary:
     final_reward: float
     entropy_variance: float
     final_eval: dict[str, tuple[int, int]] = field(default_factory=dict)
+    final_outcomes: dict[str, list] = field(default_factory=dict)  # split -> EpisodeOutcome of that evaluation
 
 
 def _history(client, run_id: str, key: str) -> list[float]:
@@ -78,10 +79,11 @@ def summarize_child(client, run, variant: str, seed: int) -> ChildSummary:
     entropy = _history(client, run_id, "actor/entropy")
     reward = _history(client, run_id, "train/reward_mean")
     latest = run.data.metrics  # the last evaluation's values, logged together
-    final_eval = {}
+    final_eval, final_outcomes = {}, {}
     for split in ("iid", "ood"):
         if episodes := int(latest.get(f"eval/{split}/episodes", 0)):
             final_eval[split] = (round(latest[f"eval/{split}/success_rate"] * episodes), episodes)
+            final_outcomes[split] = _logged_outcomes(client, run_id, split)
     return ChildSummary(
         variant=variant,
         seed=seed,
@@ -91,7 +93,21 @@ def summarize_child(client, run, variant: str, seed: int) -> ChildSummary:
         final_reward=reward[-1] if reward else float("nan"),
         entropy_variance=statistics.pvariance(entropy) if len(entropy) > 1 else 0.0,
         final_eval=final_eval,
+        final_outcomes={split: outcomes for split, outcomes in final_outcomes.items() if outcomes},
     )
+
+
+def _logged_outcomes(client, run_id: str, split: str) -> list:
+    """The per-episode outcomes of a run's latest evaluation of ``split``, as logged; none
+    where the run has no such file or its records predate per-episode env and seed."""
+    from epo_cli.evaluate import logged_result
+    from epo_cli.transcripts import read_episodes, run_episode_file
+
+    try:
+        chosen, text = run_episode_file(client, run_id, None, split)
+        return logged_result(split, read_episodes(text, chosen.path), chosen.path).outcomes
+    except LookupError:
+        return []
 
 
 def _mean_std(values: list[float]) -> str:
@@ -113,14 +129,19 @@ def _mean_t_interval(values: list[float]) -> str:
 
 
 def _pooled(children: list[ChildSummary], split: str) -> str:
-    """The final evaluations of ``split`` of all seeds pooled: wins / episodes and a 95% Wilson interval."""
-    from epo_cli.evaluate import wilson_interval
+    """The final evaluations of ``split`` of all seeds pooled: wins / episodes and a 95%
+    interval that resamples seeds and games (:func:`pooled_interval`); the Wilson interval
+    of the episodes where some run's outcomes per episode are not known."""
+    from epo_cli.evaluate import pooled_interval, wilson_interval
 
-    counts = [c.final_eval[split] for c in children if split in c.final_eval]
-    wins, episodes = sum(w for w, _ in counts), sum(n for _, n in counts)
+    evaluated = [c for c in children if split in c.final_eval]
+    wins, episodes = sum(c.final_eval[split][0] for c in evaluated), sum(c.final_eval[split][1] for c in evaluated)
     if not episodes:
         return "-"
-    low, high = wilson_interval(wins, episodes)
+    if all(split in c.final_outcomes for c in evaluated):
+        low, high = pooled_interval([c.final_outcomes[split] for c in evaluated])
+    else:
+        low, high = wilson_interval(wins, episodes)
     return f"{wins}/{episodes} = {wins / episodes:.3f} [{low:.3f}, {high:.3f}]"
 
 
@@ -129,11 +150,12 @@ def _final_ood(children: list[ChildSummary]) -> str:
     return _mean_t_interval(rates) if rates else "-"
 
 
-SUMMARY_COLUMNS = ("best success", "final success [95% t]", "IID pooled [95% Wilson]", "OOD final [95% t]",
-                   "OOD pooled [95% Wilson]", "final reward", "entropy var.")
+SUMMARY_COLUMNS = ("best success", "final success [95% t]", "IID pooled [95%]", "OOD final [95% t]",
+                   "OOD pooled [95%]", "final reward", "entropy var.")
 SUMMARY_CAPTION = ("best (Succ.*) / final (Succ.) success: of the IID evaluations where the runs have them, else of "
                    "training; [95% t]: Student-t interval of the mean over seeds, clipped to [0, 1]; IID / OOD pooled: "
-                   "every seed's last evaluation of the split, wins / episodes; entropy var.: variance of the step entropy "
+                   "every seed's last evaluation of the split, wins / episodes, with a bootstrap over seeds and games (Wilson over "
+                   "episodes for runs logged without per-episode outcomes); entropy var.: variance of the step entropy "
                    "over training; the other columns are mean ± std over seeds")
 
 

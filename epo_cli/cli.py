@@ -445,7 +445,7 @@ def eval_(
     step: Annotated[Optional[int], typer.Option(help="With --logged: the evaluation step.")] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Success on the fixed, seeded IID / OOD / L2 episodes, with 95% Wilson intervals.
+    """Success on the fixed, seeded IID / OOD / L2 episodes, with 95% intervals over games.
 
     Of a run's checkpoint (logged to that run), of any model with --model (printed only;
     --spec, --env, --task-types and --set set up its episodes), or, with --logged, as the
@@ -785,31 +785,20 @@ def _read_text(path: Path) -> str:
 
 def _run_episodes(target: str | None, step: int | None, split: str | None, experiment: str, tracking_uri: str | None):
     """(run, file, text) of a run's episode file: of ``split`` (None: training) at ``step``."""
-    import os
-    import tempfile
-
     from epo_cli.tracking import connect, resolve_uri
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the table is the output
-    from epo_cli.transcripts import ARTIFACT_DIR, choose_file, transcript_files
+    from epo_cli.transcripts import ARTIFACT_DIR, run_episode_file, transcript_files
 
     client, experiment_id = connect(tracking_uri, experiment)
     if target is not None:
-        runs = [_find_run(client, experiment_id, target)]
+        run = _find_run(client, experiment_id, target)
     else:
         runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=50)
-    for run in runs:
-        files = transcript_files([a.path for a in client.list_artifacts(run.info.run_id, ARTIFACT_DIR)])
-        if files or target is not None:
-            break
-    else:
-        raise LookupError(f"no run with episodes in experiment {experiment!r} of {resolve_uri(tracking_uri)}: train one with `epo train`")
-    chosen = choose_file(files, step, split)
-    if target is None:
+        run = next((r for r in runs if transcript_files([a.path for a in client.list_artifacts(r.info.run_id, ARTIFACT_DIR)])), None)
+        if run is None:
+            raise LookupError(f"no run with episodes in experiment {experiment!r} of {resolve_uri(tracking_uri)}: train one with `epo train`")
         _say(f"showing the latest run with episodes, {run.info.run_name} ({run.info.run_id})")
-    with tempfile.TemporaryDirectory(prefix="epo-show-") as scratch:
-        local = client.download_artifacts(run.info.run_id, chosen.path, scratch)
-        return run, chosen, Path(local).read_text()
+    chosen, text = run_episode_file(client, run.info.run_id, step, split)
+    return run, chosen, text
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Fixed, seeded evaluation on the IID / OOD / L2 splits, with Wilson intervals."""
+"""Fixed, seeded evaluation on the IID / OOD / L2 splits, with 95% intervals over games."""
 
 from __future__ import annotations
 
@@ -28,6 +28,59 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def game_interval(outcomes: list[EpisodeOutcome], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the success rate over ``outcomes`` that counts games, not episodes:
+    the repeats of a game (and, pooled over seeds, its episodes under each seed) are not
+    independent, so a percentile bootstrap resamples whole games (a cluster bootstrap).
+    Where every game was played once, it is the Wilson interval of the episodes."""
+    import random
+
+    by_game: dict[str, list[float]] = {}
+    for o in outcomes:
+        by_game.setdefault(o.task, []).append(float(o.won))
+    games = list(by_game.values())
+    if all(len(g) == 1 for g in games):
+        return wilson_interval(sum(g[0] for g in games), len(games))
+    rng = random.Random(seed)
+    rates = sorted(
+        sum(map(sum, drawn)) / sum(map(len, drawn)) for drawn in ([rng.choice(games) for _ in games] for _ in range(resamples))
+    )
+    return rates[int(0.025 * resamples)], rates[int(0.975 * resamples) - 1]
+
+
+def pooled_interval(runs: list[list[EpisodeOutcome]], resamples: int = 4_000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the success rate of several runs' evaluations (seeds) pooled: a
+    percentile bootstrap that resamples seeds and games together (each draw: seeds with
+    replacement, games with replacement, the same games under every drawn seed), so that
+    neither a game's repeats nor its episodes under several seeds count as independent.
+    One run: :func:`game_interval`."""
+    import random
+
+    if len(runs) == 1:
+        return game_interval(runs[0])
+    tables = []
+    for outcomes in runs:
+        table: dict[str, list[float]] = {}
+        for o in outcomes:
+            table.setdefault(o.task, []).append(float(o.won))
+        tables.append(table)
+    games = sorted({game for table in tables for game in table})
+    rng = random.Random(seed)
+    rates = []
+    for _ in range(resamples):
+        drawn_games = [rng.choice(games) for _ in games]
+        values = [v for table in (rng.choice(tables) for _ in tables) for g in drawn_games for v in table.get(g, ())]
+        rates.append(sum(values) / max(len(values), 1))
+    rates.sort()
+    return rates[int(0.025 * resamples)], rates[int(0.975 * resamples) - 1]
+
+
+def eval_repeats(spec) -> int:
+    """Episodes per game: ``eval.repeats``, but one under greedy decoding, where every
+    repeat would be the same episode."""
+    return 1 if spec.eval.temperature == 0 else spec.eval.repeats
 
 
 def eval_tasks(
@@ -78,7 +131,9 @@ class EvalResult:
 
     @property
     def interval(self) -> tuple[float, float]:
-        return wilson_interval(self.successes, self.episodes)
+        """95%, over games (:func:`game_interval`); Wilson over the episodes where no
+        outcome is known per game."""
+        return game_interval(self.outcomes) if self.outcomes else wilson_interval(self.successes, self.episodes)
 
     def metrics(self) -> dict[str, float]:
         low, high = self.interval
@@ -149,7 +204,7 @@ def _result(split: str, stats, outcomes: list[EpisodeOutcome], played: list) -> 
 
 def eval_batch_size(spec) -> int:
     """Evaluation episodes played side by side."""
-    return min(spec.eval.episodes * spec.eval.repeats, spec.rollout.generation_batch_size)
+    return min(spec.eval.episodes * eval_repeats(spec), spec.rollout.generation_batch_size)
 
 
 def evaluate_splits(sampler: Sampler, tokenizer, envs: EnvBatch, spec, splits, progress=None, dist: DistContext | None = None) -> list[EvalResult]:
@@ -158,7 +213,7 @@ def evaluate_splits(sampler: Sampler, tokenizer, envs: EnvBatch, spec, splits, p
     batch_size = eval_batch_size(spec)
     results = []
     for split in splits:
-        tasks = eval_tasks(spec.env.name, spec.env.data_dir, split, spec.eval.episodes, spec.env.task_types, spec.eval.repeats)
+        tasks = eval_tasks(spec.env.name, spec.env.data_dir, split, spec.eval.episodes, spec.env.task_types, eval_repeats(spec))
         task = progress.add_task(f"eval {split}", total=len(tasks), info="") if progress is not None else None
         advance = (lambda n, t=task: progress.update(t, advance=n)) if progress is not None else None
         results.append(evaluate(sampler, tokenizer, envs, tasks, split, settings, batch_size, advance, dist))

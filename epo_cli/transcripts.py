@@ -97,6 +97,18 @@ def choose_file(files: Sequence[TranscriptFile], step: int | None, split: str | 
     raise LookupError(f"--step {step}: the run has {kind} at steps {', '.join(str(f.step) for f in of_kind)}")
 
 
+def run_episode_file(client, run_id: str, step: int | None, split: str | None) -> tuple[TranscriptFile, str]:
+    """One episode file of an MLflow run (:func:`choose_file`) and its text."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    chosen = choose_file(transcript_files([a.path for a in client.list_artifacts(run_id, ARTIFACT_DIR)]), step, split)
+    with tempfile.TemporaryDirectory(prefix="epo-episodes-") as scratch:
+        return chosen, Path(client.download_artifacts(run_id, chosen.path, scratch)).read_text()
+
+
 def read_episodes(text: str, source: str) -> list[dict]:
     """The episode records of a file's text; a damaged line is named."""
     episodes = []

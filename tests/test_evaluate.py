@@ -1,6 +1,7 @@
 import pytest
 
 from epo_cli.evaluate import EvalResult, eval_tasks, wilson_interval
+from epo_cli.spec import resolve_spec
 
 
 def test_wilson_interval_hand_values():
@@ -144,3 +145,27 @@ def test_a_runs_logged_evaluation_reads_back_as_played(tmp_path):
         assert result.exit_code == 2 and message in result.output, result.output
     missing = runner.invoke(app, ["eval", run.info.run_id, "--logged", "--step", "7", "--tracking-uri", uri])
     assert missing.exit_code == 2 and "--step 7: the run has evaluation episodes of split 'iid' at steps 1" in missing.output
+
+
+def test_the_split_interval_counts_games_not_their_repeats():
+    from epo_cli.evaluate import EpisodeOutcome, EvalResult, game_interval, wilson_interval
+
+    def outcome(task: str, seed: int, won: bool) -> EpisodeOutcome:
+        return EpisodeOutcome(task, seed, won, float(won), 3, 0)
+
+    # Two games, each played twice with the same result (as at temperature 0): 2 games, not 4
+    # episodes. Resampling games draws rates 0, 1/2 or 1 (1/4, 1/2, 1/4): the interval is [0, 1].
+    repeated = [outcome("a", 0, True), outcome("a", 1, True), outcome("b", 0, False), outcome("b", 1, False)]
+    result = EvalResult("iid", 4, 2, 3.0, 0.0, outcomes=repeated)
+    assert result.interval == (0.0, 1.0)
+    assert wilson_interval(2, 4) == pytest.approx((0.150, 0.850), abs=1e-3)  # what counting episodes gave
+    # One episode per game: the Wilson interval of the games.
+    once = [outcome(str(i), 0, i < 3) for i in range(10)]
+    assert game_interval(once) == wilson_interval(3, 10)
+
+
+def test_greedy_evaluation_plays_each_game_once():
+    from epo_cli.evaluate import eval_repeats
+
+    assert eval_repeats(resolve_spec(overrides=["eval.repeats=2", "eval.temperature=0.4"])) == 2
+    assert eval_repeats(resolve_spec(overrides=["eval.repeats=2", "eval.temperature=0"])) == 1

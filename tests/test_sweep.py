@@ -226,3 +226,16 @@ def test_the_rest_of_stage_two_is_the_same_experiment_as_its_missing_children():
     full, rest = (sweep_specs(load_sweep(sweeps / f"cpu_epo_study_variants{s}.yaml"), {}, []) for s in ("", "_rest"))
     assert list(rest) == [("ppo+no-dw", 1), ("ppo+epo-base", 2), ("ppo+no-dw", 2)]
     assert all(_experiment_json(rest[pair]) == _experiment_json(full[pair]) for pair in rest)
+
+
+def test_the_pooled_interval_resamples_games_and_seeds_when_outcomes_are_known():
+    from epo_cli.evaluate import EpisodeOutcome
+
+    # Two seeds, each winning game a and losing game b: 2 games, not 4 independent episodes.
+    # Any draw of games gives 0, 1/2 or 1 under either seed: the interval is [0, 1], where
+    # Wilson over the 4 episodes gives [0.150, 0.850].
+    outcomes = [EpisodeOutcome("a", 0, True, 1.0, 3, 0), EpisodeOutcome("b", 0, False, 0.0, 3, 0)]
+    children = [ChildSummary("a", seed, f"r{seed}", 0.5, 0.5, 0.0, 0.0, {"iid": (1, 2)}, {"iid": outcomes}) for seed in (0, 1)]
+    assert summary_rows(children)[0][4] == "2/4 = 0.500 [0.000, 1.000]"
+    without = [ChildSummary("a", seed, f"r{seed}", 0.5, 0.5, 0.0, 0.0, {"iid": (1, 2)}) for seed in (0, 1)]
+    assert summary_rows(without)[0][4] == "2/4 = 0.500 [0.150, 0.850]"
