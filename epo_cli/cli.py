@@ -425,7 +425,7 @@ def eval_(
     env: Env = None,
     task_types: TaskTypes = None,
     set_: Sets = None,
-    split: Annotated[str, typer.Option(help="iid, ood, l2 or all (iid and ood).")] = "all",
+    split: Annotated[str, typer.Option(help="iid, ood, l2, all (iid and ood), or train (training games, to choose settings on).")] = "all",
     episodes: Annotated[Optional[int], typer.Option(help="eval.episodes: fixed episodes per split.")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="eval.temperature (paper: 0.4).")] = None,
     greedy: Annotated[bool, typer.Option(help="Greedy decoding (eval.temperature=0).")] = False,

@@ -16,7 +16,7 @@ from epo_cli.envs.registry import load_split, max_score_of
 from epo_cli.rollout import EnvBatch, RolloutSettings, Sampler, build_sampler, episode_stats, play_episodes, sampler_dtype, stats_of
 
 EVAL_SEED = 20250926  # fixed: the same episodes for every run, checkpoint and seed
-EVAL_SPLITS = {"iid", "ood", "l2"}
+EVAL_SPLITS = {"iid", "ood", "l2", "train"}  # train: training games, for choosing settings without the held-out splits
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:

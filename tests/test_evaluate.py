@@ -169,3 +169,10 @@ def test_greedy_evaluation_plays_each_game_once():
 
     assert eval_repeats(resolve_spec(overrides=["eval.repeats=2", "eval.temperature=0.4"])) == 2
     assert eval_repeats(resolve_spec(overrides=["eval.repeats=2", "eval.temperature=0"])) == 1
+
+
+def test_settings_can_be_chosen_on_training_games():
+    from epo_cli.envs.toy import load_split
+
+    tasks = eval_tasks("toy", None, "train", 5)
+    assert len(tasks) == 5 and {t.task_id for t in tasks} <= {t.task_id for t in load_split("toy", "train")}
