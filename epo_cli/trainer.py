@@ -233,6 +233,11 @@ class Trainer:
             update_metrics["rollout/groups_kept"] = len(kept) // spec.rollout.group_size
             update_metrics["rollout/groups_played"] = len(episodes) // spec.rollout.group_size
             update_metrics["rollout/rounds"] = rounds
+            # What the filter saved: the sequence tokens one update pass would have had to
+            # score for the dropped episodes (at perf/update_tokens_per_s).
+            kept_ids = {id(e) for e in kept}
+            dropped = [e for e in episodes if id(e) not in kept_ids]
+            update_metrics["perf/dropped_update_tokens"] = self.learner.pass_tokens(TurnBatch.from_episodes(dropped)) if dropped else 0
 
         for row, turn in enumerate(turn for episode in kept for turn in episode.turns):  # the batch's row order
             turn.entropy = self.learner.turn_entropies.get(row)
