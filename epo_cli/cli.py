@@ -667,7 +667,7 @@ def plot(
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "epo",
     metric: Annotated[str, typer.Option(help="Metric of the ablation figure.")] = "train/reward_mean",
     start: Annotated[
-        Optional[Path], typer.Option(help="Ablation: the starting model's `epo eval --save` file, drawn on the success panels.")
+        Optional[Path], typer.Option(help="success / ablation: the starting model's `epo eval --save` file, drawn on the success panels.")
     ] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs/plots"),
     tracking_uri: TrackingUri = None,
@@ -679,8 +679,8 @@ def plot(
 
     if kind not in PLOTS:
         _fail(f"plot kind {kind!r} is unknown; expected one of {', '.join(PLOTS)}")
-    if start is not None and kind != "ablation":
-        _fail("--start goes with `epo plot ablation`")
+    if start is not None and kind not in ("ablation", "success"):
+        _fail("--start goes with `epo plot success` or `epo plot ablation`")
     start_outcomes = (start.name, _read_outcomes(start, "--start")) if start is not None else None
     try:
         client, experiment_id = connect(tracking_uri, experiment)

@@ -80,8 +80,10 @@ def plot_reward(client, runs) -> plt.Figure:
     return fig
 
 
-def plot_success(client, runs) -> plt.Figure:
-    """Figure 2 (b-c, e-f): IID and OOD success with 95% Wilson bands."""
+def plot_success(client, runs, start: tuple[str, dict] | None = None) -> plt.Figure:
+    """Figure 2 (b-c, e-f): IID and OOD success over training with their 95% bands (over
+    games, as logged); ``start``: (label, split -> outcomes) of the starting model on the
+    same episodes, drawn as a line (the learning curve against its warm start)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     drawn = 0
     for ax, split in zip(axes, ("iid", "ood")):
@@ -95,6 +97,8 @@ def plot_success(client, runs) -> plt.Figure:
             if len(low) == len(steps) == len(high):
                 ax.fill_between(steps, low, high, color=color, alpha=0.15)
             drawn += 1
+        if start is not None and split in start[1]:
+            starting_point(ax, start[0], start[1][split])
         _style(ax, f"{split.upper()} success (95% CI)", "success rate")
         ax.set_ylim(-0.02, 1.02)
     if not drawn:
@@ -203,11 +207,11 @@ def plot_ablation(client, children, metric: str = "train/reward_mean", start: tu
 
 def starting_point(ax, label: str, outcomes) -> None:
     """The success of the runs' starting model on the same episodes: a dotted line at its
-    rate over a band of its 95% Wilson interval."""
-    from epo_cli.evaluate import wilson_interval
+    rate over a band of its 95% interval over games."""
+    from epo_cli.evaluate import game_interval
 
     wins, n = sum(o.won for o in outcomes), len(outcomes)
-    low, high = wilson_interval(wins, n)
+    low, high = game_interval(list(outcomes))
     ax.axhspan(low, high, color="black", alpha=0.06, linewidth=0)
     ax.axhline(wins / max(n, 1), color="black", linestyle=":", label=f"start, {label}: {wins}/{n}")
 
@@ -232,6 +236,8 @@ def draw(kind: str, client, runs, out_dir: Path, name: str, metric: str = "train
          start: tuple[str, dict] | None = None) -> list[Path]:
     if kind == "ablation":
         fig = plot_ablation(client, runs, metric, start)
+    elif kind == "success":
+        fig = plot_success(client, runs, start)
     else:
         fig = {"entropy": plot_entropy, "reward": plot_reward, "success": plot_success, "corridor": plot_corridor}[kind](client, runs)
     return _save(fig, out_dir, name)

@@ -85,6 +85,14 @@ def test_ablate_smoothing_then_plot(tmp_path):
         result = runner.invoke(app, ["plot", kind, "--run", child, "--tracking-uri", uri, "--out", str(out)])
         assert result.exit_code == 0, result.output
         _check_png(out / f"{kind}_{child[:8]}.png")
+    # The learning curve against the warm start: the start's line on both success panels.
+    result = runner.invoke(app, ["plot", "success", "--run", child, "--tracking-uri", uri, "--out", str(out), "--start", str(start)])
+    assert result.exit_code == 0, result.output
+    from epo_cli.plots import plot_success
+
+    figure = plot_success(client, [by_variant["epo"]], ("start.json", outcomes))
+    for ax in figure.axes:
+        assert any(line.get_label().startswith("start, start.json: ") for line in ax.get_lines()), ax.get_title()
 
 
 def test_plot_errors_are_clear(tmp_path):
@@ -94,14 +102,14 @@ def test_plot_errors_are_clear(tmp_path):
     result = runner.invoke(app, ["plot", "pie", "--run", "x", "--tracking-uri", uri])
     assert result.exit_code == 2 and "expected one of" in result.output
     result = runner.invoke(app, ["plot", "reward", "--start", "sft.json", "--tracking-uri", uri])
-    assert result.exit_code == 2 and "--start goes with `epo plot ablation`" in result.output
+    assert result.exit_code == 2 and "--start goes with `epo plot success` or `epo plot ablation`" in result.output
     (tmp_path / "bad.json").write_text("{}")
     result = runner.invoke(app, ["plot", "ablation", "--start", str(tmp_path / "bad.json"), "--tracking-uri", uri])
     assert result.exit_code == 2 and "--start" in result.output and "not a file written by `epo eval --save`" in result.output
 
 
 @pytest.mark.parametrize("wins", [0, 2])
-def test_the_starting_point_is_its_success_over_its_wilson_band(wins):
+def test_the_starting_point_is_its_success_over_its_band_over_games(wins):
     import matplotlib.pyplot as plt
 
     from epo_cli.evaluate import EpisodeOutcome
@@ -113,7 +121,7 @@ def test_the_starting_point_is_its_success_over_its_wilson_band(wins):
     (line,) = ax.get_lines()
     assert list(line.get_ydata()) == [wins / 3, wins / 3] and line.get_label() == f"start, sft.json: {wins}/3"
     (band,) = ax.patches
-    # Wilson, n = 3, z = 1.96: 2/3 -> [0.208, 0.939]; 0/3 -> [0, 0.562]
+    # One episode per game: Wilson, n = 3, z = 1.96: 2/3 -> [0.208, 0.939]; 0/3 -> [0, 0.562]
     low, high = {2: (0.2077, 0.9385), 0: (0.0, 0.5615)}[wins]
     bottom, top = band.get_bbox().y0, band.get_bbox().y1
     assert bottom == pytest.approx(low, abs=1e-4) and top == pytest.approx(high, abs=1e-4)
