@@ -32,6 +32,9 @@ Steps = Annotated[Optional[int], typer.Option(help="train.steps: RL steps K.")]
 Seed = Annotated[Optional[int], typer.Option(help="train.seed.")]
 Model = Annotated[Optional[str], typer.Option(help="model.name: smollm2-135m, tiny, a local directory or a cached hub id.")]
 RunName = Annotated[Optional[str], typer.Option(help="tracking.run_name.")]
+ProgressMode = Annotated[
+    Optional[str], typer.Option("--progress", help="tracking.progress: rich, plain (log lines), json or auto (by terminal).")
+]
 TrackingUri = Annotated[
     Optional[str], typer.Option(help="tracking.uri (default $MLFLOW_TRACKING_URI, else $EPO_HOME/mlflow.db, ~/.epo).")
 ]
@@ -64,6 +67,7 @@ def _flags(**fields: Any) -> dict[str, Any]:
         "episodes": ("eval", "episodes"),
         "temperature": ("eval", "temperature"),
         "repeats": ("eval", "repeats"),
+        "progress": ("tracking", "progress"),
     }
     out: dict[str, Any] = {}
     for name, value in fields.items():
@@ -170,6 +174,7 @@ def train(
     task_types: TaskTypes = None,
     init_from: InitFrom = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue a run: its MLflow run id or a checkpoint folder.")] = None,
+    progress: ProgressMode = None,
 ) -> None:
     """Train an agent (PPO or GRPO, with or without EPO) and log the run to MLflow.
 
@@ -183,19 +188,20 @@ def train(
     if resume is not None:
         if any(v is not None for v in (spec, set_, env, algo, variant, steps, seed, model, run_name, scale, strategy, rollout_backend,
                                        task_types, init_from)):
-            _fail("--resume continues a run with its saved spec; pass only --tracking-uri with it")
+            _fail("--resume continues a run with its saved spec; pass only --tracking-uri or --progress with it")
         try:
             checkpoint = find_checkpoint(resume, tracking_uri)
         except FileNotFoundError as err:
             _fail(str(err))
         try:
-            resolved = saved_spec(checkpoint / "spec.yaml", _flags(tracking_uri=tracking_uri))
+            resolved = saved_spec(checkpoint / "spec.yaml", _flags(tracking_uri=tracking_uri, progress=progress))
         except SpecError as err:
             _fail(str(err))
     else:
         resolved = _resolve(spec, set_, env=env, algo=algo, variant=variant, steps=steps, seed=seed,
                             model=_initial_model(init_from, model), run_name=run_name, tracking_uri=tracking_uri,
-                            scale=scale, strategy=strategy, rollout_backend=rollout_backend, task_types=task_types)
+                            scale=scale, strategy=strategy, rollout_backend=rollout_backend, task_types=task_types,
+                            progress=progress)
     _quiet_libraries(resolved.tracking.backend)
     dist = init_distributed(resolved.distributed.timeout_minutes)
     out = console if dist.is_main else Console(quiet=True)  # rank 0 speaks for the job
@@ -229,8 +235,8 @@ def train(
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("train/success_rate", "train/reward_mean", "train/episode_turns", "train/invalid_action_rate",
-                "actor/entropy", "epo/entropy_ref", "epo/beta", "epo/smooth_penalty", "actor/pg_loss",
-                "critic/value_loss", "perf/rollout_tokens_per_s", "perf/step_s"):
+                "actor/entropy", "epo/entropy_ref", "epo/beta", "epo/smooth_penalty", "actor/pg_loss_pos_adv",
+                "actor/step_kl", "critic/value_loss", "perf/rollout_tokens_per_s", "perf/step_s"):
         if key in last:
             table.add_row(key, f"{last[key]:.4g}")
     console.print(table)
@@ -450,7 +456,7 @@ def eval_(
     Of a run's checkpoint (logged to that run), of any model with --model (printed only;
     --spec, --env, --task-types and --set set up its episodes), or, with --logged, as the
     run's training already evaluated it (e.g. to --save or --compare its final evaluation)."""
-    from rich.progress import Progress
+    from epo_cli.progress import progress_bar
 
     _one_process("eval")
 
@@ -475,7 +481,7 @@ def eval_(
     temperature = 0.0 if greedy else temperature
     run_id = None
     try:
-        with Progress(console=console) as progress:
+        with progress_bar(console) as progress:
             if logged:
                 results, title = _logged_evaluation(target, step, splits, tracking_uri)
             elif model is not None:

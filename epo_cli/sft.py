@@ -262,7 +262,7 @@ def run_sft(spec: ExperimentSpec, console: Console) -> SFTResult:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     tokenizer = load_tokenizer(spec.model.name)
     settings = RolloutSettings.from_spec(spec)
-    with progress_bar(console) as progress:
+    with progress_bar(console, spec.tracking.progress) as progress:
         train_trajectories, heldout_trajectories = load_expert_data(spec, progress)
     title = title_of(spec.env.name)
     train = render_samples(train_trajectories, tokenizer, title, settings, spec.sft.think)
@@ -301,7 +301,7 @@ def run_sft(spec: ExperimentSpec, console: Console) -> SFTResult:
         epoch_steps = steps_per_epoch(train, spec.sft.batch_size)
         total_steps = spec.sft.epochs * epoch_steps
         final: dict[str, float] = {}
-        with progress_bar(console) as progress:
+        with progress_bar(console, spec.tracking.progress) as progress:
             bar = progress.add_task("SFT steps", total=total_steps, info="")
 
             def on_step(step: int, metrics: dict[str, float]) -> None:

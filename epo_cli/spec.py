@@ -375,6 +375,11 @@ class TrackingSpec(_Section):
         "of each mini-batch, drawn at random (three extra backward passes there; not with distributed.strategy fsdp2).",
     )
 
+    progress: Literal["auto", "rich", "plain", "json"] = Field(
+        "auto",
+        description="How long commands show progress: rich bars, plain lines for a log file (one per RL step, SFT and "
+        "evaluation lines at most every 30 s), or one JSON object per line; auto: rich on a terminal, else plain.",
+    )
     step_move_units: int = Field(
         4, ge=0,
         description="Units (turn samples, or segments in the conversation format) of each step, drawn at random, on "

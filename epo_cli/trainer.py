@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from epo_cli import checkpoint as ckpt
 from epo_cli.algos.advantages import groups_with_signal
@@ -25,7 +25,7 @@ from epo_cli.envs.registry import load_split
 from epo_cli.evaluate import evaluate_splits, log_evaluation
 from epo_cli.learner import Learner
 from epo_cli.models import load_causal_lm, load_tokenizer, model_directory
-from epo_cli.progress import OverallProgress
+from epo_cli.progress import OverallProgress, progress_bar
 from epo_cli.rollout import RolloutSettings, Sampler, build_sampler, episode_stats, play_episodes, sampler_dtype
 from epo_cli.spec import ExperimentSpec, flatten, native_bf16, spec_to_yaml
 from epo_cli.tracking import RunTracker, check_store, open_tracker
@@ -112,23 +112,13 @@ class Trainer:
         others); checkpoint every ``checkpoint.every`` steps, at the end, and when stopped
         early. ``overall``: a bar above this run's that counts the steps of all runs of an
         ablation or sweep."""
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(bar_width=20),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(compact=True),
-        )
         previous_handler = signal.signal(signal.SIGINT, self._request_stop)
         try:
-            # Steps take minutes on a CPU: rate and ETA from the whole run, not the last 30 s.
-            with Progress(*columns, console=self.console, transient=False, speed_estimate_period=24 * 3600) as progress:
+            with progress_bar(self.console, self.spec.tracking.progress) as progress:
                 overall_task = None
                 if overall is not None:
                     overall_task = progress.add_task(overall.description, total=overall.total_steps,
-                                                     completed=overall.steps_before + self.step, info="")
+                                                     completed=overall.steps_before + self.step, info="", each=True)
                 last = self._loop(progress, tracker, checkpoint_root, run_id, overall_task)
         finally:
             signal.signal(signal.SIGINT, previous_handler)
@@ -145,7 +135,7 @@ class Trainer:
     ) -> dict[str, float]:
         spec = self.spec
         last: dict[str, float] = {}
-        steps_task = progress.add_task("RL steps", total=spec.train.steps, completed=self.step, info="")
+        steps_task = progress.add_task("RL steps", total=spec.train.steps, completed=self.step, info="", each=True)
         turns_task = progress.add_task("rollout", total=spec.env.max_turns, info="", visible=False)
         while self.step < spec.train.steps:
             last, episodes = self.train_step(progress, turns_task)
@@ -158,10 +148,11 @@ class Trainer:
                 tracker.log_metrics(last, step=self.step)
             self.step += 1
             info = (
-                f"{self.step * spec.episodes_per_step} ep, "
                 f"succ {last['train/success_rate']:.2f}, "
-                f"H {last.get('actor/entropy', float('nan')):.2f}, "
-                f"{last['perf/rollout_tokens_per_s']:.0f} tok/s"
+                f"reward {last['train/reward_mean']:.3f}, "
+                f"H {last.get('actor/entropy', float('nan')):.3f}, "
+                f"step KL {last.get('actor/step_kl', float('nan')):.2g}, "
+                f"{last['perf/step_s']:.0f} s/step"
             )
             progress.update(steps_task, advance=1, info=info)
             if overall_task is not None:
