@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from epo_cli.spec import ExperimentSpec, SpecError, resolve_spec, saved_spec, spec_to_yaml
+from epo_cli.spec import ExperimentSpec, SpecError, resolve_spec, saved_spec
 from epo_cli.tracking import Tracker, connect, resolve_uri
 
 
