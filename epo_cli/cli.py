@@ -222,6 +222,8 @@ def train(
         out.print(str(err))
         return
     except TrainingStopped as err:
+        if err.checkpoint is None:
+            _fail(f"{err}; no checkpoint was written yet; the MLflow run {err.run_id} is marked KILLED; start it again")
         _fail(f"{err}; checkpoint {err.checkpoint}; the MLflow run is marked KILLED; continue: epo train --resume {err.checkpoint}")
     except _run_errors() as err:
         _fail(str(err))
@@ -654,7 +656,8 @@ def ablate(
         else:
             parent_id, rows = run_ablation(ablation, base, seed_list, spec, flags, set_ or [], console)
     except TrainingStopped as err:
-        _fail(f"{err}; checkpoint {err.checkpoint}; run the same command again to continue")
+        saved = f"checkpoint {err.checkpoint}" if err.checkpoint is not None else "no checkpoint of that run yet"
+        _fail(f"{err}; {saved}; run the same command again to continue")
     except KeyboardInterrupt:
         _fail("aborted mid-step; run the same command again to continue from the last checkpoints")
     except _run_errors() as err:

@@ -54,6 +54,24 @@ class TrainingDiverged(TrainingStopped):
     """Training stopped because the gradients kept being non-finite."""
 
 
+class TrainingPreempted(TrainingStopped):
+    """SIGTERM (a scheduler's preemption): the step in progress was abandoned within
+    seconds; ``checkpoint`` is the last one written before it (None: none yet)."""
+
+    def __init__(self, message: str, checkpoint: Path | None, run_id: str):
+        super().__init__(message, checkpoint)
+        self._run_id = run_id
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler wherever the step is (not an Exception: no engine or
+    pool handler may take it for a worker failure)."""
+
+
 class Trainer:
     """Owns the learner, the engines and the task stream of one training run (one rank)."""
 
@@ -113,6 +131,7 @@ class Trainer:
         early. ``overall``: a bar above this run's that counts the steps of all runs of an
         ablation or sweep."""
         previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+        previous_term = signal.signal(signal.SIGTERM, _terminate)
         try:
             with progress_bar(self.console, self.spec.tracking.progress) as progress:
                 overall_task = None
@@ -120,8 +139,14 @@ class Trainer:
                     overall_task = progress.add_task(overall.description, total=overall.total_steps,
                                                      completed=overall.steps_before + self.step, info="", each=True)
                 last = self._loop(progress, tracker, checkpoint_root, run_id, overall_task)
+        except _Terminated:
+            raise TrainingPreempted(
+                f"stopped by SIGTERM during step {self.step + 1}, which was abandoned", ckpt.latest_checkpoint(checkpoint_root),
+                run_id,
+            ) from None
         finally:
             signal.signal(signal.SIGINT, previous_handler)
+            signal.signal(signal.SIGTERM, previous_term)
         return last
 
     def _request_stop(self, signum, frame) -> None:
@@ -328,6 +353,12 @@ class Trainer:
         self.sampler.close()
         self.envs.close()
         self.scratch.cleanup()
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM: stop now. Schedulers give a short grace period and a step can take minutes,
+    so the step in progress is abandoned and the last checkpoint is what resumes."""
+    raise _Terminated()
 
 
 def cannot_act_hint(invalid_rate: float) -> str:

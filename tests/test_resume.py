@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL and resumed logs the same metrics as an uninterrupted run."""
+"""A run killed with SIGKILL, or stopped by SIGTERM, and resumed logs the same metrics as an
+uninterrupted run; Ctrl-C finishes the step first."""
 
 import os
 import signal
@@ -40,23 +41,30 @@ def _run_id(client, name):
     return run.info.run_id
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_or_preempted_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path, stop):
     runner = CliRunner()
     result = runner.invoke(app, _args(tmp_path, "whole"))
     assert result.exit_code == 0, result.output
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([sys.executable, "-m", "epo_cli", *_args(tmp_path, "killed")], cwd=tmp_path, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while not list((tmp_path / "killed").glob("*/step_000002")):
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(stop)
+    sent = time.time()
+    output, _ = process.communicate(timeout=600)
     (root,) = (tmp_path / "killed").iterdir()
     assert not (root / "step_000004").exists()
+    if stop == signal.SIGTERM:  # a scheduler's preemption: out within seconds, the run marked, the way back printed
+        assert time.time() - sent < 60 and process.returncode == 2, output
+        assert "stopped by SIGTERM during step" in output and "continue: epo train --resume" in output, output
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        assert client.get_run(_run_id(client, "killed")).info.status == "KILLED"
 
     result = runner.invoke(app, ["train", "--resume", str(root), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
     assert result.exit_code == 0, result.output
