@@ -383,24 +383,30 @@ class Learner:
         """What a skipped mini-batch still gives: its weighted sampler vs trainer log-prob
         difference, from the old log-probs, and, when no earlier pass computed them, its
         pre-update entropies (one no-grad forward: the policy has not moved)."""
-        spec = self.spec
         diff = 0.0
         if not record_entropy:
             for row in (r for u in minibatch for r in units[u] if int(owner[r]) == self.dist.rank):
                 n = len(batch.old_logp[row])
                 diff += float(((batch.sample_logp[row][:n] - batch.old_logp[row]).abs() * step_weights[row, :n]).sum())
             return diff
-        for chunk in self._my_chunks(batch, units, minibatch, owner, spec.optim.micro_batch_size):
-            micro = self._collate(batch, units, chunk)
-            with autocast_context(spec.model.autocast, self.policy):
-                out = self.actor(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens)
-            if chunk is None:
-                continue
+        for micro, chunk, out in self._policy_forwards(batch, units, minibatch, owner):
             self._keep(micro.rows, None, None, out.entropy, entropy, micro)
             w = self._micro_weights(micro, chunk, step_weights)
             sample_logp = batch.padded(batch.sample_logp, micro.rows, micro.response_width)
             diff += float(((sample_logp - out.logp.float().cpu()).abs() * w).sum())
         return diff
+
+    def _policy_forwards(self, batch, units, chosen, owner):
+        """(micro-batch, chunk, output) of the policy's forward over this rank's share of
+        the ``chosen`` units (callers run under no_grad); every rank runs its padding
+        chunks too (a sharded forward is collective), which are not yielded."""
+        spec = self.spec
+        for chunk in self._my_chunks(batch, units, chosen, owner, spec.optim.micro_batch_size):
+            micro = self._collate(batch, units, chunk)
+            with autocast_context(spec.model.autocast, self.policy):
+                out = self.actor(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens)
+            if chunk is not None:
+                yield micro, chunk, out
 
     @torch.no_grad()
     def _step_move(self, batch, units, moved_units, owner, before, step_weights) -> tuple[float, float]:
@@ -409,14 +415,8 @@ class Learner:
         estimator ``exp(d) - 1 - d``, ``d = log pi_after - log pi_before`` on the sampled
         tokens (drawn by ``pi_before`` up to the sampler's numerics), and the mean ``|d|``.
         Unlike ``actor/approx_kl`` (0 on a step's first mini-batch) it sees every update."""
-        spec = self.spec
         totals = torch.zeros(3, dtype=torch.float64)  # KL, |d|, weight
-        for chunk in self._my_chunks(batch, units, moved_units, owner, spec.optim.micro_batch_size):
-            micro = self._collate(batch, units, chunk)
-            with autocast_context(spec.model.autocast, self.policy):
-                out = self.actor(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens)
-            if chunk is None:
-                continue
+        for micro, _, out in self._policy_forwards(batch, units, moved_units, owner):
             for i, row in enumerate(micro.rows):
                 n = int(micro.response_lengths[i])
                 d = out.logp[i, :n].double().cpu() - before[row][:n].double()

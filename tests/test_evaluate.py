@@ -19,7 +19,7 @@ def test_eval_sets_are_fixed_and_span_task_types():
     ood = eval_tasks("scienceworld", None, "ood", 5)
     assert all(t.variation not in {x.variation for x in first if x.task_type == t.task_type} for t in ood)
     with pytest.raises(ValueError, match="unknown evaluation split"):
-        eval_tasks("scienceworld", None, "train", 3)
+        eval_tasks("scienceworld", None, "l2-train", 3)
 
 
 def test_eval_metrics_keys():
