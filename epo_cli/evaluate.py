@@ -30,6 +30,14 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _wins_by_game(outcomes: list[EpisodeOutcome]) -> dict[str, list[float]]:
+    """Each game's episodes as 1.0 (won) or 0.0, in order."""
+    by_game: dict[str, list[float]] = {}
+    for o in outcomes:
+        by_game.setdefault(o.task, []).append(float(o.won))
+    return by_game
+
+
 def game_interval(outcomes: list[EpisodeOutcome], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
     """95% interval of the success rate over ``outcomes`` that counts games, not episodes:
     the repeats of a game (and, pooled over seeds, its episodes under each seed) are not
@@ -37,10 +45,7 @@ def game_interval(outcomes: list[EpisodeOutcome], resamples: int = 10_000, seed:
     Where every game was played once, it is the Wilson interval of the episodes."""
     import random
 
-    by_game: dict[str, list[float]] = {}
-    for o in outcomes:
-        by_game.setdefault(o.task, []).append(float(o.won))
-    games = list(by_game.values())
+    games = list(_wins_by_game(outcomes).values())
     if all(len(g) == 1 for g in games):
         return wilson_interval(sum(g[0] for g in games), len(games))
     rng = random.Random(seed)
@@ -60,12 +65,7 @@ def pooled_interval(runs: list[list[EpisodeOutcome]], resamples: int = 4_000, se
 
     if len(runs) == 1:
         return game_interval(runs[0])
-    tables = []
-    for outcomes in runs:
-        table: dict[str, list[float]] = {}
-        for o in outcomes:
-            table.setdefault(o.task, []).append(float(o.won))
-        tables.append(table)
+    tables = [_wins_by_game(outcomes) for outcomes in runs]
     games = sorted({game for table in tables for game in table})
     rng = random.Random(seed)
     rates = []
