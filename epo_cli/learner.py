@@ -47,6 +47,15 @@ from epo_cli.precision import autocast_context
 from epo_cli.spec import ExperimentSpec
 
 
+# What a step without an optimizer step logs exactly: every advantage is 0 (so is the
+# surrogate of either sign), the policy is the one that sampled (ratio 1: no clipping, no
+# KL), and no gradient was applied.
+NO_UPDATE_ZEROS = (
+    "actor/pg_loss", "actor/pg_loss_pos_adv", "actor/pg_loss_neg_adv", "actor/clipfrac", "actor/approx_kl",
+    "actor/grad_norm",
+)
+
+
 @dataclass
 class UpdateStats:
     """Sums over micro-batches of weighted quantities; each mini-batch's weights sum to 1.
@@ -339,6 +348,8 @@ class Learner:
         self.history.append(step_entropy, turn_means)
 
         metrics = {**stats.means(), **norms.means()}
+        if not optimizer_steps:
+            metrics.update(dict.fromkeys(NO_UPDATE_ZEROS, 0.0))
         metrics["actor/entropy"] = step_entropy
         metrics["rollout/logprob_diff"] = step_logprob_diff
         metrics["actor/signal_free_minibatches"] = signal_free

@@ -9,7 +9,7 @@ import torch
 from epo_cli.algos.losses import beta_schedule
 from epo_cli.batch import TurnBatch, collate
 from epo_cli.forward import forward_turns
-from epo_cli.learner import Learner
+from epo_cli.learner import NO_UPDATE_ZEROS, Learner
 from epo_cli.spec import resolve_spec
 
 STEPS = 10
@@ -316,6 +316,8 @@ def test_a_mini_batch_without_signal_takes_no_step_and_still_records_the_entropy
     assert all(not state for state in learner.optimizers[0].state.values())
     assert metrics["actor/signal_free_minibatches"] == 1 and metrics["actor/optimizer_steps"] == 0
     assert metrics["actor/step_kl"] == 0.0
+    # A step with no update logs the exact values of one: no loss, clipping, KL or gradient.
+    assert [metrics[name] for name in NO_UPDATE_ZEROS] == [0.0] * len(NO_UPDATE_ZEROS)
     assert learner.history.step_means == [pytest.approx(entropy, rel=1e-5)]
     # The same batch with the skip off: the entropy terms alone move every weight by ~lr.
     learner = _learner("optim.warmup_ratio=0", "optim.lr=0.05", "optim.skip_signal_free=false")
