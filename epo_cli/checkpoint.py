@@ -5,9 +5,11 @@ This module alone reads and writes the format."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +26,14 @@ STATE_FORMAT = 1
 # JSON stand-ins for what JSON lacks: a tensor (by its key in the safetensors file), a
 # tuple, and a dict whose keys are not all strings.
 TENSOR, TUPLE, ITEMS = "__tensor__", "__tuple__", "__items__"
+
+
+# A write that failed for lack of room: the disk or quota is full, or a file-size limit.
+NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class CheckpointSpaceError(RuntimeError):
+    """A checkpoint could not be written for lack of space; earlier checkpoints are intact."""
 
 
 class CheckpointError(ValueError):
@@ -187,15 +197,51 @@ def save_checkpoint(
     ``keep`` checkpoints. A crash mid-write leaves only a hidden temporary folder; earlier
     checkpoints are untouched."""
     target = root / f"step_{step:06d}"
-    with atomic_folder(target) as staging:
-        policy.save_pretrained(staging / POLICY_DIR, state_dict=policy_state)
-        tokenizer.save_pretrained(staging / POLICY_DIR)
-        write_state(staging, trainer_state)
-        (staging / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))
-        (staging / "spec.yaml").write_text(spec_yaml)
+    try:
+        with atomic_folder(target) as staging:
+            policy.save_pretrained(staging / POLICY_DIR, state_dict=policy_state)
+            tokenizer.save_pretrained(staging / POLICY_DIR)
+            write_state(staging, trainer_state)
+            (staging / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))
+            (staging / "spec.yaml").write_text(spec_yaml)
+    except Exception as err:
+        problem = _no_space(err)
+        if problem is None:
+            raise
+        needed = tensor_bytes(policy_state if policy_state is not None else policy.state_dict()) + tensor_bytes(trainer_state)
+        free = shutil.disk_usage(root).free
+        raise CheckpointSpaceError(
+            f"checkpoint {target}: not written ({problem}): it needs about {_gigabytes(needed)}, "
+            f"{_gigabytes(free)} free in {root}; earlier checkpoints are intact"
+        ) from None
     for old in sorted(root.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _no_space(err: BaseException) -> str | None:
+    """The OS's words when ``err`` is a write that ran out of room (an ``OSError``, or
+    safetensors' error, which carries only the OS error number in its text), else None."""
+    number = err.errno if isinstance(err, OSError) else None
+    if number is None:
+        found = re.search(r"os error (\d+)", str(err))
+        number = int(found.group(1)) if found else None
+    return os.strerror(number) if number in NO_SPACE_ERRNOS else None
+
+
+def tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors in a nested state (what a checkpoint of it mostly weighs)."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(value) for value in state)
+    return 0
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.2f} MB"
 
 
 @contextlib.contextmanager

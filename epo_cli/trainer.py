@@ -38,16 +38,14 @@ RANK_SEED_STRIDE = 1_000_003  # rank r samples tokens from seed + r * stride
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped early (Ctrl-C or diverging gradients) after writing a checkpoint
-    (``<checkpoint.dir>/<run id>/step_N``)."""
+    """Training stopped early: Ctrl-C or diverging gradients (after writing a checkpoint),
+    SIGTERM or a disk too full to checkpoint (``checkpoint``: the last one written,
+    ``<checkpoint.dir>/<run id>/step_N``, or None when none was)."""
 
-    def __init__(self, message: str, checkpoint: Path):
+    def __init__(self, message: str, checkpoint: Path | None, run_id: str | None = None):
         super().__init__(message)
         self.checkpoint = checkpoint
-
-    @property
-    def run_id(self) -> str:
-        return self.checkpoint.parent.name
+        self.run_id = run_id or checkpoint.parent.name
 
 
 class TrainingDiverged(TrainingStopped):
@@ -55,16 +53,7 @@ class TrainingDiverged(TrainingStopped):
 
 
 class TrainingPreempted(TrainingStopped):
-    """SIGTERM (a scheduler's preemption): the step in progress was abandoned within
-    seconds; ``checkpoint`` is the last one written before it (None: none yet)."""
-
-    def __init__(self, message: str, checkpoint: Path | None, run_id: str):
-        super().__init__(message, checkpoint)
-        self._run_id = run_id
-
-    @property
-    def run_id(self) -> str:
-        return self._run_id
+    """SIGTERM (a scheduler's preemption): the step in progress was abandoned within seconds."""
 
 
 class _Terminated(BaseException):
@@ -191,7 +180,11 @@ class Trainer:
             diverged = self.learner.consecutive_skips >= MAX_CONSECUTIVE_SKIPS
             periodic = spec.checkpoint.every and self.step % spec.checkpoint.every == 0
             if stop_requested or diverged or periodic or self.step == spec.train.steps:
-                path = self.save(checkpoint_root, run_id)
+                try:
+                    path = self.save(checkpoint_root, run_id)
+                except ckpt.CheckpointSpaceError as err:  # stop where a resume can start: the last checkpoint
+                    raise TrainingStopped(f"{err}; stopped after step {self.step}", ckpt.latest_checkpoint(checkpoint_root),
+                                          run_id) from None
             if stop_requested:
                 raise TrainingStopped(f"stopped after step {self.step}", path)
             if diverged:

@@ -3,12 +3,14 @@
 import math
 import pickle
 import random
+import resource
 from types import SimpleNamespace
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from epo_cli import checkpoint as ckpt
@@ -36,6 +38,43 @@ def test_a_crash_mid_checkpoint_leaves_the_previous_one_intact(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]  # no partial folder left
     assert ckpt.latest_checkpoint(tmp_path) == first
     assert (first / "policy" / "model.bin").read_text() == "weights"
+
+
+def test_a_full_disk_at_a_checkpoint_stops_the_run_resumably_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    # A real failed write: the second checkpoint is written under a 64 kB file-size limit
+    # (the OS's "File too large", which a full disk's ENOSPC is handled like).
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["train", "--model", "tiny", "--steps", "3", "--tracking-uri", tracking, "--set", "env.max_turns=2",
+            "--set", "rollout.max_response_tokens=8", "--set", "rollout.tasks_per_step=1",
+            "--set", "checkpoint.every=1", "--set", f"checkpoint.dir={tmp_path}/ckpt"]
+    save, calls = ckpt.save_checkpoint, []
+
+    def save_on_a_small_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) != 2:
+            return save(*args, **kwargs)
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, limits[1]))
+        try:
+            return save(*args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_on_a_small_disk)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    (root,) = (tmp_path / "ckpt").iterdir()
+    first = root / "step_000001"
+    message = result.output.strip().splitlines()[-1]
+    assert message.startswith(f"error: checkpoint {root / 'step_000002'}: not written (File too large): it needs about ")
+    assert f"continue: epo train --resume {first}" in message
+    assert [p.name for p in root.iterdir()] == ["step_000001"]  # no partial folder beside it
+    client = MlflowClient(tracking)
+    assert client.get_run(root.name).info.status == "KILLED"
+    resumed = CliRunner().invoke(app, ["train", "--resume", str(first), "--tracking-uri", tracking])
+    assert resumed.exit_code == 0, resumed.output
+    assert client.get_run(root.name).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(root.name, "actor/entropy")) == [0, 1, 1, 2]
 
 
 def test_keep_the_last_n_checkpoints(tmp_path):

@@ -1,5 +1,5 @@
-"""A run killed with SIGKILL, or stopped by SIGTERM, and resumed logs the same metrics as an
-uninterrupted run; Ctrl-C finishes the step first."""
+"""A run killed with SIGKILL, or stopped by SIGTERM or Ctrl-C, and resumed logs the same
+metrics as an uninterrupted run; Ctrl-C finishes the step first."""
 
 import os
 import signal
@@ -41,7 +41,7 @@ def _run_id(client, name):
     return run.info.run_id
 
 
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_a_killed_or_preempted_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path, stop):
     runner = CliRunner()
     result = runner.invoke(app, _args(tmp_path, "whole"))
@@ -60,6 +60,9 @@ def test_a_killed_or_preempted_run_resumes_to_the_metrics_of_an_uninterrupted_on
     output, _ = process.communicate(timeout=600)
     (root,) = (tmp_path / "killed").iterdir()
     assert not (root / "step_000004").exists()
+    if stop == signal.SIGINT:  # Ctrl-C: the step in progress (the third) is finished and checkpointed
+        assert process.returncode == 2 and "continue: epo train --resume" in output, output
+        assert (root / "step_000003").exists()
     if stop == signal.SIGTERM:  # a scheduler's preemption: out within seconds, the run marked, the way back printed
         assert time.time() - sent < 60 and process.returncode == 2, output
         assert "stopped by SIGTERM during step" in output and "continue: epo train --resume" in output, output
