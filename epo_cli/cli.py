@@ -317,15 +317,26 @@ def data_prepare(
         Optional[Path], typer.Option("--from", help="Folder with alfworld-json_2.1.1-{train,valid}.tar.gz (default: download).")
     ] = None,
     to: Annotated[Optional[Path], typer.Option(help="Target data folder (default: $ALFWORLD_DATA, else ~/.cache/alfworld).")] = None,
+    if_missing: Annotated[
+        bool, typer.Option("--if-missing", help="Do nothing when the games are found where runs look for them "
+                           "($ALFWORLD_DATA, $EPO_DATA_DIR/alfworld, ~/.cache/alfworld, the epo cache).")
+    ] = False,
 ) -> None:
     """Get ALFWorld's json_2.1.1 games: run the official `alfworld-download`, or extract the
     release archives (`--from`) into the same layout."""
     import os
 
     from epo_cli.envs import alfworld
+    from epo_cli.envs.registry import DataError, data_dir
 
     if env != "alfworld":
         _fail(f"`epo data prepare` knows alfworld only (ScienceWorld's splits come from its engine), got {env!r}")
+    if if_missing:
+        try:
+            console.print(f"found: {data_dir('alfworld', None)}")
+            return
+        except DataError:
+            pass
     target = to or Path(os.environ.get("ALFWORLD_DATA") or alfworld.default_download_dir())
     try:
         if from_ is None:

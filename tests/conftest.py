@@ -8,6 +8,42 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("EPO_DATA_DIR", str(SHARED_DATA))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under CI the test data must be there: a missing game set fails the session, never skips.
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+HOW_TO_INCLUDE_ALFWORLD = ("to include them: `epo data prepare alfworld` (downloads 31 MB of archives, 337 MB "
+                           "extracted), or set ALFWORLD_DATA=DIR or EPO_DATA_DIR=DIR (holding alfworld/)")
+
+
+def _alfworld_missing() -> str | None:
+    """Why ALFWorld's games cannot be found (the registry's one-line error), or None."""
+    from epo_cli.envs.registry import DataError, data_dir
+
+    try:
+        data_dir("alfworld", None)
+    except DataError as err:
+        return str(err)
+    return None
+
+
+def pytest_sessionstart(session):
+    session.config.alfworld_missing = _alfworld_missing()
+    missing = [session.config.alfworld_missing] if session.config.alfworld_missing else []
+    if not (SHARED_DATA / "scienceworld" / "L0_idx.json").exists():
+        missing.append(f"the paper's ScienceWorld split files are not in {SHARED_DATA / 'scienceworld'}")
+    if CI and missing:
+        pytest.exit(f"CI=true and the test data is missing: {'; '.join(missing)}", returncode=1)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Outside CI, a test stopped by the missing ALFWorld games is reported as skipped, all
+    of them under one location, so that ``-rs`` sums them up in one line."""
+    outcome = yield
+    report = outcome.get_result()
+    if item.config.alfworld_missing and report.failed and call.excinfo is not None \
+            and "ALFWorld data not found" in str(call.excinfo.value):
+        report.outcome = "skipped"
+        report.longrepr = (__file__, 0, f"Skipped: ALFWorld games not found; {HOW_TO_INCLUDE_ALFWORLD}")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,6 +4,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import CI, SHARED_DATA
 from typer.testing import CliRunner
 
 from epo_cli.cli import app
@@ -124,16 +125,24 @@ def test_data_prepare_offline_says_where_to_get_the_games(tmp_path, monkeypatch)
     assert "--from DIR_WITH_ARCHIVES" in error[0]
 
 
+def test_data_prepare_if_missing_leaves_found_games_alone(tmp_path, monkeypatch):
+    _no_alfworld_data(tmp_path, monkeypatch)
+    (tmp_path / "games" / "json_2.1.1").mkdir(parents=True)
+    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path / "games"))
+    monkeypatch.setattr(alfworld, "download", lambda target: pytest.fail("downloaded although the games were found"))
+    result = CliRunner().invoke(app, ["data", "prepare", "alfworld", "--if-missing"])
+    assert result.exit_code == 0 and f"found: {tmp_path / 'games'}" in result.output, result.output
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "alfworld").is_dir() and not CI, reason="the ALFWorld archives of ../shared are not here")
 def test_data_prepare_extracts_the_archives(tmp_path):
     source = tmp_path / "archives"
     source.mkdir()
     real = data_dir("alfworld", None)  # resolves (and extracts) the shared archives
     assert (real / "json_2.1.1").is_dir()
     import shutil
-    from pathlib import Path
 
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "alfworld"
-    shutil.copy(shared / "alfworld-json_2.1.1-valid.tar.gz", source)
+    shutil.copy(SHARED_DATA / "alfworld" / "alfworld-json_2.1.1-valid.tar.gz", source)
     result = CliRunner().invoke(app, ["data", "prepare", "alfworld", "--from", str(source), "--to", str(tmp_path / "data")])
     assert result.exit_code == 0, result.output
     assert "iid: 140 games" in result.output and "ood: 134 games" in result.output
