@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -363,10 +364,12 @@ def deep_merge_all(*layers: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_summary(console: Console, title: str, parent_id: str, rows: list[list[str]]) -> None:
-    table = Table(title=f"{title} (parent run {parent_id})", caption=SUMMARY_CAPTION)
-    table.add_column("variant", no_wrap=True)
-    for column in ("seeds", *SUMMARY_COLUMNS):
-        table.add_column(column, justify="right", ratio=1)
+    """The summary table; on a narrow terminal its cells wrap between words, never inside one."""
+    table = Table(title=f"{title} (parent run {parent_id})", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for index, column in enumerate(("variant", "seeds", *SUMMARY_COLUMNS)):
+        words = [word for text in (column, *(row[index] for row in rows)) for word in text.split()]
+        table.add_column(column, justify="left" if index == 0 else "right", min_width=max(map(len, words)))
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    console.print(SUMMARY_CAPTION, style="dim", highlight=False)

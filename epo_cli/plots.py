@@ -48,14 +48,15 @@ def _style(ax, title: str, ylabel: str) -> None:
 
 
 def plot_entropy(client, runs) -> plt.Figure:
-    """Figure 1: token entropy of the earliest and the latest turn index across steps."""
+    """Figure 1: token entropy of the earliest and the latest turn index across steps (a
+    one-turn run has only the all-turns line, which is its turn 0)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = 0
     for color, run in zip(COLORS, runs):
         turns = sorted(int(k.rsplit("_", 1)[1]) for k in run.data.metrics if k.startswith("actor/entropy_turn_"))
         if not turns:
             continue
-        for turn, style in ((turns[0], "--"), (turns[-1], ":")):
+        for turn, style in ((turns[0], "--"), (turns[-1], ":")) if len(turns) > 1 else ():
             steps, values = series(client, run.info.run_id, f"actor/entropy_turn_{turn}")
             ax.plot(steps, values, style, color=color, marker=".", label=f"{_label(run)}: turn {turn}")
         steps, values = series(client, run.info.run_id, "actor/entropy")

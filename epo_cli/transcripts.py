@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rich import box
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
@@ -123,18 +124,23 @@ def read_episodes(text: str, source: str) -> list[dict]:
 
 
 def summary_table(episodes: Sequence[dict], title: str) -> Table:
-    """One line per episode: task, turns, outcome, invalid and inadmissible turns, entropy."""
-    table = Table(title=title)
-    for column in ("episode", "group", "task type", "task", "turns", "won", "score", "reward", "invalid", "rejected", "mean H"):
-        table.add_column(column, justify="right" if column not in ("task type", "task") else "left")
+    """One line per episode: task, turns, outcome, invalid and inadmissible turns, entropy.
+    On a narrow terminal the task names wrap; the numbers' headers never break in a word."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)  # room for the columns
+    for column in ("episode", "group", "task", "turns", "won", "score", "reward", "invalid", "rejected", "mean H"):
+        if column == "task":
+            table.add_column(column, overflow="fold", min_width=8)
+        else:
+            table.add_column(column, justify="right", min_width=max(len(word) for word in column.split()))
     for e in episodes:
         turns = e.get("transcript")
         rejected = "-" if turns is None else str(sum(t["action"] is not None and not t["accepted"] for t in turns))
         entropies = [t["entropy"] for t in turns or [] if t.get("entropy") is not None]
         mean_entropy = f"{sum(entropies) / len(entropies):.3f}" if entropies else "-"
+        label = _task_label(e)
         table.add_row(
-            str(e["episode"]), str(e["group"]), e["task_type"], _task_label(e), str(e["turns"]),
-            "[green]yes[/]" if e["won"] else "no", f"{e['score']:g}", f"{e['reward']:g}",
+            str(e["episode"]), str(e["group"]), label if label.startswith(e["task_type"]) else f"{e['task_type']} {label}",
+            str(e["turns"]), "[green]yes[/]" if e["won"] else "no", f"{e['score']:g}", f"{e['reward']:g}",
             str(e.get("invalid_turns", "-")), rejected, mean_entropy,
         )
     return table

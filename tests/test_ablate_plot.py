@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from epo_cli.ablate import ablation_variants, summary_rows, ChildSummary
 from epo_cli.cli import app
 from epo_cli.evaluate import EpisodeOutcome
-from epo_cli.plots import plot_ablation
+from epo_cli.plots import plot_ablation, plot_entropy
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -106,6 +106,19 @@ def test_plot_errors_are_clear(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     result = runner.invoke(app, ["plot", "ablation", "--start", str(tmp_path / "bad.json"), "--tracking-uri", uri])
     assert result.exit_code == 2 and "--start" in result.output and "not a file written by `epo eval --save`" in result.output
+
+
+@pytest.mark.parametrize("turns", [1, 3])
+def test_the_entropy_figure_draws_the_first_and_last_turn_once_each(tmp_path, turns):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = client.create_run(client.create_experiment("epo"), run_name="r").info.run_id
+    for step in range(3):
+        client.log_metric(run_id, "actor/entropy", 1.0 - 0.1 * step, step=step)
+        for turn in range(turns):
+            client.log_metric(run_id, f"actor/entropy_turn_{turn}", 1.0 - 0.1 * step + turn, step=step)
+    figure = plot_entropy(client, [client.get_run(run_id)])
+    labels = [line.get_label() for line in figure.axes[0].get_lines()]
+    assert labels == (["r: all turns"] if turns == 1 else ["r: turn 0", "r: turn 2", "r: all turns"])
 
 
 @pytest.mark.parametrize("wins", [0, 2])

@@ -47,13 +47,34 @@ def test_episode_lines_carry_every_turn_of_the_transcribed_episodes():
     assert "transcript" not in second and second["invalid_turns"] == 1  # beyond tracking.transcripts: summary only
 
     table = _render(summary_table([first, second], "step 0"))
-    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in table.splitlines() if line.startswith("│")]
+    rows = [line.split() for line in table.splitlines() if line.split()[:1] in (["0"], ["1"])]
     assert rows[0][-3:] == ["1", "1", "0.250"]  # invalid, rejected by the engine, mean H
     assert rows[1][-3:] == ["1", "-", "-"]
     view = _render(episode_view(first))
     assert "invalid: no <action>...</action> block" in view and "rejected by the engine: fly" in view
     assert "accepted: look" in view and "turn 3 · reward 1 · score 2 · H 0.500" in view
     assert "no transcript" in _render(episode_view(second))
+
+
+def test_the_tables_fit_80_columns_without_cutting_a_header_or_a_number():
+    from epo_cli.ablate import SUMMARY_COLUMNS, print_summary
+
+    episode = {"episode": 12, "group": 3, "task_type": "find-non-living-thing", "task": "7", "turns": 10, "won": False,
+               "score": 75.0, "reward": 0.75, "invalid_turns": 0, "transcript": [{"action": "x", "accepted": True, "entropy": 0.3}]}
+    console = Console(width=80, record=True)
+    console.print(summary_table([{**episode, "name": "find-non-living-thing/63"}, episode], "step 0"))
+    row = ["epo-base", "3", "0.50 ± 0.10", "0.45 [0.30, 0.60]", "61/150 [0.33, 0.48]", "0.40 [0.20, 0.60]",
+           "50/139 [0.30, 0.42]", "0.55 ± 0.05", "0.0012"]
+    print_summary(console, "ablation smoothing", "abcdef12", [row])
+    text = console.export_text()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    words = text.split()
+    headers = ["episode", "group", "task", "turns", "won", "score", "reward", "invalid", "rejected", "mean", "H", "variant",
+               "seeds", *(word for column in SUMMARY_COLUMNS for word in column.split())]
+    assert all(word in words for word in headers + row[0].split() + " ".join(row[1:]).split())
+    # A task name without its type (older files) gets it in front.
+    assert "find-non-living-thing 7" in _render(summary_table([episode], "step 0"))
+    assert "have them" in text  # the caption is whole
 
 
 def test_files_are_chosen_by_split_and_step():
