@@ -31,6 +31,12 @@ def test_ablate_smoothing_then_plot(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "epo-base" in result.output and "best" in result.output and "Student-t" in result.output
+    # Into a pipe: a line per child, each child's RL steps, the steps of all runs, the evaluations.
+    lines = result.output.splitlines()
+    assert len([line for line in lines if line.endswith((", seed 0", ", seed 1"))]) == 4
+    assert [line.split()[2] for line in lines if line.startswith("RL steps ")] == ["1/2", "2/2"] * 4
+    assert [line.split(": all runs ")[1].split()[0].rstrip(",") for line in lines if ": all runs " in line] == [f"{k}/8" for k in range(1, 9)]
+    assert len([line for line in lines if line.startswith(("eval iid 2/2", "eval ood 2/2"))]) == 8
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("epo").experiment_id
     (parent,) = client.search_runs([experiment], "tags.`epo.ablation` = 'smoothing' and tags.`epo.ablation.key` != ''")

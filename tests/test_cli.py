@@ -60,6 +60,7 @@ def test_train_ppo_epo_end_to_end(tmp_path):
         assert result.exit_code == 0, result.output
         outputs.append([line for line in result.output.splitlines() if "│" in line])
     assert any("iid" in line for line in outputs[0])
+    assert any(line.startswith("eval iid 2/2") for line in result.output.splitlines())  # its plain progress line
     assert outputs[0] == outputs[1]  # same checkpoint, same episodes, same numbers
     (logged,) = client.get_metric_history(run.info.run_id, "eval/iid/success_rate")[:1]
     assert logged.step == 2

@@ -215,6 +215,10 @@ def test_sft_cli_writes_a_folder_that_train_and_eval_start_from(tmp_path, expert
     ])
     assert result.exit_code == 0, result.output
     assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+    # Into a pipe: plain progress lines (at most one per 30 s, and one when a task ends).
+    (done,) = [line for line in result.output.splitlines() if line.startswith("SFT steps 3/3 ")]
+    assert "loss " in done and " tok/s" in done and "eta 0:00:00" in done
+    assert any(line.startswith("held-out answers ") for line in result.output.splitlines())
     info = json.loads((folder / "sft.json").read_text())
     assert info["task_types"] == ["pick_and_place_simple"] and info["think"] == "empty"
     client = MlflowClient(uri)
