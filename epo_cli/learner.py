@@ -28,7 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from epo_cli.algos.advantages import gae_over_turns, grpo_advantages, whiten
+from epo_cli.algos.advantages import TurnRewards
+from epo_cli.algos.estimators import ESTIMATORS, estimator
 from epo_cli.algos.history import EntropyHistory
 from epo_cli.algos.losses import token_weights
 from epo_cli.algos.objective import EPOLoss, LossInputs, StepCoefficients, epo_loss, step_coefficients
@@ -116,11 +117,12 @@ class Learner:
         self.policy = load_causal_lm(spec.model.name, spec.model.dtype, spec.train.seed).to(self.device)
         if spec.model.gradient_checkpointing:
             enable_activation_checkpointing(self.policy)
-        self.is_ppo = spec.algo.base == "ppo"
-        self.shared_critic = self.is_ppo and spec.model.critic == "shared"
-        self.value_head = ValueHead(self.policy.config.hidden_size).to(self.device) if self.is_ppo else None
+        self.estimate = estimator(spec.algo.advantage)
+        self.has_critic = ESTIMATORS[spec.algo.advantage].needs_critic
+        self.shared_critic = self.has_critic and spec.model.critic == "shared"
+        self.value_head = ValueHead(self.policy.config.hidden_size).to(self.device) if self.has_critic else None
         critic_model = None
-        if self.is_ppo and not self.shared_critic:
+        if self.has_critic and not self.shared_critic:
             critic_model = load_causal_lm(spec.model.name, spec.model.dtype, spec.train.seed).to(self.device)
         self.reference = None  # the frozen start policy, for the KL term (not sharded)
         if spec.algo.kl_coef > 0:
@@ -236,7 +238,7 @@ class Learner:
         need_old = self._needs_old_logp(batch)
         batch.old_logp = batch.ref_logp = batch.values = None
         old_logp, ref_logp, entropy = [None] * len(batch), [None] * len(batch), [None] * len(batch)
-        if not (need_old or self.is_ppo or self.reference is not None):
+        if not (need_old or self.has_critic or self.reference is not None):
             return entropy  # GRPO in one mini-batch: the update's own forward gives all it needs
         values = torch.zeros(len(batch), dtype=torch.float64)
         units = self.units(batch)
@@ -256,7 +258,7 @@ class Learner:
                     self._keep(rows, None, None, out.logp, ref_logp, micro)
         batch.old_logp = old_logp if need_old else None
         batch.ref_logp = ref_logp if self.reference is not None else None
-        batch.values = self.dist.all_reduce_sum(values).float() if self.is_ppo else None
+        batch.values = self.dist.all_reduce_sum(values).float() if self.has_critic else None
         return entropy
 
     @staticmethod
@@ -272,16 +274,9 @@ class Learner:
                 per_row[row] = out_tokens[i, : int(micro.response_lengths[i])].float().cpu().clone()
 
     def _advantages(self, batch: TurnBatch) -> None:
-        algo = self.spec.algo
-        if self.is_ppo:
-            advantages, returns = gae_over_turns(batch.rewards, batch.values, batch.episode_ids, algo.gamma, algo.lam)
-            batch.returns = returns
-            batch.advantages = whiten(advantages) if algo.whiten_advantages else advantages
-            return
-        episodes, episode_of_row = torch.unique(batch.episode_ids, return_inverse=True)
-        episode_returns = torch.zeros(len(episodes)).index_add(0, episode_of_row, batch.rewards)
-        episode_groups = torch.zeros(len(episodes), dtype=torch.long).scatter(0, episode_of_row, batch.group_ids)
-        batch.advantages = grpo_advantages(episode_returns, episode_groups)[episode_of_row]
+        """``algo.advantage``'s estimator (:mod:`epo_cli.algos.estimators`) over the batch."""
+        turns = TurnRewards(batch.rewards, batch.episode_ids, batch.group_ids, batch.values)
+        batch.advantages, batch.returns = self.estimate(turns, self.spec.algo)
 
     # ---------------------------------------------------------------- update
     def _update(self, batch: TurnBatch, owner: torch.Tensor, step: int, entropy: list[torch.Tensor | None]) -> dict[str, float]:
@@ -366,7 +361,7 @@ class Learner:
             metrics["epo/entropy_ref"] = float(reference.mean()) if torch.is_tensor(reference) else reference
         metrics["actor/lr"] = self.schedulers[0].get_last_lr()[0]
         metrics["actor/skipped_steps"] = self.skipped_steps
-        if self.is_ppo:
+        if self.has_critic:
             metrics["critic/values_mean"] = float(batch.values.mean())
             metrics["critic/returns_mean"] = float(batch.returns.mean())
         return metrics
@@ -499,7 +494,7 @@ class Learner:
         device = self.device
         with autocast_context(spec.model.autocast, self.policy):  # the forward passes; loss and backward outside
             out = self.actor(micro, spec.rollout.temperature, spec.model.logit_chunk_tokens)
-            own_critic = self.critic(micro, 1.0, with_logprobs=False) if self.is_ppo and not self.shared_critic else None
+            own_critic = self.critic(micro, 1.0, with_logprobs=False) if self.has_critic and not self.shared_critic else None
         rows = micro.rows
         width = micro.response_width
         old_logp = out.logp.detach().float() if batch.old_logp is None else batch.padded(batch.old_logp, rows, width).to(device)
@@ -514,12 +509,12 @@ class Learner:
             turn_index=batch.turn_index[rows].to(device),
             ref_logp=None if batch.ref_logp is None else batch.padded(batch.ref_logp, rows, width).to(device),
             entropy_ref=reference[rows].to(device) if torch.is_tensor(reference) else reference,
-            old_values=batch.values[rows].to(device) if self.is_ppo else None,
-            returns=batch.returns[rows].to(device) if self.is_ppo else None,
+            old_values=batch.values[rows].to(device) if self.has_critic else None,
+            returns=batch.returns[rows].to(device) if self.has_critic else None,
             sample_logp=sample_logp,
         )
         values = None
-        if self.is_ppo:
+        if self.has_critic:
             values = out.values if self.shared_critic else own_critic.values
         result = epo_loss(inputs, out.logp, out.entropy, spec.algo, spec.epo, coefs, values)
         if measure_terms:

@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from epo_cli.algos.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, EstimatorInfo
 from epo_cli.paths import epo_home
 
 Algo = Literal["ppo", "grpo", "ppo+epo", "grpo+epo"]
@@ -252,6 +253,11 @@ class AlgoSpec(_Section):
 
     name: Algo = Field("ppo+epo", description="Base objective L_MT (EPO_SPEC.md §2), with EPO (+epo, Eq. 6) or without.")
     variant: Variant = Field("epo", description="A named ablation or baseline (EPO_SPEC.md §3 table; VARIANT_OVERRIDES).")
+    advantage: str | None = Field(
+        None,
+        description="Advantage estimator by name (epo_cli/algos/estimators.py: gae, grpo); default: the base "
+        "algorithm's (ppo: gae, grpo: grpo).",
+    )
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount over turns (EPO_SPEC.md §2; paper 1.0).")
     lam: float = Field(1.0, ge=0, le=1, description="GAE lambda over turns (EPO_SPEC.md §2; paper 1.0).")
     clip_eps_low: float = Field(0.2, gt=0, description="PPO clip: ratio >= 1 - eps_low (EPO_SPEC.md §2).")
@@ -299,9 +305,21 @@ class AlgoSpec(_Section):
         "many groups with a signal are held (1: update on what one round keeps; DAPO's max_num_gen_batches).",
     )
 
+    @model_validator(mode="after")
+    def _estimator(self) -> AlgoSpec:
+        if self.advantage is None:
+            self.advantage = DEFAULT_ESTIMATOR[self.base]
+        if self.advantage not in ESTIMATORS:
+            raise ValueError(f"algo.advantage: unknown estimator {self.advantage!r}; expected one of {', '.join(ESTIMATORS)}")
+        return self
+
     @property
     def base(self) -> Literal["ppo", "grpo"]:
         return "grpo" if self.name.startswith("grpo") else "ppo"
+
+    @property
+    def estimator(self) -> EstimatorInfo:
+        return ESTIMATORS[self.advantage]
 
     @property
     def uses_epo(self) -> bool:
@@ -476,8 +494,8 @@ class ExperimentSpec(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:
-        if self.algo.base == "grpo" and self.rollout.group_size < 2:
-            raise ValueError("rollout.group_size must be >= 2 for GRPO (group advantages)")
+        if self.algo.estimator.uses_groups and self.rollout.group_size < 2:
+            raise ValueError(f"rollout.group_size must be >= 2 for {self.algo.advantage} (group advantages)")
         if self.algo.variant in ENTROPY_BONUS_VARIANTS and self.epo.entropy_coef == 0:
             raise ValueError(
                 f"algo.variant {self.algo.variant} changes the entropy bonus, but epo.entropy_coef is 0 "
@@ -485,10 +503,11 @@ class ExperimentSpec(_Section):
             )
         if self.env.name == "scienceworld" and self.env.data_dir is not None:
             raise ValueError("env.data_dir: ScienceWorld needs no data folder (its splits come from the engine); remove it")
-        if self.algo.filter_groups and self.algo.base != "grpo":
+        if self.algo.filter_groups and not self.algo.estimator.uses_groups:
+            groups = ", ".join(name for name, info in ESTIMATORS.items() if info.uses_groups)
             raise ValueError(
-                "algo.filter_groups needs a group-based estimator (grpo): PPO's GAE advantages are not 0 when a "
-                "group's returns tie, so there is nothing to filter"
+                f"algo.filter_groups needs a group-based estimator ({groups}): {self.algo.advantage}'s advantages are "
+                "not 0 when a group's returns tie, so there is nothing to filter"
             )
         if self.optim.micro_batch_size > self.optim.mini_batch_size:
             raise ValueError("optim.micro_batch_size must not exceed optim.mini_batch_size")

@@ -59,3 +59,16 @@ def test_dynamic_sampling_keeps_exactly_the_groups_with_a_non_zero_advantage():
     keep = groups_with_signal(returns, groups)
     assert keep.tolist() == [False, False, True, True, False, False, False]
     assert keep.tolist() == (grpo_advantages(returns, groups) != 0).tolist()
+
+
+def test_the_registered_estimators_by_hand():
+    from epo_cli.algos.advantages import TurnRewards, gae_estimator, grpo_estimator
+    from epo_cli.spec import AlgoSpec
+
+    # Two episodes of one group (returns 1 and 0), the first of two turns: A = +-1/sqrt(2) on every turn.
+    turns = TurnRewards(torch.tensor([0.0, 1.0, 0.0]), torch.tensor([0, 0, 1]), torch.tensor([5, 5, 5]),
+                        torch.tensor([0.5, 0.25, 0.5]))
+    advantages, returns = grpo_estimator(turns, AlgoSpec(name="grpo"))
+    assert returns is None and torch.allclose(advantages, torch.tensor([1.0, 1.0, -1.0]) / math.sqrt(2), atol=1e-5)
+    advantages, returns = gae_estimator(turns, AlgoSpec(name="ppo", whiten_advantages=False))
+    assert torch.allclose(advantages, torch.tensor([0.5, 0.75, -0.5])) and torch.allclose(returns, torch.tensor([1.0, 1.0, 0.0]))

@@ -349,3 +349,24 @@ def test_the_step_kl_measures_the_whole_step_where_approx_kl_sees_none_of_it():
     assert metrics["actor/step_kl"] > 0
     assert metrics["actor/step_kl"] == pytest.approx(float(((torch.exp(d) - 1 - d) * w).sum()), rel=1e-3)
     assert metrics["actor/step_logprob_change"] == pytest.approx(float((d.abs() * w).sum()), rel=1e-3)
+
+
+def sign_of_return_estimator(turns, algo):
+    """A test estimator registered below: +1 on every turn of a won episode, -1 otherwise."""
+    from epo_cli.algos.advantages import episode_returns
+
+    returns, _, episode_of_turn = episode_returns(turns)
+    return torch.where(returns > 0, 1.0, -1.0)[episode_of_turn], None
+
+
+def test_a_new_estimator_is_one_function_and_one_registry_entry(monkeypatch):
+    from epo_cli.algos import estimators
+
+    monkeypatch.setitem(estimators.ESTIMATORS, "sign", estimators.EstimatorInfo(
+        "test_learner:sign_of_return_estimator", needs_critic=False, uses_groups=True, help="test"))
+    learner = _learner("algo.advantage=sign")
+    assert learner.spec.algo.advantage == "sign" and learner.critic is None and learner.value_head is None
+    batch = _batch(SIGNAL_REWARDS)
+    learner.learn(batch, torch.zeros(len(batch), dtype=torch.long), 0)
+    won = {episode for episode, reward in zip(batch.episode_ids.tolist(), SIGNAL_REWARDS) if reward > 0}
+    assert batch.advantages.tolist() == [1.0 if e in won else -1.0 for e in batch.episode_ids.tolist()]

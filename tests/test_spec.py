@@ -227,3 +227,14 @@ def test_every_field_is_described_and_the_commented_yaml_reads_back():
 def test_variants_are_named_once():
     assert tuple(VARIANT_OVERRIDES) == VARIANTS
 
+
+
+def test_the_advantage_estimator_defaults_by_algorithm_and_is_checked_by_name():
+    assert resolve_spec(flags={"algo": {"name": "ppo+epo"}}).algo.advantage == "gae"
+    assert resolve_spec(flags={"algo": {"name": "grpo"}}).algo.advantage == "grpo"
+    # PPO's clipped loss with group advantages: no critic, and groups are needed.
+    assert resolve_spec(flags={"algo": {"name": "ppo"}}, overrides=["algo.advantage=grpo", "rollout.group_size=4"]).algo.estimator.needs_critic is False
+    with pytest.raises(SpecError, match="group_size must be >= 2 for grpo"):
+        resolve_spec(flags={"algo": {"name": "ppo"}}, overrides=["algo.advantage=grpo"])
+    with pytest.raises(SpecError, match=r"algo.advantage: unknown estimator 'rloo2'; expected one of gae, grpo"):
+        resolve_spec(overrides=["algo.advantage=rloo2"])

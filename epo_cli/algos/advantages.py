@@ -2,7 +2,42 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class TurnRewards:
+    """What an estimator reads, one entry per turn sample, ordered by episode then turn."""
+
+    rewards: torch.Tensor  # [N], the turn's reward (the final one on the last turn)
+    episode_ids: torch.Tensor  # [N]
+    group_ids: torch.Tensor  # [N], the task instance the episode played
+    values: torch.Tensor | None = None  # [N], the critic's V(s_t) (estimators that need one)
+
+
+def episode_returns(turns: TurnRewards) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(each episode's return ``R_j``, its group, each turn's episode index), episodes in
+    order of first appearance's id."""
+    episodes, episode_of_turn = torch.unique(turns.episode_ids, return_inverse=True)
+    returns = torch.zeros(len(episodes)).index_add(0, episode_of_turn, turns.rewards.float())
+    groups = torch.zeros(len(episodes), dtype=torch.long).scatter(0, episode_of_turn, turns.group_ids)
+    return returns, groups, episode_of_turn
+
+
+def gae_estimator(turns: TurnRewards, algo) -> tuple[torch.Tensor, torch.Tensor]:
+    """``algo.advantage: gae``: :func:`gae_over_turns` with ``algo.gamma``, ``algo.lam``,
+    then :func:`whiten` with ``algo.whiten_advantages``; returns the critic's targets too."""
+    advantages, returns = gae_over_turns(turns.rewards, turns.values, turns.episode_ids, algo.gamma, algo.lam)
+    return (whiten(advantages) if algo.whiten_advantages else advantages), returns
+
+
+def grpo_estimator(turns: TurnRewards, algo) -> tuple[torch.Tensor, None]:
+    """``algo.advantage: grpo``: :func:`grpo_advantages` of the episodes' returns, given to
+    each of an episode's turns."""
+    returns, groups, episode_of_turn = episode_returns(turns)
+    return grpo_advantages(returns, groups)[episode_of_turn], None
 
 
 def gae_over_turns(
