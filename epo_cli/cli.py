@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from epo_cli.envs.registry import ENVS
 from epo_cli.spec import ALGOS, VARIANTS, SpecError, deep_merge, resolve_spec, saved_spec, spec_to_yaml
 
 app = typer.Typer(
@@ -25,7 +26,7 @@ err_console = Console(stderr=True)
 
 SpecFile = Annotated[Optional[Path], typer.Option("--spec", help="Experiment spec (YAML).")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Override any field: a.b=value (repeatable).")]
-Env = Annotated[Optional[str], typer.Option(help="env.name: scienceworld or alfworld.")]
+Env = Annotated[Optional[str], typer.Option(help=f"env.name: {', '.join(ENVS)} (`epo envs` lists them).")]
 Algo = Annotated[Optional[str], typer.Option(help=f"algo.name: {', '.join(ALGOS)}.")]
 Variant = Annotated[Optional[str], typer.Option(help=f"algo.variant: {', '.join(VARIANTS)}.")]
 Steps = Annotated[Optional[int], typer.Option(help="train.steps: RL steps K.")]
@@ -288,7 +289,7 @@ def spec_check(files: list[Path]) -> None:
 @app.command()
 def envs(data_dir: Annotated[Optional[Path], typer.Option(help="ALFWorld's env.data_dir.")] = None) -> None:
     """List environments, their splits, task counts and task types."""
-    from epo_cli.envs.registry import ENVS, DataError, load_split, splits_of
+    from epo_cli.envs.registry import DataError, load_split, splits_of
 
     table = Table(title="environments")
     for column in ("env", "split", "tasks", "task types"):
@@ -347,7 +348,7 @@ def data_prepare(
     except (FileNotFoundError, ConnectionError) as err:
         _fail(str(err))
     for split, folder in alfworld.SPLITS.items():
-        games = len(alfworld.load_split(target, split)) if (target / "json_2.1.1" / folder).is_dir() else 0
+        games = len(alfworld.load_split("alfworld", target, split)) if (target / "json_2.1.1" / folder).is_dir() else 0
         console.print(f"{split}: {games} games")
     console.print(f"ready: {target}" + (f" (export ALFWORLD_DATA={target}, or pass --set env.data_dir={target})" if to else ""))
 

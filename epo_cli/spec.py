@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from epo_cli.algos.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, EstimatorInfo
+from epo_cli.envs.registry import ENVS
 from epo_cli.paths import epo_home
 
 Algo = Literal["ppo", "grpo", "ppo+epo", "grpo+epo"]
@@ -71,8 +72,10 @@ class ModelSpec(_Section):
 class EnvSpec(_Section):
     """The text environment and its engines, EPO_SPEC.md §6."""
 
-    name: Literal["scienceworld", "alfworld", "toy", "toy-multiturn"] = Field(
-        "scienceworld", description="toy / toy-multiturn: the built-in word game (envs/toy.py) that checks learning."
+    name: str = Field(
+        "scienceworld",
+        description="An environment of envs/registry.py: scienceworld, alfworld, or toy / toy-multiturn, the built-in "
+        "word game (envs/toy.py) that checks learning.",
     )
     max_turns: int = Field(30, gt=0, description="Turns per episode (paper: 30 / 50).")
     train_split: str = Field("train", description="Split of the training tasks (EPO_SPEC.md §6).")
@@ -98,6 +101,13 @@ class EnvSpec(_Section):
     @classmethod
     def _comma_separated(cls, value):
         return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _known_env(cls, value: str) -> str:
+        if value not in ENVS:
+            raise ValueError(f"unknown environment {value!r}; expected one of {', '.join(ENVS)}")
+        return value
 
     @model_validator(mode="after")
     def _known_task_types(self) -> EnvSpec:
@@ -501,8 +511,8 @@ class ExperimentSpec(_Section):
                 f"algo.variant {self.algo.variant} changes the entropy bonus, but epo.entropy_coef is 0 "
                 f"({self.algo.name} has none): use {self.algo.base}+epo or set epo.entropy_coef"
             )
-        if self.env.name == "scienceworld" and self.env.data_dir is not None:
-            raise ValueError("env.data_dir: ScienceWorld needs no data folder (its splits come from the engine); remove it")
+        if self.env.data_dir is not None and not ENVS[self.env.name].needs_data:
+            raise ValueError(f"env.data_dir: {ENVS[self.env.name].title} needs no data folder (its splits come from its engine); remove it")
         if self.algo.filter_groups and not self.algo.estimator.uses_groups:
             groups = ", ".join(name for name, info in ESTIMATORS.items() if info.uses_groups)
             raise ValueError(
@@ -531,23 +541,8 @@ class ExperimentSpec(_Section):
         return self.rollout.tasks_per_step * self.rollout.group_size
 
 
-# Layer 2: the paper's per-environment settings (EPO_SPEC.md §5).
-ENV_PRESETS: dict[str, dict[str, Any]] = {
-    "scienceworld": {
-        "env": {"max_turns": 30},
-        "train": {"steps": 125},
-        "epo": {"smoothing": {"alpha": 0.05}},
-    },
-    "alfworld": {
-        "env": {"max_turns": 50},
-        "train": {"steps": 150},
-        "optim": {"lr": 5e-6, "mini_batch_size": 256, "micro_batch_size": 32},
-        "epo": {"smoothing": {"alpha": 0.1}},
-    },
-}
-
 # PPO and GRPO differ in batch sizes, lr and group size (paper §5, ScienceWorld column);
-# applied before ENV_PRESETS, whose settings win.
+# applied before the environment's own presets (envs/registry.py), whose settings win.
 ALGO_PRESETS: dict[str, dict[str, Any]] = {
     "ppo": {"rollout": {"group_size": 1}},
     "grpo": {"rollout": {"group_size": 8}, "optim": {"lr": 5e-6, "mini_batch_size": 128, "micro_batch_size": 16}},
@@ -583,31 +578,6 @@ CPU_SCALE_BF16: dict[str, Any] = {
     "rollout": {"dtype": "bfloat16"},
     "algo": {"tis_cap": 2.0},
 }
-
-# The toy word game has one size at every scale: seconds per step with the tiny random
-# model, constrained to the action words so that the reward signal exists from step 0.
-TOY_PRESET: dict[str, Any] = {
-    "model": {"name": "tiny", "critic": "shared", "autocast": "none"},
-    "env": {"workers": 0},
-    "train": {"steps": 40},
-    "rollout": {
-        "constrain": "admissible",
-        "tasks_per_step": 32,
-        "max_prompt_tokens": 512,
-        "max_response_tokens": 24,
-        "generation_batch_size": 64,
-        "dtype": None,  # sampled by the policy itself: sampler and trainer log-probs agree exactly
-    },
-    "optim": {"lr": 2e-3, "critic_lr": 2e-3, "warmup_ratio": 0.0, "mini_batch_size": 256, "micro_batch_size": 64},
-    "algo": {"invalid_action_penalty": 0.0, "tis_cap": None},
-    "eval": {"every": 0, "episodes": 64},
-}
-TOY_VARIANTS: dict[str, dict[str, Any]] = {
-    "toy": {"env": {"max_turns": 1}},
-    "toy-multiturn": {"env": {"max_turns": 5}, "algo": {"reward": "score"}},
-}
-TOY_PRESET_GRPO: dict[str, Any] = {"rollout": {"tasks_per_step": 8, "group_size": 4}}
-
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Return ``base`` with ``override`` merged in, recursively for nested dicts."""
@@ -719,8 +689,8 @@ def resolve_spec(
     # and GRPO alike) override the ScienceWorld-column ones of ALGO_PRESETS.
     base = "grpo" if str(algo_name).startswith("grpo") else "ppo"
     merged = deep_merge({}, ALGO_PRESETS[base])
-    if env_name in ENV_PRESETS:
-        merged = deep_merge(merged, ENV_PRESETS[env_name])
+    env = ENVS.get(env_name)  # an unknown name is refused when the spec is validated
+    merged = deep_merge(merged, env.presets if env else {})
     if not str(algo_name).endswith("+epo"):
         merged = deep_merge(merged, NO_EPO)
     if scale == "cpu":
@@ -729,10 +699,10 @@ def resolve_spec(
             merged = deep_merge(merged, CPU_SCALE_GRPO)
         if native_bf16():
             merged = deep_merge(merged, CPU_SCALE_BF16)
-    if env_name in TOY_VARIANTS:
-        merged = deep_merge(deep_merge(merged, TOY_PRESET), TOY_VARIANTS[env_name])
+    if env and env.fixed_size:
+        merged = deep_merge(merged, env.fixed_size)
         if base == "grpo":
-            merged = deep_merge(merged, TOY_PRESET_GRPO)
+            merged = deep_merge(merged, env.fixed_size_grpo)
     merged = deep_merge(merged, VARIANT_OVERRIDES.get(variant, {}))
     for layer in user_layers:
         merged = deep_merge(merged, layer)

@@ -175,4 +175,4 @@ def test_settings_can_be_chosen_on_training_games():
     from epo_cli.envs.toy import load_split
 
     tasks = eval_tasks("toy", None, "train", 5)
-    assert len(tasks) == 5 and {t.task_id for t in tasks} <= {t.task_id for t in load_split("toy", "train")}
+    assert len(tasks) == 5 and {t.task_id for t in tasks} <= {t.task_id for t in load_split("toy", None, "train")}

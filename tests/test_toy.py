@@ -14,7 +14,7 @@ from epo_cli.trainer import Trainer
 
 def test_toy_single_turn_pays_for_the_named_word():
     engine = ToyEngine("toy")
-    task = load_split("toy", "train")[0]
+    task = load_split("toy", None, "train")[0]
     first = engine.reset(task)
     target = episode_plan("toy", task)[0]
     assert target in first.observation and first.actions == list(WORDS)
@@ -40,13 +40,13 @@ def test_toy_multiturn_scores_the_share_of_right_answers():
 
 
 def test_toy_splits_are_disjoint_and_ood_uses_unseen_words():
-    train = {t.task_id for t in load_split("toy", "train")}
-    iid = load_split("toy", "iid")
+    train = {t.task_id for t in load_split("toy", None, "train")}
+    iid = load_split("toy", None, "iid")
     assert not train & {t.task_id for t in iid}
-    ood = load_split("toy", "ood")[0]
+    ood = load_split("toy", None, "ood")[0]
     assert not set(episode_plan("toy", ood)) & set(WORDS)
     with pytest.raises(ValueError, match="unknown toy split"):
-        load_split("toy", "l2")
+        load_split("toy", None, "l2")
 
 
 def _learn(env: str, algo: str, max_steps: int, overrides: list[str] | None = None, on_step=None) -> list[float]:

@@ -9,9 +9,10 @@ import subprocess
 import sys
 import tarfile
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from epo_cli.envs.base import EnvStep, TaskInstance
+from epo_cli.paths import cache_dir
 
 # The paper's protocol (EPO_SPEC.md §6): split name -> folder under json_2.1.1.
 SPLITS = {"train": "train", "iid": "valid_seen", "ood": "valid_unseen"}
@@ -24,7 +25,6 @@ TASK_TYPES = (
     "pick_two_obj_and_place",
 )
 ARCHIVES = ("alfworld-json_2.1.1-valid.tar.gz", "alfworld-json_2.1.1-train.tar.gz")
-TITLE = "ALFWorld"
 GAME_FILE = "game.tw-pddl"
 HOW_TO_FIX = (
     "run `epo data prepare alfworld` (downloads the games), point ALFWORLD_DATA (or env.data_dir) "
@@ -114,7 +114,8 @@ def _games(root: str, folder: str) -> tuple[str, ...]:
     return tuple(sorted(str(p.relative_to(root)) for p in (Path(root) / "json_2.1.1" / folder).glob(f"*/*/{GAME_FILE}")))
 
 
-def load_split(root: Path, split: str) -> list[TaskInstance]:
+def load_split(env: str, root: Path, split: str) -> list[TaskInstance]:
+    """The games of a split under the data folder ``root`` (:func:`find_data`), in path order."""
     if split not in SPLITS:
         raise ValueError(f"unknown ALFWorld split {split!r}; expected one of {sorted(SPLITS)}")
     games = _games(str(root), SPLITS[split])
@@ -214,3 +215,36 @@ class AlfWorldEngine:
         if self._env is not None:
             self._env.close()
             self._env = None
+
+
+def data_candidates(configured: Path | None) -> list[Path]:
+    """``env.data_dir`` alone when set; else ``$ALFWORLD_DATA``, ``$EPO_DATA_DIR/alfworld``,
+    ``~/.cache/alfworld`` (where `alfworld-download` puts the games by default), then the
+    epo cache (where archives are extracted)."""
+    if configured:
+        return [Path(configured)]
+    found = [Path(os.environ[name]) / sub for name, sub in (("ALFWORLD_DATA", ""), ("EPO_DATA_DIR", "alfworld"))
+             if os.environ.get(name)]
+    return [*found, default_download_dir(), _extracted()]
+
+
+def _extracted() -> Path:
+    return cache_dir() / "data" / "alfworld"
+
+
+def find_data(configured: Path | None) -> Path:
+    """The folder holding ``json_2.1.1`` (archives found on the way are extracted first)."""
+    return resolve_root(data_candidates(configured), _extracted())
+
+
+def make_engine(env: str, options: dict) -> AlfWorldEngine:
+    return AlfWorldEngine()
+
+
+def task_types(env: str) -> tuple[str, ...]:
+    return TASK_TYPES
+
+
+def task_name(task: TaskInstance) -> str:
+    """A game by its split, task and trial folders (not where the data lives)."""
+    return "/".join(PurePath(str(task.task_id)).parts[-4:-1])

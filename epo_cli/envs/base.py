@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import random
 import re
-from pathlib import PurePath
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from epo_cli.envs.registry import task_name
 
 ANSWER_FORMAT = (
     "First reason step by step inside <think> </think>, then give exactly one action "
@@ -37,11 +38,7 @@ class TaskInstance:
     def name(self) -> str:
         """The task, independent of its seed and of where the data lives (an ALFWorld game
         is named by its split, task and trial folders)."""
-        if self.env == "alfworld":
-            return "/".join(PurePath(str(self.task_id)).parts[-4:-1])
-        if self.env == "scienceworld":
-            return f"{self.task_type}/{self.variation}"
-        return str(self.task_id)
+        return task_name(self)
 
 
 @dataclass

@@ -1,66 +1,104 @@
-"""Environment lookup by name: data directories, splits and engines (batches of engines:
-``epo_cli.envs.pool``)."""
+"""Every environment in one table: name -> :class:`EnvInfo`. Adding an environment is one
+module (the functions :class:`EnvInfo` names) and one entry here. The table imports no
+environment: a module is loaded when one of its functions is first asked for (batches of
+engines: ``epo_cli.envs.pool``)."""
 
 from __future__ import annotations
 
-import os
+import importlib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from epo_cli.envs.base import TaskInstance
+if TYPE_CHECKING:
+    from epo_cli.envs.base import TaskInstance
 
-ENVS = ("scienceworld", "alfworld", "toy", "toy-multiturn")
-TOY_ENVS = ("toy", "toy-multiturn")
+
+@dataclass(frozen=True)
+class EnvInfo:
+    """One environment. ``module`` (``epo_cli.envs.NAME``) holds ``SPLITS`` (the split
+    names), ``load_split(env, data_dir, split)``, ``make_engine(env, options)``,
+    ``task_types(env)``, ``task_name(task)`` and, with ``needs_data``, ``find_data(configured)``."""
+
+    module: str
+    title: str  # how prompts name it
+    max_score: float = 1.0  # the score of a perfect episode (algo.reward: score divides by it)
+    needs_data: bool = False  # its games live in a data folder (env.data_dir)
+    presets: dict[str, Any] = field(default_factory=dict)  # the paper's settings, over the algorithm's
+    # One size at every scale (applied over the scale's): a built-in game's model and budget.
+    fixed_size: dict[str, Any] = field(default_factory=dict)
+    fixed_size_grpo: dict[str, Any] = field(default_factory=dict)  # and over that, for group-based runs
+
+
+# The toy word game has one size at every scale: seconds per step with the tiny random
+# model, constrained to the action words so that the reward signal exists from step 0.
+TOY_SIZE: dict[str, Any] = {
+    "model": {"name": "tiny", "critic": "shared", "autocast": "none"},
+    "env": {"workers": 0},
+    "train": {"steps": 40},
+    "rollout": {
+        "constrain": "admissible",
+        "tasks_per_step": 32,
+        "max_prompt_tokens": 512,
+        "max_response_tokens": 24,
+        "generation_batch_size": 64,
+        "dtype": None,  # sampled by the policy itself: sampler and trainer log-probs agree exactly
+    },
+    "optim": {"lr": 2e-3, "critic_lr": 2e-3, "warmup_ratio": 0.0, "mini_batch_size": 256, "micro_batch_size": 64},
+    "algo": {"invalid_action_penalty": 0.0, "tis_cap": None},
+    "eval": {"every": 0, "episodes": 64},
+}
+TOY_SIZE_GRPO: dict[str, Any] = {"rollout": {"tasks_per_step": 8, "group_size": 4}}
+
+ENVS: dict[str, EnvInfo] = {
+    "scienceworld": EnvInfo(
+        "epo_cli.envs.scienceworld", "ScienceWorld", max_score=100.0,
+        presets={"env": {"max_turns": 30}, "train": {"steps": 125}, "epo": {"smoothing": {"alpha": 0.05}}},
+    ),
+    "alfworld": EnvInfo(
+        "epo_cli.envs.alfworld", "ALFWorld", needs_data=True,
+        presets={
+            "env": {"max_turns": 50},
+            "train": {"steps": 150},
+            "optim": {"lr": 5e-6, "mini_batch_size": 256, "micro_batch_size": 32},
+            "epo": {"smoothing": {"alpha": 0.1}},
+        },
+    ),
+    "toy": EnvInfo(
+        "epo_cli.envs.toy", "a word game", fixed_size={**TOY_SIZE, "env": {**TOY_SIZE["env"], "max_turns": 1}},
+        fixed_size_grpo=TOY_SIZE_GRPO,
+    ),
+    "toy-multiturn": EnvInfo(
+        "epo_cli.envs.toy", "a word game",
+        fixed_size={**TOY_SIZE, "env": {**TOY_SIZE["env"], "max_turns": 5}, "algo": {**TOY_SIZE["algo"], "reward": "score"}},
+        fixed_size_grpo=TOY_SIZE_GRPO,
+    ),
+}
 
 
 class DataError(FileNotFoundError):
     """An environment's data could not be found; the message says where we looked."""
 
 
-def _alfworld_candidates(configured: Path | None) -> list[Path]:
-    """``env.data_dir`` alone when set; else ``$ALFWORLD_DATA``, ``$EPO_DATA_DIR/alfworld``,
-    ``~/.cache/alfworld`` (where `alfworld-download` puts the games by default), then the
-    epo cache (where archives are extracted)."""
-    from epo_cli.envs.alfworld import default_download_dir
-    from epo_cli.paths import cache_dir
-
-    if configured:
-        return [Path(configured)]
-    found = []
-    if os.environ.get("ALFWORLD_DATA"):
-        found.append(Path(os.environ["ALFWORLD_DATA"]))
-    if os.environ.get("EPO_DATA_DIR"):
-        found.append(Path(os.environ["EPO_DATA_DIR"]) / "alfworld")
-    return [*found, default_download_dir(), cache_dir() / "data" / "alfworld"]
-
-
-def data_dir(env: str, configured: Path | None) -> Path:
-    """ALFWorld's data folder (the folder holding json_2.1.1); ScienceWorld has none, its
-    splits come from the engine."""
-    if env != "alfworld":
-        raise ValueError(f"{env} has no data folder")
-    from epo_cli.envs import alfworld
-    from epo_cli.paths import cache_dir
-
-    try:
-        return alfworld.resolve_root(_alfworld_candidates(configured), cache_dir() / "data" / "alfworld")
-    except FileNotFoundError as err:
-        raise DataError(str(err)) from None
+def env_info(env: str) -> EnvInfo:
+    if env not in ENVS:
+        raise ValueError(f"env.name: unknown environment {env!r}; expected one of {', '.join(ENVS)}")
+    return ENVS[env]
 
 
 def _module(env: str):
-    if env == "scienceworld":
-        from epo_cli.envs import scienceworld
+    return importlib.import_module(env_info(env).module)
 
-        return scienceworld
-    if env == "alfworld":
-        from epo_cli.envs import alfworld
 
-        return alfworld
-    if env in TOY_ENVS:
-        from epo_cli.envs import toy
-
-        return toy
-    raise ValueError(f"env.name: unknown environment {env!r}; expected one of {', '.join(ENVS)}")
+def data_dir(env: str, configured: Path | None) -> Path:
+    """The folder holding an environment's games (``env.data_dir`` if set, else where the
+    environment looks); an environment without data files has none."""
+    if not env_info(env).needs_data:
+        raise ValueError(f"{env} has no data folder")
+    try:
+        return _module(env).find_data(configured)
+    except FileNotFoundError as err:
+        raise DataError(str(err)) from None
 
 
 def splits_of(env: str) -> tuple[str, ...]:
@@ -68,43 +106,30 @@ def splits_of(env: str) -> tuple[str, ...]:
 
 
 def title_of(env: str) -> str:
-    return _module(env).TITLE
+    return env_info(env).title
 
 
 def max_score_of(env: str) -> float:
     """The score of a perfect episode (``algo.reward: score`` divides by it)."""
-    return 100.0 if env == "scienceworld" else 1.0
+    return env_info(env).max_score
 
 
 def task_types_of(env: str) -> tuple[str, ...]:
     """Every task type of an environment (``env.task_types`` picks among them)."""
-    if env in TOY_ENVS:
-        return (env, f"{env}-ood")
-    module = _module(env)
-    return module.TASK_TYPES if env == "alfworld" else module.task_names()
+    return tuple(_module(env).task_types(env))
+
+
+def task_name(task: TaskInstance) -> str:
+    """The task, independent of its seed and of where the data lives."""
+    return _module(task.env).task_name(task)
 
 
 def load_split(env: str, configured_dir: Path | None, split: str) -> list[TaskInstance]:
-    """A split's tasks; ``configured_dir`` is ALFWorld's ``env.data_dir``."""
-    if env in TOY_ENVS:
-        return _module(env).load_split(env, split)
-    if env == "scienceworld":
-        return _module(env).load_split(split)
-    return _module(env).load_split(data_dir(env, configured_dir), split)
+    """A split's tasks; ``configured_dir``: ``env.data_dir`` (environments with data files)."""
+    root = data_dir(env, configured_dir) if env_info(env).needs_data else None
+    return _module(env).load_split(env, root, split)
 
 
 def make_engine(env: str, options: dict):
     """One engine. ``options``: ``jvm_heap`` and ``valid_actions`` (ScienceWorld)."""
-    if env == "scienceworld":
-        from epo_cli.envs.scienceworld import ScienceWorldEngine
-
-        return ScienceWorldEngine(options.get("jvm_heap", "512m"), options.get("valid_actions", False))
-    if env == "alfworld":
-        from epo_cli.envs.alfworld import AlfWorldEngine
-
-        return AlfWorldEngine()
-    if env in TOY_ENVS:
-        from epo_cli.envs.toy import ToyEngine
-
-        return ToyEngine(env)
-    raise ValueError(f"env.name: unknown environment {env!r}; expected one of {', '.join(ENVS)}")
+    return _module(env).make_engine(env, options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from functools import lru_cache
+from pathlib import Path
 
 from epo_cli.envs.base import EnvStep, TaskInstance
 from epo_cli.paths import cache_dir
@@ -20,7 +21,6 @@ SPLITS = {
     "l2": ("held-out", "test"),  # L2 test: the held-out task types' test variations
     "l2-train": ("kept", "train"),  # L2 train: the other task types' train variations
 }
-TITLE = "ScienceWorld"
 UNKNOWN_ACTION = "No known action matches that input."
 
 
@@ -72,8 +72,9 @@ def variation_sets() -> dict[int, dict[str, list[int]]]:
     return sets
 
 
-def load_split(split: str) -> list[TaskInstance]:
-    """The (task, variation) pairs of a split, as task instances, in task and variation order."""
+def load_split(env: str, data_dir: Path | None, split: str) -> list[TaskInstance]:
+    """The (task, variation) pairs of a split, as task instances, in task and variation
+    order (the engine holds its splits: no data folder)."""
     if split not in SPLITS:
         raise ValueError(f"env.train_split / --split: unknown ScienceWorld split {split!r}; expected one of {sorted(SPLITS)}")
     tasks_of_split, variation_set = SPLITS[split]
@@ -250,3 +251,15 @@ class ScienceWorldEngine:
         if self._engine is not None:
             self._engine = None
             _release_simulator()
+
+
+def make_engine(env: str, options: dict) -> ScienceWorldEngine:
+    return ScienceWorldEngine(options.get("jvm_heap", "512m"), options.get("valid_actions", False))
+
+
+def task_types(env: str) -> tuple[str, ...]:
+    return task_names()
+
+
+def task_name(task: TaskInstance) -> str:
+    return f"{task.task_type}/{task.variation}"

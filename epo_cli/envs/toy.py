@@ -15,12 +15,12 @@ one that memorized the train words does not).
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 from epo_cli.envs.base import EnvStep, TaskInstance
 
 WORDS = ("red", "green", "blue", "gold")
 OOD_WORDS = ("pink", "black", "white", "gray")
-TITLE = "a word game"
 TASK_DESCRIPTION = "Each turn, answer with the target word that the observation names."
 SPLIT_SIZES = {"train": 4096, "iid": 256, "ood": 256}
 SPLITS = tuple(SPLIT_SIZES)
@@ -35,7 +35,7 @@ def episode_plan(env: str, task: TaskInstance) -> list[str]:
     return [rng.choice(words) for _ in range(turns)]
 
 
-def load_split(env: str, split: str) -> list[TaskInstance]:
+def load_split(env: str, data_dir: Path | None, split: str) -> list[TaskInstance]:
     if split not in SPLIT_SIZES:
         raise ValueError(f"env.train_split / --split: unknown {env} split {split!r}; expected one of {list(SPLITS)}")
     task_type = f"{env}-ood" if split == "ood" else env
@@ -81,3 +81,15 @@ class ToyEngine:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def make_engine(env: str, options: dict) -> ToyEngine:
+    return ToyEngine(env)
+
+
+def task_types(env: str) -> tuple[str, ...]:
+    return (env, f"{env}-ood")
+
+
+def task_name(task: TaskInstance) -> str:
+    return str(task.task_id)
