@@ -93,9 +93,15 @@ class EnvSpec(_Section):
         "A comma-separated string is accepted.",
     )
 
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings of the environment's own engines (envs/registry.py lists each environment's, with "
+        "defaults), e.g. decoy-chain's sure_reward.",
+    )
+
     @property
     def engine_options(self) -> dict:
-        return {"jvm_heap": self.jvm_heap}
+        return {"jvm_heap": self.jvm_heap, "max_turns": self.max_turns, **ENVS[self.name].options, **self.options}
 
     @field_validator("task_types", mode="before")
     @classmethod
@@ -108,6 +114,14 @@ class EnvSpec(_Section):
         if value not in ENVS:
             raise ValueError(f"unknown environment {value!r}; expected one of {', '.join(ENVS)}")
         return value
+
+    @model_validator(mode="after")
+    def _known_options(self) -> EnvSpec:
+        unknown = sorted(set(self.options) - set(ENVS[self.name].options))
+        if unknown:
+            known = ", ".join(ENVS[self.name].options) or "none"
+            raise ValueError(f"options: {self.name} has no option {unknown[0]!r}; it takes: {known}")
+        return self
 
     @model_validator(mode="after")
     def _known_task_types(self) -> EnvSpec:

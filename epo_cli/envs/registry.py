@@ -24,6 +24,7 @@ class EnvInfo:
     title: str  # how prompts name it
     max_score: float = 1.0  # the score of a perfect episode (algo.reward: score divides by it)
     needs_data: bool = False  # its games live in a data folder (env.data_dir)
+    options: dict[str, Any] = field(default_factory=dict)  # env.options its engines take, with their defaults
     presets: dict[str, Any] = field(default_factory=dict)  # the paper's settings, over the algorithm's
     # One size at every scale (applied over the scale's): a built-in game's model and budget.
     fixed_size: dict[str, Any] = field(default_factory=dict)
@@ -71,6 +72,11 @@ ENVS: dict[str, EnvInfo] = {
     "toy-multiturn": EnvInfo(
         "epo_cli.envs.toy", "a word game",
         fixed_size={**TOY_SIZE, "env": {**TOY_SIZE["env"], "max_turns": 5}, "algo": {**TOY_SIZE["algo"], "reward": "score"}},
+        fixed_size_grpo=TOY_SIZE_GRPO,
+    ),
+    "decoy-chain": EnvInfo(
+        "epo_cli.envs.decoy_chain", "a word game with a decoy exit", options={"sure_reward": 0.3},
+        fixed_size={**TOY_SIZE, "env": {**TOY_SIZE["env"], "max_turns": 8}, "algo": {**TOY_SIZE["algo"], "reward": "score"}},
         fixed_size_grpo=TOY_SIZE_GRPO,
     ),
 }
