@@ -8,10 +8,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from epo_cli.envs.base import TaskInstance
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -125,13 +122,14 @@ def task_types_of(env: str) -> tuple[str, ...]:
     return tuple(_module(env).task_types(env))
 
 
-def task_name(task: TaskInstance) -> str:
-    """The task, independent of its seed and of where the data lives."""
+def task_name(task) -> str:
+    """A :class:`~epo_cli.envs.base.TaskInstance`'s name, independent of its seed and of
+    where the data lives (``envs.base`` asks this table; the table imports no env module)."""
     return _module(task.env).task_name(task)
 
 
-def load_split(env: str, configured_dir: Path | None, split: str) -> list[TaskInstance]:
-    """A split's tasks; ``configured_dir``: ``env.data_dir`` (environments with data files)."""
+def load_split(env: str, configured_dir: Path | None, split: str) -> list:
+    """A split's tasks (``TaskInstance``); ``configured_dir``: ``env.data_dir`` (environments with data files)."""
     root = data_dir(env, configured_dir) if env_info(env).needs_data else None
     return _module(env).load_split(env, root, split)
 
