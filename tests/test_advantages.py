@@ -72,3 +72,24 @@ def test_the_registered_estimators_by_hand():
     assert returns is None and torch.allclose(advantages, torch.tensor([1.0, 1.0, -1.0]) / math.sqrt(2), atol=1e-5)
     advantages, returns = gae_estimator(turns, AlgoSpec(name="ppo", whiten_advantages=False))
     assert torch.allclose(advantages, torch.tensor([0.5, 0.75, -0.5])) and torch.allclose(returns, torch.tensor([1.0, 1.0, 0.0]))
+
+
+def test_rloo_leaves_the_episode_itself_out_of_its_baseline():
+    from epo_cli.algos.advantages import rloo_advantages
+
+    # Group 0: returns 1, 0, 0 -> baselines 0, 0.5, 0.5; group 1: 2, 4 -> baselines 4, 2; group 2 alone: 0.
+    advantages = rloo_advantages(torch.tensor([1.0, 0.0, 0.0, 2.0, 4.0, 3.0]), torch.tensor([0, 0, 0, 1, 1, 2]))
+    assert advantages.tolist() == [1.0, -0.5, -0.5, -2.0, 2.0, 0.0]
+    # A leaked baseline (the group mean, itself included) would give 2/3, -1/3, -1/3.
+
+
+def test_reinforce_pp_whitens_each_episodes_return_over_the_batch_once():
+    from epo_cli.algos.advantages import TurnRewards, reinforce_pp_estimator
+    from epo_cli.spec import AlgoSpec
+
+    # Episode 0 (2 turns) returns 1, episodes 1 and 2 return 0: mean 1/3, std sqrt(1/3) over
+    # the three episodes, whatever their turn counts.
+    turns = TurnRewards(torch.tensor([0.0, 1.0, 0.0, 0.0]), torch.tensor([0, 0, 1, 2]), torch.tensor([0, 0, 1, 2]))
+    advantages, returns = reinforce_pp_estimator(turns, AlgoSpec(name="grpo"))
+    z = (1 - 1 / 3) / math.sqrt(1 / 3)
+    assert returns is None and torch.allclose(advantages, torch.tensor([z, z, -z / 2, -z / 2]), atol=1e-5)

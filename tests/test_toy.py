@@ -83,6 +83,14 @@ def test_every_algorithm_learns_the_toy(algo):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("advantage", ["rloo", "reinforce++"])
+def test_the_toy_is_learnt_with_each_critic_free_estimator(advantage):
+    rewards = _learn("toy", "grpo+epo", 60, [f"algo.advantage={advantage}"])
+    assert rewards[0] <= 0.5
+    assert sum(rewards[-3:]) / 3 >= 0.8, f"{advantage}: {[round(r, 2) for r in rewards]}"
+
+
+@pytest.mark.slow
 def test_grpo_epo_learns_the_multiturn_toy_from_the_final_reward_only():
     rewards = _learn("toy-multiturn", "grpo+epo", max_steps=80)
     assert rewards[0] <= 0.5

@@ -81,6 +81,20 @@ def grpo_advantages(returns: torch.Tensor, group_ids: torch.Tensor, eps: float =
     return advantages
 
 
+def rloo_advantages(returns: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024, arXiv 2402.14740): each episode's
+    return against the mean of the *other* episodes of its group,
+    ``A_j = R_j - (sum_g R - R_j) / (G - 1)``, not scaled by a std. A group of one has ``A = 0``."""
+    advantages = torch.zeros_like(returns, dtype=torch.float32)
+    for group in torch.unique(group_ids):
+        members = group_ids == group
+        size = int(members.sum())
+        if size > 1:
+            group_returns = returns[members].float()
+            advantages[members] = group_returns - (group_returns.sum() - group_returns) / (size - 1)
+    return advantages
+
+
 def groups_with_signal(returns: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """Per episode: whether its group's returns differ, i.e. whether :func:`grpo_advantages`
     gives the group any non-zero advantage. DAPO's dynamic sampling (arXiv 2503.14476,
@@ -90,6 +104,21 @@ def groups_with_signal(returns: torch.Tensor, group_ids: torch.Tensor) -> torch.
         members = group_ids == group
         keep[members] = bool(returns[members].max() > returns[members].min())
     return keep
+
+
+def rloo_estimator(turns: TurnRewards, algo) -> tuple[torch.Tensor, None]:
+    """``algo.advantage: rloo``: :func:`rloo_advantages` of the episodes' returns, on every turn."""
+    returns, groups, episode_of_turn = episode_returns(turns)
+    return rloo_advantages(returns, groups)[episode_of_turn], None
+
+
+def reinforce_pp_estimator(turns: TurnRewards, algo) -> tuple[torch.Tensor, None]:
+    """``algo.advantage: reinforce++`` (REINFORCE++, Hu et al. 2025, arXiv 2501.03262): the
+    episodes' returns whitened over the whole batch (each episode once), no critic and no
+    group baseline, on every turn. The paper's token-level KL penalty in the reward is here
+    the loss's KL term (``algo.kl_coef``), since advantages are per turn, not per token."""
+    returns, _, episode_of_turn = episode_returns(turns)
+    return whiten(returns)[episode_of_turn], None
 
 
 def whiten(values: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -30,6 +30,14 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
         "epo_cli.algos.advantages:grpo_estimator", needs_critic=False, uses_groups=True,
         help="GRPO: an episode's return against its group's mean, over the group's std, on every turn",
     ),
+    "rloo": EstimatorInfo(
+        "epo_cli.algos.advantages:rloo_estimator", needs_critic=False, uses_groups=True,
+        help="RLOO: an episode's return against the mean of the other episodes of its group",
+    ),
+    "reinforce++": EstimatorInfo(
+        "epo_cli.algos.advantages:reinforce_pp_estimator", needs_critic=False, uses_groups=False,
+        help="REINFORCE++: the episodes' returns whitened over the batch (its KL: algo.kl_coef)",
+    ),
 }
 
 # The estimator each base algorithm uses when algo.advantage is not set.
