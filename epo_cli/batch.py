@@ -37,6 +37,9 @@ class TurnBatch:
     # conversation, see epo_cli.prompts) are prefixes of one token sequence, the last
     # one's prompt + response. None: every turn is a segment of its own.
     segment_ids: torch.Tensor | None = None
+    # The environment state each turn answered, as ids of its observation text (equal text,
+    # equal id): GiGPO's anchor states. None where a batch is not built from episodes.
+    state_ids: torch.Tensor | None = None
     # Filled in by the trainer before the update.
     old_logp: list[torch.Tensor] | None = None
     ref_logp: list[torch.Tensor] | None = None
@@ -49,6 +52,7 @@ class TurnBatch:
         turns = [(episode, turn) for episode in episodes for turn in episode.turns]
         keys = [(e.episode_id, "turn", t.turn_index) if t.segment is None else (e.episode_id, t.segment) for e, t in turns]
         segment_of = {key: i for i, key in enumerate(dict.fromkeys(keys))}  # ids in row order
+        state_of = {text: i for i, text in enumerate(dict.fromkeys(t.observation for _, t in turns))}
         return cls(
             prompt_ids=[turn.prompt_ids for _, turn in turns],
             response_ids=[turn.response_ids for _, turn in turns],
@@ -59,6 +63,7 @@ class TurnBatch:
             sample_logp=[torch.tensor(t.sample_logprobs, dtype=torch.float32) for _, t in turns],
             allowed=[t.allowed_tokens for _, t in turns] if any(t.allowed_tokens for _, t in turns) else None,
             segment_ids=torch.tensor([segment_of[key] for key in keys], dtype=torch.long),
+            state_ids=torch.tensor([state_of[t.observation] for _, t in turns], dtype=torch.long),
         )
 
     def __setattr__(self, name: str, value) -> None:

@@ -275,7 +275,7 @@ class Learner:
 
     def _advantages(self, batch: TurnBatch) -> None:
         """``algo.advantage``'s estimator (:mod:`epo_cli.algos.estimators`) over the batch."""
-        turns = TurnRewards(batch.rewards, batch.episode_ids, batch.group_ids, batch.values)
+        turns = TurnRewards(batch.rewards, batch.episode_ids, batch.group_ids, batch.values, batch.state_ids)
         batch.advantages, batch.returns = self.estimate(turns, self.spec.algo)
 
     # ---------------------------------------------------------------- update

@@ -284,6 +284,10 @@ class AlgoSpec(_Section):
     )
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount over turns (EPO_SPEC.md §2; paper 1.0).")
     lam: float = Field(1.0, ge=0, le=1, description="GAE lambda over turns (EPO_SPEC.md §2; paper 1.0).")
+    gigpo_gamma: float = Field(0.95, gt=0, le=1, description="GiGPO: discount of the step-level returns (paper 0.95).")
+    gigpo_step_weight: float = Field(
+        1.0, ge=0, description="GiGPO: weight of the step-level (anchor-state) advantage beside the episode's (paper 1)."
+    )
     clip_eps_low: float = Field(0.2, gt=0, description="PPO clip: ratio >= 1 - eps_low (EPO_SPEC.md §2).")
     clip_eps_high: float = Field(0.2, gt=0, description="PPO clip: ratio <= 1 + eps_high (EPO_SPEC.md §2).")
     dual_clip_c: float | None = Field(

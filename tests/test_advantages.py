@@ -93,3 +93,37 @@ def test_reinforce_pp_whitens_each_episodes_return_over_the_batch_once():
     advantages, returns = reinforce_pp_estimator(turns, AlgoSpec(name="grpo"))
     z = (1 - 1 / 3) / math.sqrt(1 / 3)
     assert returns is None and torch.allclose(advantages, torch.tensor([z, z, -z / 2, -z / 2]), atol=1e-5)
+
+
+def test_gigpo_adds_a_step_advantage_among_turns_that_met_the_same_state():
+    from epo_cli.algos.advantages import TurnRewards, gigpo_estimator
+    from epo_cli.spec import AlgoSpec
+
+    # Group 0: episode 0 meets states A, B and wins (rewards 0, 1); episode 1 meets A, C and
+    # loses. Episode level: +-1/sqrt(2). Discounted by 0.5, A's returns are 0.5 and 0: one
+    # anchor state, step advantages +-1/sqrt(2); B and C are met once: 0. Group 1's episode 2
+    # also meets A, alone in its group: its own cluster, 0.
+    turns = TurnRewards(
+        rewards=torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]), episode_ids=torch.tensor([0, 0, 1, 1, 2]),
+        group_ids=torch.tensor([0, 0, 0, 0, 1]), state_ids=torch.tensor([0, 1, 0, 2, 0]),
+    )
+    advantages, returns = gigpo_estimator(turns, AlgoSpec(name="grpo", advantage="gigpo", gigpo_gamma=0.5))
+    h = 1 / math.sqrt(2)
+    assert returns is None and torch.allclose(advantages, torch.tensor([2 * h, h, -2 * h, -h, 0.0]), atol=1e-5)
+    # Two different states are never one anchor: B and C merged would give them +-1/sqrt(2).
+    half, _ = gigpo_estimator(turns, AlgoSpec(name="grpo", advantage="gigpo", gigpo_gamma=0.5, gigpo_step_weight=0.5))
+    assert torch.allclose(half, torch.tensor([1.5 * h, h, -1.5 * h, -h, 0.0]), atol=1e-5)
+
+
+def test_a_batch_from_episodes_names_each_turns_state_by_its_observation():
+    from epo_cli.batch import TurnBatch
+    from epo_cli.envs.base import TaskInstance
+    from epo_cli.rollout import Episode, Turn
+
+    def turn(index, observation):
+        return Turn([1], [2], "", "a", index, [-0.1], observation=observation)
+
+    task = TaskInstance("toy", "toy", "train-0", 0)
+    batch = TurnBatch.from_episodes([Episode(task, 0, 0, [turn(0, "room"), turn(1, "hall")]),
+                                     Episode(task, 1, 0, [turn(0, "room"), turn(1, "yard")])])
+    assert batch.state_ids.tolist() == [0, 1, 0, 2]

@@ -236,5 +236,5 @@ def test_the_advantage_estimator_defaults_by_algorithm_and_is_checked_by_name():
     assert resolve_spec(flags={"algo": {"name": "ppo"}}, overrides=["algo.advantage=grpo", "rollout.group_size=4"]).algo.estimator.needs_critic is False
     with pytest.raises(SpecError, match="group_size must be >= 2 for grpo"):
         resolve_spec(flags={"algo": {"name": "ppo"}}, overrides=["algo.advantage=grpo"])
-    with pytest.raises(SpecError, match=r"algo.advantage: unknown estimator 'rloo2'; expected one of gae, grpo, rloo, reinforce\+\+"):
+    with pytest.raises(SpecError, match=r"algo.advantage: unknown estimator 'rloo2'; expected one of gae, grpo, rloo, gigpo, reinforce\+\+"):
         resolve_spec(overrides=["algo.advantage=rloo2"])

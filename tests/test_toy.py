@@ -83,7 +83,7 @@ def test_every_algorithm_learns_the_toy(algo):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("advantage", ["rloo", "reinforce++"])
+@pytest.mark.parametrize("advantage", ["rloo", "reinforce++", "gigpo"])
 def test_the_toy_is_learnt_with_each_critic_free_estimator(advantage):
     rewards = _learn("toy", "grpo+epo", 60, [f"algo.advantage={advantage}"])
     assert rewards[0] <= 0.5
@@ -91,8 +91,9 @@ def test_the_toy_is_learnt_with_each_critic_free_estimator(advantage):
 
 
 @pytest.mark.slow
-def test_grpo_epo_learns_the_multiturn_toy_from_the_final_reward_only():
-    rewards = _learn("toy-multiturn", "grpo+epo", max_steps=80)
+@pytest.mark.parametrize("advantage", ["grpo", "gigpo"])
+def test_grpo_epo_learns_the_multiturn_toy_from_the_final_reward_only(advantage):
+    rewards = _learn("toy-multiturn", "grpo+epo", 80, [f"algo.advantage={advantage}"])
     assert rewards[0] <= 0.5
     assert sum(rewards[-3:]) / 3 >= 0.8, [round(r, 2) for r in rewards]
 

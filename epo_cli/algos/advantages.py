@@ -15,6 +15,7 @@ class TurnRewards:
     episode_ids: torch.Tensor  # [N]
     group_ids: torch.Tensor  # [N], the task instance the episode played
     values: torch.Tensor | None = None  # [N], the critic's V(s_t) (estimators that need one)
+    state_ids: torch.Tensor | None = None  # [N], the state each turn answered (equal id: equal observation)
 
 
 def episode_returns(turns: TurnRewards) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,6 +120,45 @@ def reinforce_pp_estimator(turns: TurnRewards, algo) -> tuple[torch.Tensor, None
     the loss's KL term (``algo.kl_coef``), since advantages are per turn, not per token."""
     returns, _, episode_of_turn = episode_returns(turns)
     return whiten(returns)[episode_of_turn], None
+
+
+def discounted_returns(rewards: torch.Tensor, episode_ids: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``G_t = r_t + gamma G_{t+1}`` within each episode (turns ordered by episode then turn)."""
+    returns = torch.zeros(len(rewards), dtype=torch.float32)
+    following = 0.0
+    for i in range(len(rewards) - 1, -1, -1):
+        if i == len(rewards) - 1 or episode_ids[i + 1] != episode_ids[i]:
+            following = 0.0
+        following = float(rewards[i]) + gamma * following
+        returns[i] = following
+    return returns
+
+
+def anchor_state_advantages(step_returns: torch.Tensor, group_ids: torch.Tensor, state_ids: torch.Tensor,
+                            eps: float = 1e-6) -> torch.Tensor:
+    """GiGPO's step-level advantage: among the turns of one group that answered the same
+    state (an anchor state), each turn's discounted return against their mean, over their
+    std. A state met once in its group gives 0; equal states of different groups are not pooled."""
+    advantages = torch.zeros(len(step_returns), dtype=torch.float32)
+    for key in torch.unique(torch.stack([group_ids, state_ids], dim=1), dim=0):
+        members = (group_ids == key[0]) & (state_ids == key[1])
+        if members.sum() > 1:
+            cluster = step_returns[members]
+            advantages[members] = (cluster - cluster.mean()) / (cluster.std() + eps)
+    return advantages
+
+
+def gigpo_estimator(turns: TurnRewards, algo) -> tuple[torch.Tensor, None]:
+    """``algo.advantage: gigpo`` (GiGPO, Feng et al. 2025, arXiv 2505.10978): GRPO's
+    episode-level advantage plus ``algo.gigpo_step_weight`` (paper: 1) times the step-level
+    :func:`anchor_state_advantages` of the returns discounted by ``algo.gigpo_gamma``
+    (paper: 0.95); anchor states are turns with the same observation text."""
+    if turns.state_ids is None:
+        raise ValueError("algo.advantage: gigpo needs the turns' states (a batch built from episodes)")
+    episode_level, _ = grpo_estimator(turns, algo)
+    step_returns = discounted_returns(turns.rewards, turns.episode_ids, algo.gigpo_gamma)
+    step_level = anchor_state_advantages(step_returns, turns.group_ids, turns.state_ids)
+    return episode_level + algo.gigpo_step_weight * step_level, None
 
 
 def whiten(values: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

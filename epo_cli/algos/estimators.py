@@ -34,6 +34,11 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
         "epo_cli.algos.advantages:rloo_estimator", needs_critic=False, uses_groups=True,
         help="RLOO: an episode's return against the mean of the other episodes of its group",
     ),
+    "gigpo": EstimatorInfo(
+        "epo_cli.algos.advantages:gigpo_estimator", needs_critic=False, uses_groups=True,
+        help="GiGPO: GRPO's episode advantage plus a step advantage among the turns of a group that met the same "
+        "state (algo.gigpo_gamma, algo.gigpo_step_weight)",
+    ),
     "reinforce++": EstimatorInfo(
         "epo_cli.algos.advantages:reinforce_pp_estimator", needs_critic=False, uses_groups=False,
         help="REINFORCE++: the episodes' returns whitened over the batch (its KL: algo.kl_coef)",
