@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from epo_cli.envs.registry import ENVS
-from epo_cli.spec import ALGOS, VARIANTS, SpecError, deep_merge, resolve_spec, saved_spec, spec_to_yaml
+from epo_cli.spec import ALGOS, BASE_ALGOS, VARIANTS, SpecError, deep_merge, resolve_spec, saved_spec, spec_to_yaml
 
 app = typer.Typer(
     help="Train LLM agents with EPO (Entropy-regularized Policy Optimization) on ScienceWorld and ALFWorld.",
@@ -655,8 +655,8 @@ def ablate(
     if sweep is not None and (spec is not None or seeds != ["0"] or algo != "ppo"):
         _fail("--sweep: the sweep file names the base spec, the arms and the seeds (not --spec, --seeds, --algo)")
     base = algo.removesuffix("+epo")
-    if base not in ("ppo", "grpo"):
-        _fail(f"--algo: expected ppo or grpo, got {algo!r}")
+    if base not in BASE_ALGOS:
+        _fail(f"--algo: expected one of {', '.join(BASE_ALGOS)}, got {algo!r}")
     seed_list = _parse_seeds(seeds)
     _quiet_libraries()
     flags = _flags(env=env, steps=steps, model=_initial_model(init_from, model), tracking_uri=tracking_uri, scale=scale)

@@ -22,13 +22,21 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from epo_cli.algos.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, EstimatorInfo
+from epo_cli.algos.estimators import ESTIMATORS, EstimatorInfo
 from epo_cli.envs.registry import ENVS
 from epo_cli.paths import epo_home
 
-Algo = Literal["ppo", "grpo", "ppo+epo", "grpo+epo"]
+# Every base algorithm, named alone or with +epo: the family whose preset sizes it takes
+# (ALGO_PRESETS) and its advantage estimator (algos/estimators.py). Names are parsed here only.
+BASE_ALGOS: dict[str, tuple[Literal["ppo", "grpo"], str]] = {
+    "ppo": ("ppo", "gae"),
+    "grpo": ("grpo", "grpo"),
+    "rloo": ("grpo", "rloo"),
+    "gigpo": ("grpo", "gigpo"),
+    "reinforce++": ("grpo", "reinforce++"),
+}
+ALGOS: tuple[str, ...] = tuple(f"{base}{suffix}" for base in BASE_ALGOS for suffix in ("", "+epo"))
 Variant = Literal["epo", "epo-base", "no-dw", "indicator", "decay", "ea"]
-ALGOS: tuple[str, ...] = get_args(Algo)
 VARIANTS: tuple[str, ...] = get_args(Variant)
 
 
@@ -273,13 +281,17 @@ class EPOSpec(_Section):
 
 
 class AlgoSpec(_Section):
-    """The base objective L_MT: PPO or GRPO (EPO_SPEC.md §2)."""
+    """The base objective L_MT: PPO, GRPO or a critic-free relative (EPO_SPEC.md §2)."""
 
-    name: Algo = Field("ppo+epo", description="Base objective L_MT (EPO_SPEC.md §2), with EPO (+epo, Eq. 6) or without.")
+    name: str = Field(
+        "ppo+epo",
+        description="Base objective L_MT (EPO_SPEC.md §2), with EPO (+epo, Eq. 6) or without: ppo, grpo, rloo, gigpo, "
+        "reinforce++ (each names its advantage estimator; all but ppo train no critic).",
+    )
     variant: Variant = Field("epo", description="A named ablation or baseline (EPO_SPEC.md §3 table; VARIANT_OVERRIDES).")
     advantage: str | None = Field(
         None,
-        description="Advantage estimator by name (epo_cli/algos/estimators.py: gae, grpo); default: the base "
+        description="Advantage estimator by name (epo_cli/algos/estimators.py: gae, grpo, rloo, gigpo, reinforce++); default: the base "
         "algorithm's (ppo: gae, grpo: grpo).",
     )
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount over turns (EPO_SPEC.md §2; paper 1.0).")
@@ -336,14 +348,27 @@ class AlgoSpec(_Section):
     @model_validator(mode="after")
     def _estimator(self) -> AlgoSpec:
         if self.advantage is None:
-            self.advantage = DEFAULT_ESTIMATOR[self.base]
+            self.advantage = BASE_ALGOS[self.base][1]
         if self.advantage not in ESTIMATORS:
             raise ValueError(f"algo.advantage: unknown estimator {self.advantage!r}; expected one of {', '.join(ESTIMATORS)}")
         return self
 
+    @field_validator("name")
+    @classmethod
+    def _known_algo(cls, value: str) -> str:
+        if value not in ALGOS:
+            raise ValueError(f"unknown algorithm {value!r}; expected one of {', '.join(ALGOS)}")
+        return value
+
     @property
-    def base(self) -> Literal["ppo", "grpo"]:
-        return "grpo" if self.name.startswith("grpo") else "ppo"
+    def base(self) -> str:
+        """The algorithm without EPO: ``rloo+epo`` -> ``rloo``."""
+        return self.name.removesuffix("+epo")
+
+    @property
+    def family(self) -> Literal["ppo", "grpo"]:
+        """Whose preset sizes it takes: PPO's (a critic) or GRPO's (groups)."""
+        return BASE_ALGOS[self.base][0]
 
     @property
     def estimator(self) -> EstimatorInfo:
@@ -705,21 +730,22 @@ def resolve_spec(
 
     # The algorithm's preset first: an environment's own sizes (ALFWorld: 256/32 for PPO
     # and GRPO alike) override the ScienceWorld-column ones of ALGO_PRESETS.
-    base = "grpo" if str(algo_name).startswith("grpo") else "ppo"
-    merged = deep_merge({}, ALGO_PRESETS[base])
+    # An unknown name takes PPO's sizes here and is refused when the spec is validated.
+    family = BASE_ALGOS.get(str(algo_name).removesuffix("+epo"), ("ppo",))[0]
+    merged = deep_merge({}, ALGO_PRESETS[family])
     env = ENVS.get(env_name)  # an unknown name is refused when the spec is validated
     merged = deep_merge(merged, env.presets if env else {})
     if not str(algo_name).endswith("+epo"):
         merged = deep_merge(merged, NO_EPO)
     if scale == "cpu":
         merged = deep_merge(merged, CPU_SCALE)
-        if base == "grpo":
+        if family == "grpo":
             merged = deep_merge(merged, CPU_SCALE_GRPO)
         if native_bf16():
             merged = deep_merge(merged, CPU_SCALE_BF16)
     if env and env.fixed_size:
         merged = deep_merge(merged, env.fixed_size)
-        if base == "grpo":
+        if family == "grpo":
             merged = deep_merge(merged, env.fixed_size_grpo)
     merged = deep_merge(merged, VARIANT_OVERRIDES.get(variant, {}))
     for layer in user_layers:

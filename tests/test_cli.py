@@ -109,7 +109,7 @@ def test_unknown_ablation_and_algo_are_one_line_errors():
     result = runner.invoke(app, ["ablate", "everything"])
     assert result.exit_code == 2 and "ablation 'everything' is unknown" in result.output
     result = runner.invoke(app, ["ablate", "smoothing", "--algo", "sac"])
-    assert result.exit_code == 2 and "--algo: expected ppo or grpo" in result.output
+    assert result.exit_code == 2 and "--algo: expected one of ppo, grpo, rloo, gigpo, reinforce++" in result.output
 
 
 @pytest.mark.slow

@@ -113,7 +113,7 @@ def test_spec_file_layer(tmp_path):
         ("epo.smoothing.kappa_l=3", "kappa_l (3.0) must not exceed kappa_r"),
         ("optim.lr=-1", "optim.lr: Input should be greater than 0"),
         ("env.max_turns=0", "env.max_turns"),
-        ("algo.name=sac", "algo.name: got 'sac'"),
+        ("algo.name=sac", "algo.name: unknown algorithm 'sac'; expected one of ppo, ppo+epo, grpo"),
         ("rollout.temperature=hot", "rollout.temperature"),
         ("algo.dual_clip_c=1", "algo.dual_clip_c: Input should be greater than 1"),
     ],
@@ -238,3 +238,13 @@ def test_the_advantage_estimator_defaults_by_algorithm_and_is_checked_by_name():
         resolve_spec(flags={"algo": {"name": "ppo"}}, overrides=["algo.advantage=grpo"])
     with pytest.raises(SpecError, match=r"algo.advantage: unknown estimator 'rloo2'; expected one of gae, grpo, rloo, gigpo, reinforce\+\+"):
         resolve_spec(overrides=["algo.advantage=rloo2"])
+
+
+@pytest.mark.parametrize("name", ["rloo", "gigpo+epo", "reinforce++"])
+def test_each_critic_free_algorithm_names_its_estimator_and_takes_grpos_sizes(name):
+    spec = resolve_spec(flags={"algo": {"name": name}})
+    grpo = resolve_spec(flags={"algo": {"name": "grpo" + ("+epo" if name.endswith("+epo") else "")}})
+    assert spec.algo.advantage == name.removesuffix("+epo") and spec.algo.family == "grpo"
+    assert spec.algo.uses_epo == name.endswith("+epo") and not spec.algo.estimator.needs_critic
+    assert (spec.rollout.group_size, spec.optim.lr, spec.epo.entropy_coef) == (grpo.rollout.group_size, grpo.optim.lr,
+                                                                                grpo.epo.entropy_coef)

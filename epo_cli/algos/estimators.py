@@ -45,9 +45,6 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
     ),
 }
 
-# The estimator each base algorithm uses when algo.advantage is not set.
-DEFAULT_ESTIMATOR = {"ppo": "gae", "grpo": "grpo"}
-
 
 def estimator(name: str) -> Callable:
     """The function registered as ``name``."""
