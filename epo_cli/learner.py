@@ -1,5 +1,5 @@
 """The update of one RL step on a batch of turn samples: score -> advantages -> PPO/GRPO
-loss with the EPO terms -> optimizer step -> entropy history (EPO_SPEC.md §2-3).
+loss with the EPO terms -> optimizer step -> entropy history.
 
 The passes run over units of turn samples: one turn each, or, with
 ``rollout.prompt_format: conversation``, one segment of an episode each (the packed update:

@@ -238,7 +238,7 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, num_cyc
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, optim, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """:func:`warmup_cosine_factor` over ``optim.warmup_ratio`` of ``total_steps`` (the
-    paper's 10% warmup, EPO_SPEC.md §5), then down to ``optim.min_lr_ratio`` of the peak."""
+    paper's 10% warmup), then down to ``optim.min_lr_ratio`` of the peak."""
     warmup = int(optim.warmup_ratio * total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine_factor(step, warmup, total_steps, optim.num_cycles, optim.min_lr_ratio)

@@ -1,6 +1,6 @@
 """Prompt token ids of a turn, in either ``rollout.prompt_format``.
 
-``windowed`` (the paper's, EPO_SPEC.md §6): every turn's prompt is a fresh chat rendered
+``windowed`` (the paper's): every turn's prompt is a fresh chat rendered
 from :func:`~epo_cli.envs.base.build_prompt` and encoded by :func:`encode_prompt`.
 
 ``conversation``: one chat per episode, kept by a :class:`Conversation`. Turn 0's prompt

@@ -2,7 +2,7 @@
 
 The output is a list of :class:`Episode`, each a list of :class:`Turn` records holding
 exactly the tokens the policy saw and wrote; :func:`flatten_turns` makes them training
-samples (one per turn, EPO_SPEC.md §1). Prompts come from :mod:`epo_cli.prompts`, in
+samples (one per turn). Prompts come from :mod:`epo_cli.prompts`, in
 ``rollout.prompt_format``.
 """
 

@@ -2,7 +2,7 @@
 
 A spec is resolved in layers, each overriding the one before:
 
-1. field defaults (the paper's settings, EPO_SPEC.md §5),
+1. field defaults (the paper's settings),
 2. the algorithm's and then the environment's paper preset (group size, turns, alpha, lr,
    batch sizes),
 3. the hardware scale: with no GPU, ``scale: cpu`` shrinks episodes, steps and turns so a
@@ -49,7 +49,7 @@ class _Section(BaseModel):
 
 
 class ModelSpec(_Section):
-    """The policy model (and the PPO critic's backbone), EPO_SPEC.md §5."""
+    """The policy model (and the PPO critic's backbone)."""
 
     name: str = Field(
         "smollm2-135m",
@@ -78,7 +78,7 @@ class ModelSpec(_Section):
 
 
 class EnvSpec(_Section):
-    """The text environment and its engines, EPO_SPEC.md §6."""
+    """The text environment and its engines."""
 
     name: str = Field(
         "scienceworld",
@@ -86,7 +86,7 @@ class EnvSpec(_Section):
         "word game (envs/toy.py) that checks learning.",
     )
     max_turns: int = Field(30, gt=0, description="Turns per episode (paper: 30 / 50).")
-    train_split: str = Field("train", description="Split of the training tasks (EPO_SPEC.md §6).")
+    train_split: str = Field("train", description="Split of the training tasks.")
     data_dir: Path | None = Field(
         None,
         description="ALFWorld's data folder (holding json_2.1.1); default $ALFWORLD_DATA, "
@@ -157,16 +157,16 @@ class VLLMSpec(_Section):
 
 
 class RolloutSpec(_Section):
-    """Episodes per step and how turns are sampled, EPO_SPEC.md §1 and §5."""
+    """Episodes per step and how turns are sampled."""
 
     tasks_per_step: int = Field(16, gt=0, description="Distinct task instances per RL step.")
     group_size: int = Field(
         8, gt=0, description="Episodes per task instance (GRPO's G; PPO uses 1)."
     )
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of training rollouts, also used for H (EPO_SPEC.md §3, §5: 1.0).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of training rollouts, also used for H (paper: 1.0).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of training rollouts (1.0: off).")
-    max_prompt_tokens: int = Field(2048, gt=0, description="Prompt tokens per turn (EPO_SPEC.md §5: 2048).")
-    max_response_tokens: int = Field(512, gt=0, description="Response tokens per turn (EPO_SPEC.md §5: 512).")
+    max_prompt_tokens: int = Field(2048, gt=0, description="Prompt tokens per turn (paper: 2048).")
+    max_response_tokens: int = Field(512, gt=0, description="Response tokens per turn (paper: 512).")
     on_overflow: Literal["truncate", "error"] = Field(
         "truncate",
         description="A prompt over max_prompt_tokens: cut its middle (counted in "
@@ -174,7 +174,7 @@ class RolloutSpec(_Section):
     )
     prompt_format: Literal["windowed", "conversation"] = Field(
         "windowed",
-        description="'windowed' (the paper's, EPO_SPEC.md §6): every turn's prompt is rebuilt from the task, a "
+        description="'windowed' (the paper's): every turn's prompt is rebuilt from the task, a "
         "window of history and the admissible actions. 'conversation': one chat per episode (each turn's prompt "
         "extends the last turn's prompt and response, token for token; a new segment starts at a turn boundary "
         "past max_prompt_tokens), trained with one packed forward per segment (docs/algorithm.md).",
@@ -219,9 +219,9 @@ class RolloutSpec(_Section):
 
 
 class SmoothingSpec(_Section):
-    """Entropy smoothing: the corridor penalty around Hbar_W, Eq. 3-4 (EPO_SPEC.md §3)."""
+    """Entropy smoothing: the corridor penalty around Hbar_W, Eq. 3-4."""
 
-    enabled: bool = Field(True, description="The smoothing term L_smooth (Eq. 3-4, EPO_SPEC.md §3); off: EPO-Base.")
+    enabled: bool = Field(True, description="The smoothing term L_smooth (Eq. 3-4); off: EPO-Base.")
     form: Literal["hinge", "indicator"] = Field(
         "hinge", description="Eq. 4 hinge, or the reference code's zero-gradient indicator."
     )
@@ -230,7 +230,7 @@ class SmoothingSpec(_Section):
     alpha: float = Field(0.05, ge=0, description="Penalty scale alpha (Eq. 4; paper 0.05 ScienceWorld, 0.1 ALFWorld).")
     window: int | None = Field(None, gt=0, description="None: cumulative mean (paper).")
     history: Literal["step", "turn"] = Field(
-        "step", description="Hbar per RL step (Eq. 3), or per turn index (the reference code's form, EPO_SPEC.md §3)."
+        "step", description="Hbar per RL step (Eq. 3), or per turn index (the reference code's form)."
     )
 
     @model_validator(mode="after")
@@ -243,35 +243,35 @@ class SmoothingSpec(_Section):
 
 
 class WeightingSpec(_Section):
-    """Adaptive phase weighting beta_k, Eq. 5 (EPO_SPEC.md §3)."""
+    """Adaptive phase weighting beta_k, Eq. 5."""
 
     dynamic: bool = Field(True, description="beta_k of Eq. 5; False uses constant_beta.")
     gamma: float = Field(3.0, ge=0, description="gamma of beta_k = 1 + exp(-gamma k / k_mid) (Eq. 5; paper 3.0).")
-    constant_beta: float = Field(1.0, ge=0, description="beta when dynamic is False (the no-dw ablation, EPO_SPEC.md §3).")
+    constant_beta: float = Field(1.0, ge=0, description="beta when dynamic is False (the no-dw ablation).")
 
 
 class DecaySpec(_Section):
-    """EPO-Decay, the paper's failing entropy schedules (EPO_SPEC.md §3 table)."""
+    """EPO-Decay, the paper's failing entropy schedules."""
 
     turn_decay: float | None = Field(
         None, gt=0, le=1, description="EPO-Decay: lambda_t = lambda * d**t over turns."
     )
     step_schedule: Literal["none", "linear", "exponential"] = Field(
-        "none", description="EPO-Decay: lambda over RL steps, constant or decayed to 0 over K (EPO_SPEC.md §3)."
+        "none", description="EPO-Decay: lambda over RL steps, constant or decayed to 0 over K."
     )
     step_rate: float = Field(5.0, gt=0, description="Exponential schedule: exp(-rate*k/K).")
 
 
 class EntropyAdvantageSpec(_Section):
-    """The EA baseline: entropy-shaped advantages (EPO_SPEC.md §3 table)."""
+    """The EA baseline: entropy-shaped advantages."""
 
-    enabled: bool = Field(False, description="EA baseline: A' = A + min(psi H, |A| / kappa) (EPO_SPEC.md §3).")
+    enabled: bool = Field(False, description="EA baseline: A' = A + min(psi H, |A| / kappa).")
     psi: float = Field(0.4, gt=0, description="EA: weight psi of the detached entropy.")
     kappa: float = Field(2.0, gt=0, description="EA: the bonus is at most |A| / kappa.")
 
 
 class EPOSpec(_Section):
-    """The EPO terms of Eq. 6: lambda * (L_H - beta_k * L_smooth) (EPO_SPEC.md §3)."""
+    """The EPO terms of Eq. 6: lambda * (L_H - beta_k * L_smooth)."""
 
     entropy_coef: float = Field(0.001, ge=0, description="lambda of Eq. 2 and Eq. 6.")
     smoothing: SmoothingSpec = SmoothingSpec()
@@ -281,27 +281,27 @@ class EPOSpec(_Section):
 
 
 class AlgoSpec(_Section):
-    """The base objective L_MT: PPO, GRPO or a critic-free relative (EPO_SPEC.md §2)."""
+    """The base objective L_MT: PPO, GRPO or a critic-free relative."""
 
     name: str = Field(
         "ppo+epo",
-        description="Base objective L_MT (EPO_SPEC.md §2), with EPO (+epo, Eq. 6) or without: ppo, grpo, rloo, gigpo, "
+        description="Base objective L_MT, with EPO (+epo, Eq. 6) or without: ppo, grpo, rloo, gigpo, "
         "reinforce++ (each names its advantage estimator; all but ppo train no critic).",
     )
-    variant: Variant = Field("epo", description="A named ablation or baseline (EPO_SPEC.md §3 table; VARIANT_OVERRIDES).")
+    variant: Variant = Field("epo", description="A named ablation or baseline (VARIANT_OVERRIDES).")
     advantage: str | None = Field(
         None,
         description="Advantage estimator by name (epo_cli/algos/estimators.py: gae, grpo, rloo, gigpo, reinforce++); default: the base "
         "algorithm's (ppo: gae, grpo: grpo).",
     )
-    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount over turns (EPO_SPEC.md §2; paper 1.0).")
-    lam: float = Field(1.0, ge=0, le=1, description="GAE lambda over turns (EPO_SPEC.md §2; paper 1.0).")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount over turns (paper 1.0).")
+    lam: float = Field(1.0, ge=0, le=1, description="GAE lambda over turns (paper 1.0).")
     gigpo_gamma: float = Field(0.95, gt=0, le=1, description="GiGPO: discount of the step-level returns (paper 0.95).")
     gigpo_step_weight: float = Field(
         1.0, ge=0, description="GiGPO: weight of the step-level (anchor-state) advantage beside the episode's (paper 1)."
     )
-    clip_eps_low: float = Field(0.2, gt=0, description="PPO clip: ratio >= 1 - eps_low (EPO_SPEC.md §2).")
-    clip_eps_high: float = Field(0.2, gt=0, description="PPO clip: ratio <= 1 + eps_high (EPO_SPEC.md §2).")
+    clip_eps_low: float = Field(0.2, gt=0, description="PPO clip: ratio >= 1 - eps_low.")
+    clip_eps_high: float = Field(0.2, gt=0, description="PPO clip: ratio <= 1 + eps_high.")
     dual_clip_c: float | None = Field(
         3.0,
         gt=1,
@@ -315,9 +315,9 @@ class AlgoSpec(_Section):
         "for a sampler whose numerics differ from the trainer's (rollout.dtype, vLLM); null: off. The CPU scale's "
         "bf16 sampler sets 2.",
     )
-    value_clip: float = Field(0.5, gt=0, description="Clip of the critic's value change (EPO_SPEC.md §2: 0.5).")
+    value_clip: float = Field(0.5, gt=0, description="Clip of the critic's value change (paper: 0.5).")
     vf_coef: float = Field(1.0, ge=0, description="Weight of the critic loss.")
-    whiten_advantages: bool = Field(True, description="PPO: whiten GAE advantages over the batch (EPO_SPEC.md §2).")
+    whiten_advantages: bool = Field(True, description="PPO: whiten GAE advantages over the batch.")
     loss_agg: Literal["traj-mean", "token-mean"] = Field(
         "traj-mean",
         description="'traj-mean': tokens -> turns -> trajectories (paper Eq. 2); "
@@ -329,11 +329,11 @@ class AlgoSpec(_Section):
         description="Final reward: 1 for a win ('success', the paper), or the final score as a fraction of the "
         "maximum ('score': ScienceWorld's 0-100 progress, the toy's share of right answers).",
     )
-    reward_scale: float = Field(1.0, gt=0, description="Final reward R_j multiplier (EPO_SPEC.md §1).")
+    reward_scale: float = Field(1.0, gt=0, description="Final reward R_j multiplier.")
     invalid_action_penalty: float = Field(
-        0.1, ge=0, description="Subtracted for a turn whose answer has no valid action (EPO_SPEC.md §1; reference 0.1)."
+        0.1, ge=0, description="Subtracted for a turn whose answer has no valid action (reference 0.1)."
     )
-    ppo_epochs: int = Field(1, gt=0, description="Passes over the step's batch (EPO_SPEC.md §2).")
+    ppo_epochs: int = Field(1, gt=0, description="Passes over the step's batch.")
     filter_groups: bool = Field(
         False,
         description="DAPO's dynamic sampling (arXiv 2503.14476): a group whose episode returns are all equal has "
@@ -380,14 +380,14 @@ class AlgoSpec(_Section):
 
 
 class OptimSpec(_Section):
-    """AdamW, cosine schedule and batch sizes (EPO_SPEC.md §5)."""
+    """AdamW, cosine schedule and batch sizes."""
 
-    lr: float = Field(3e-6, gt=0, description="Peak policy lr (EPO_SPEC.md §5: 3e-6 PPO, 5e-6 GRPO / ALFWorld).")
+    lr: float = Field(3e-6, gt=0, description="Peak policy lr (paper: 3e-6 PPO, 5e-6 GRPO / ALFWorld).")
     critic_lr: float = Field(1e-5, gt=0, description="Peak critic lr (PPO).")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (EPO_SPEC.md §5).")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Linear warmup share of the steps (EPO_SPEC.md §5: 10%).")
-    min_lr_ratio: float = Field(0.2, ge=0, le=1, description="Cosine floor as a share of the peak lr (EPO_SPEC.md §5: 0.2).")
-    num_cycles: float = Field(0.5, gt=0, description="Cosine cycles over the run (EPO_SPEC.md §5: 0.5).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Linear warmup share of the steps (paper: 10%).")
+    min_lr_ratio: float = Field(0.2, ge=0, le=1, description="Cosine floor as a share of the peak lr (paper: 0.2).")
+    num_cycles: float = Field(0.5, gt=0, description="Cosine cycles over the run (paper: 0.5).")
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip per optimizer step.")
     mini_batch_size: int = Field(
         64, gt=0, description="Turn samples per optimizer step (conversation format: whole segments, about as many turns)."
@@ -404,14 +404,14 @@ class OptimSpec(_Section):
 
 
 class TrainSpec(_Section):
-    """The RL run: K steps (EPO_SPEC.md §5)."""
+    """The RL run: K steps."""
 
     steps: int = Field(125, gt=0, description="RL steps K (Eq. 5 uses K).")
     seed: int = Field(0, description="Seeds the model init, sampling, task order and mini-batch order.")
 
 
 class EvalSpec(_Section):
-    """Fixed, seeded evaluation on the IID and OOD splits (EPO_SPEC.md §5-6)."""
+    """Fixed, seeded evaluation on the IID and OOD splits."""
 
     every: int = Field(5, ge=0, description="Evaluate every N RL steps (0: never).")
     episodes: int = Field(64, gt=0, description="Fixed, seeded episodes per split.")
@@ -530,7 +530,7 @@ class SFTSpec(_Section):
 
 class ExperimentSpec(_Section):
     scale: Literal["cpu", "paper"] = Field(
-        "paper", description="paper: EPO_SPEC.md §5 sizes; cpu: CPU_SCALE shrinks episodes, steps and turns (default: paper with a GPU)."
+        "paper", description="paper: the paper's sizes; cpu: CPU_SCALE shrinks episodes, steps and turns (default: paper with a GPU)."
     )
     model: ModelSpec = ModelSpec()
     env: EnvSpec = EnvSpec()
@@ -770,7 +770,7 @@ def saved_spec(path: Path, flags: dict[str, Any] | None = None, overrides: list[
         raise SpecError(format_validation_error(err, f"spec file {path}")) from None
 
 
-# The paper's ablations as named spec changes (EPO_SPEC.md §3 table). ``ea`` shapes the
+# The paper's ablations as named spec changes. ``ea`` shapes the
 # advantages: alone on ppo/grpo (the paper's EA baseline), beside L_H on the +epo names.
 VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
     "epo": {},

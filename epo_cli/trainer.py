@@ -1,5 +1,5 @@
 """The RL step in the order it happens: rollout -> score -> advantages -> update ->
-entropy history -> log -> checkpoint (EPO_SPEC.md §2-3). Under ``torchrun`` each rank plays
+entropy history -> log -> checkpoint. Under ``torchrun`` each rank plays
 its slice of the step's task groups; rank 0 alone writes MLflow and checkpoints."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Per-token reference formulas of the EPO reference code's base (verl), written with
 scalar ``math`` one token at a time: an independent statement to test the batched
-tensor code against (EPO_SPEC.md §2)."""
+tensor code against."""
 
 import math
 

@@ -1,5 +1,5 @@
 """How the learner wires the objective: checked on gradients of the tiny model, against
-losses written out by hand from the batch (EPO_SPEC.md §2-3)."""
+losses written out by hand from the batch."""
 
 import math
 

@@ -210,7 +210,7 @@ def test_flags_resolve_to_the_same_spec_as_the_preset_file(env, algo):
     flags = {"scale": "paper", "env": {"name": env, "workers": preset.env.workers}, "algo": {"name": algo},
              "model": preset.model.model_dump(), "eval": {"episodes": preset.eval.episodes}}
     assert resolve_spec(flags=flags).model_dump() == preset.model_dump()
-    if env == "alfworld":  # the paper's ALFWorld batch sizes, for GRPO too (EPO_SPEC.md §5)
+    if env == "alfworld":  # the paper's ALFWorld batch sizes, for GRPO too
         assert (preset.optim.mini_batch_size, preset.optim.micro_batch_size) == (256, 32)
 
 

@@ -1,4 +1,4 @@
-"""Advantage estimators over the turns of multi-turn episodes (EPO_SPEC.md §2)."""
+"""Advantage estimators over the turns of multi-turn episodes."""
 
 from __future__ import annotations
 

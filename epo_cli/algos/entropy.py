@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Token entropy ``H = logsumexp(z) - sum_v softmax(z)_v z_v`` (EPO_SPEC.md §3)."""
+    """Token entropy ``H = logsumexp(z) - sum_v softmax(z)_v z_v``."""
     logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1)
     return lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)

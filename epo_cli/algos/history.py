@@ -1,4 +1,4 @@
-"""The entropy history behind the smoothing reference ``Hbar_W`` (EPO_SPEC.md §3, Eq. 3)."""
+"""The entropy history behind the smoothing reference ``Hbar_W`` (Eq. 3)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ class EntropyHistory:
 
     ``Hbar_k`` is appended after step ``k``'s update, so step ``k`` reads steps ``< k``.
     Turn indices are only averaged over turns that were played: finished episodes add no
-    zero padding (a defect of the reference code, EPO_SPEC.md §4).
+    zero padding (a defect of the reference code).
     """
 
     step_means: list[float] = field(default_factory=list)

@@ -1,4 +1,4 @@
-"""The terms of the objective (EPO_SPEC.md §2-3); :func:`epo_cli.algos.objective.epo_loss`
+"""The terms of the objective; :func:`epo_cli.algos.objective.epo_loss`
 assembles them (Eq. 6). Per-token tensors are ``[N, L]`` with a mask.
 
 Every loss is a weighted token sum ``sum(x * weights)``; :func:`token_weights` makes the
@@ -123,7 +123,7 @@ def entropy_corridor_penalty(
 
     ``hinge`` (Eq. 4): ``alpha * (relu(kappa_l Hbar - H) + relu(H - kappa_r Hbar))``, whose
     gradient pushes entropy back into the corridor. ``indicator`` (the released code):
-    ``alpha * 1[H outside corridor]``, a constant with zero gradient (EPO_SPEC.md §4).
+    ``alpha * 1[H outside corridor]``, a constant with zero gradient.
     """
     low = kappa_l * reference
     high = kappa_r * reference

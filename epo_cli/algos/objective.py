@@ -1,5 +1,5 @@
 """The EPO objective of one micro-batch: the only place the loss is assembled. The learner
-and the benchmarks both call :func:`epo_loss` (EPO_SPEC.md §2-3, docs/algorithm.md).
+and the benchmarks both call :func:`epo_loss` (docs/algorithm.md).
 
 ``L_EPO = L_MT - lambda_k * (L_H - beta_k * L_smooth)`` (Eq. 6), where ``L_MT`` is the
 PPO/GRPO clipped surrogate (dual clip, optional KL to a reference and critic loss), ``L_H``

@@ -14,7 +14,7 @@ from pathlib import Path, PurePath
 from epo_cli.envs.base import EnvStep, TaskInstance
 from epo_cli.paths import cache_dir
 
-# The paper's protocol (EPO_SPEC.md §6): split name -> folder under json_2.1.1.
+# The paper's protocol: split name -> folder under json_2.1.1.
 SPLITS = {"train": "train", "iid": "valid_seen", "ood": "valid_unseen"}
 TASK_TYPES = (
     "pick_and_place_simple",

@@ -1,4 +1,4 @@
-"""The environment protocol, the paper's prompt (EPO_SPEC.md §6) and the action parser."""
+"""The environment protocol, the paper's prompt and the action parser."""
 
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def build_prompt(
 ) -> list[dict[str, str]]:
     """Chat messages for one turn: task, step count, past actions, the last
     ``history_length`` (observation, action) pairs, the current observation and the
-    admissible actions (EPO_SPEC.md §6)."""
+    admissible actions."""
     lines = [f"Your task: {state.task_description.strip()}", f"Step {turn + 1} of {max_turns}."]
     if state.past_actions:
         lines.append("Actions taken so far: " + "; ".join(state.past_actions))

@@ -10,7 +10,7 @@ from pathlib import Path
 from epo_cli.envs.base import EnvStep, TaskInstance
 from epo_cli.paths import cache_dir
 
-# The paper's protocol (EPO_SPEC.md §6) in the engine's own variation sets: split name ->
+# The paper's protocol in the engine's own variation sets: split name ->
 # (its tasks, the engine's set). L2 holds out whole task types (positions in task_names()).
 L2_HELD_OUT = (1, 4, 8, 11, 13, 16, 18, 21, 24, 28)
 UNUSED_TASK = "use-thermometer"  # in no split, as in the paper
