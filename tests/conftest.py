@@ -10,8 +10,9 @@ os.environ.setdefault("EPO_DATA_DIR", str(SHARED_DATA))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Under CI the test data must be there: a missing game set fails the session, never skips.
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-HOW_TO_INCLUDE_ALFWORLD = ("to include them: `epo data prepare alfworld` (downloads 31 MB of archives, 337 MB "
-                           "extracted), or set ALFWORLD_DATA=DIR or EPO_DATA_DIR=DIR (holding alfworld/)")
+HOW_TO_INCLUDE_ALFWORLD = ("to include them: `epo data prepare alfworld` (downloads the games: the json_2.1.1 "
+                           "archives are 31 MB, 337 MB extracted), or set ALFWORLD_DATA=DIR or EPO_DATA_DIR=DIR "
+                           "(holding alfworld/)")
 
 
 def _alfworld_missing() -> str | None:
