@@ -40,6 +40,13 @@ Variant = Literal["epo", "epo-base", "no-dw", "indicator", "decay", "ea"]
 VARIANTS: tuple[str, ...] = get_args(Variant)
 
 
+def one_of(value: str, known, what: str, field: str = "") -> str:
+    """``value`` if it is a name in ``known``, else the one-line error that lists them."""
+    if value not in known:
+        raise ValueError(f"{field}unknown {what} {value!r}; expected one of {', '.join(known)}")
+    return value
+
+
 class SpecError(ValueError):
     """A spec could not be built; the message is one line naming the field."""
 
@@ -119,9 +126,7 @@ class EnvSpec(_Section):
     @field_validator("name")
     @classmethod
     def _known_env(cls, value: str) -> str:
-        if value not in ENVS:
-            raise ValueError(f"unknown environment {value!r}; expected one of {', '.join(ENVS)}")
-        return value
+        return one_of(value, ENVS, "environment")
 
     @model_validator(mode="after")
     def _known_options(self) -> EnvSpec:
@@ -349,16 +354,13 @@ class AlgoSpec(_Section):
     def _estimator(self) -> AlgoSpec:
         if self.advantage is None:
             self.advantage = BASE_ALGOS[self.base][1]
-        if self.advantage not in ESTIMATORS:
-            raise ValueError(f"algo.advantage: unknown estimator {self.advantage!r}; expected one of {', '.join(ESTIMATORS)}")
+        one_of(self.advantage, ESTIMATORS, "estimator", "algo.advantage: ")
         return self
 
     @field_validator("name")
     @classmethod
     def _known_algo(cls, value: str) -> str:
-        if value not in ALGOS:
-            raise ValueError(f"unknown algorithm {value!r}; expected one of {', '.join(ALGOS)}")
-        return value
+        return one_of(value, ALGOS, "algorithm")
 
     @property
     def base(self) -> str:
