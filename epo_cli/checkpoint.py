@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ STATE_JSON = "trainer_state.json"
 META_FILE = "checkpoint.json"
 PICKLED_STATE = "trainer_state.pt"  # the earlier, pickled format: refused
 POLICY_DIR = "policy"
+ADAPTER_DIR = "adapter"  # a LoRA run's adapters (peft format)
 STATE_FORMAT = 1
 # JSON stand-ins for what JSON lacks: a tensor (by its key in the safetensors file), a
 # tuple, and a dict whose keys are not all strings.
@@ -151,22 +153,30 @@ def read_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
-def load_policy(folder: Path, dtype: str):
-    """The checkpoint's policy, from safetensors weights only (never a pickled .bin)."""
+def policy_source(folder: Path) -> Path:
+    """The checkpoint's model folder: ``policy/`` (full weights), else a LoRA run's ``adapter/``."""
+    folder = Path(folder)
+    return folder / POLICY_DIR if (folder / POLICY_DIR).exists() or not (folder / ADAPTER_DIR).exists() else folder / ADAPTER_DIR
+
+
+def load_policy(folder: Path, dtype: str, seed: int = 0):
+    """The checkpoint's policy, from safetensors weights only (never a pickled .bin); a
+    LoRA checkpoint without merged weights: its base (``seed``: the tiny test model's init)
+    with the adapters merged in."""
     from transformers import AutoModelForCausalLM
 
-    from epo_cli.models import use_grouped_attention_on_cpu
+    from epo_cli.models import load_causal_lm, use_grouped_attention_on_cpu
 
     use_grouped_attention_on_cpu()
     folder = Path(folder)
-    policy_dir = folder / POLICY_DIR
+    source = policy_source(folder)
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            policy_dir, dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True
-        )
-    except Exception as err:  # transformers raises many kinds for a damaged model folder
-        weights = policy_dir / "model.safetensors"
-        where = weights if weights.exists() else policy_dir
+        if source.name == ADAPTER_DIR:
+            return load_causal_lm(str(source), dtype, seed)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True)
+    except Exception as err:  # transformers and peft raise many kinds for a damaged model folder
+        weights = source / ("adapter_model.safetensors" if source.name == ADAPTER_DIR else "model.safetensors")
+        where = weights if weights.exists() else source
         raise _unreadable(folder, where, f"cannot be loaded ({_first_line(err)})") from None
 
 
@@ -180,27 +190,38 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None
     generator.set_state(state["sampler"])
 
 
+@dataclass
+class ModelFolder:
+    """One model folder of a checkpoint: ``name`` (``policy`` or ``adapter``), written by
+    ``model.save_pretrained(folder, state_dict=state, **options)`` (``state``: e.g. weights
+    gathered from shards; None: the model's own) with the tokenizer beside it."""
+
+    name: str
+    model: Any
+    state: dict[str, torch.Tensor] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
 def save_checkpoint(
     root: Path,
     step: int,
-    policy,
+    models: list[ModelFolder],
     tokenizer,
     trainer_state: dict[str, Any],
     meta: dict[str, Any],
     spec_yaml: str,
     keep: int,
-    policy_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``root/step_NNNNNN`` (policy in transformers format with safetensors weights,
-    the trainer state via :func:`write_state`, a JSON summary, the spec; ``policy_state``
-    replaces the policy's own weights, e.g. gathered from shards) and keep the newest
-    ``keep`` checkpoints. A crash mid-write leaves only a hidden temporary folder; earlier
-    checkpoints are untouched."""
+    """Write ``root/step_NNNNNN`` (each model folder in transformers or peft format with
+    safetensors weights, the trainer state via :func:`write_state`, a JSON summary, the
+    spec) and keep the newest ``keep`` checkpoints. A crash mid-write leaves only a hidden
+    temporary folder; earlier checkpoints are untouched."""
     target = root / f"step_{step:06d}"
     try:
         with atomic_folder(target) as staging:
-            policy.save_pretrained(staging / POLICY_DIR, state_dict=policy_state)
-            tokenizer.save_pretrained(staging / POLICY_DIR)
+            for part in models:
+                part.model.save_pretrained(staging / part.name, state_dict=part.state, **part.options)
+                tokenizer.save_pretrained(staging / part.name)
             write_state(staging, trainer_state)
             (staging / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))
             (staging / "spec.yaml").write_text(spec_yaml)
@@ -208,7 +229,8 @@ def save_checkpoint(
         problem = _no_space(err)
         if problem is None:
             raise
-        needed = tensor_bytes(policy_state if policy_state is not None else policy.state_dict()) + tensor_bytes(trainer_state)
+        weights = [part.state if part.state is not None else part.model.state_dict() for part in models]
+        needed = sum(map(tensor_bytes, weights)) + tensor_bytes(trainer_state)
         free = shutil.disk_usage(root).free
         raise CheckpointSpaceError(
             f"checkpoint {target}: not written ({problem}): it needs about {_gigabytes(needed)}, "

@@ -256,7 +256,7 @@ def evaluate_checkpoint(
 ) -> tuple[list[EvalResult], str | None, int]:
     """Evaluate a saved policy on ``splits``; log to its training run when that run is
     known. Returns (results, run id, checkpoint step)."""
-    from epo_cli.checkpoint import POLICY_DIR, load_policy, read_meta
+    from epo_cli.checkpoint import load_policy, policy_source, read_meta
     from epo_cli.spec import saved_spec
     from epo_cli.tracking import open_tracker
 
@@ -269,8 +269,9 @@ def evaluate_checkpoint(
     if repeats is not None:
         overrides.append(f"eval.repeats={repeats}")
     spec = saved_spec(checkpoint_dir / "spec.yaml", overrides=overrides)
-    policy = load_policy(checkpoint_dir, sampler_dtype(spec)).eval() if spec.rollout.backend == "transformers" else None
-    results = evaluate_model(spec, str(checkpoint_dir / POLICY_DIR), splits, progress, policy)
+    transformers = spec.rollout.backend == "transformers"
+    policy = load_policy(checkpoint_dir, sampler_dtype(spec), spec.train.seed).eval() if transformers else None
+    results = evaluate_model(spec, str(policy_source(checkpoint_dir)), splits, progress, policy)
     run_id = meta.get("mlflow_run_id")
     if run_id:
         tracker = open_tracker(spec.tracking, run_id=run_id, resume=False, uri=tracking_uri)

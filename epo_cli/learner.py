@@ -43,7 +43,8 @@ from epo_cli.distributed import (
     wrap_for_training,
 )
 from epo_cli.forward import TurnScorer
-from epo_cli.models import ValueHead, cosine_schedule, enable_activation_checkpointing, load_causal_lm
+from epo_cli.lora import AdaptersOff, adapter_weights, merged_weights
+from epo_cli.models import ValueHead, cosine_schedule, trainable_model
 from epo_cli.precision import autocast_context
 from epo_cli.spec import ExperimentSpec
 
@@ -88,6 +89,11 @@ class UpdateStats:
         }
 
 
+def trainable(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters an optimizer steps: all of them, or with LoRA the adapters (and heads)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def _grad_norm(term: torch.Tensor | None, params: list[torch.Tensor]) -> float:
     """L2 norm of ``d term / d params``, leaving the graph for the backward of the loss;
     0 for a term that is absent or has no gradient (the indicator penalty)."""
@@ -114,18 +120,19 @@ class Learner:
         # The same seed on every rank: all ranks draw the same mini-batch permutation.
         self.generator = torch.Generator().manual_seed(spec.train.seed)
 
-        self.policy = load_causal_lm(spec.model.name, spec.model.dtype, spec.train.seed).to(self.device)
-        if spec.model.gradient_checkpointing:
-            enable_activation_checkpointing(self.policy)
+        # With model.lora, self.peft wraps self.policy (adapters injected in place).
+        self.policy, self.peft = trainable_model(spec.model, spec.train.seed, self.device)
         self.estimate = estimator(spec.algo.advantage)
         self.has_critic = ESTIMATORS[spec.algo.advantage].needs_critic
         self.shared_critic = self.has_critic and spec.model.critic == "shared"
         self.value_head = ValueHead(self.policy.config.hidden_size).to(self.device) if self.has_critic else None
         critic_model = None
         if self.has_critic and not self.shared_critic:
-            critic_model = load_causal_lm(spec.model.name, spec.model.dtype, spec.train.seed).to(self.device)
+            critic_model, _ = trainable_model(spec.model, spec.train.seed, self.device)
         self.reference = None  # the frozen start policy, for the KL term (not sharded)
-        if spec.algo.kl_coef > 0:
+        if spec.algo.kl_coef > 0 and self.peft is not None:
+            self.reference = AdaptersOff(TurnScorer(self.policy, compiled_head=spec.model.compile_lm_head), self.peft)
+        elif spec.algo.kl_coef > 0:
             frozen = copy.deepcopy(self.policy).eval().requires_grad_(False)
             self.reference = TurnScorer(frozen, compiled_head=spec.model.compile_lm_head)
 
@@ -141,18 +148,18 @@ class Learner:
         # Fused AdamW (one kernel over all tensors) where the parameters are plain tensors.
         adamw = {"weight_decay": spec.optim.weight_decay, "fused": not self.sharded}
         actor_module = unwrap(self.actor)
-        actor_groups = [{"params": list(actor_module.model.parameters()), "lr": spec.optim.lr}]
+        actor_groups = [{"params": trainable(actor_module.model), "lr": spec.optim.lr}]
         if self.shared_critic:
             actor_groups.append({"params": list(actor_module.value_head.parameters()), "lr": spec.optim.critic_lr})
         self.optimizers = [torch.optim.AdamW(actor_groups, **adamw)]
         if self.critic is not None:
-            self.optimizers.append(torch.optim.AdamW(unwrap(self.critic).parameters(), lr=spec.optim.critic_lr, **adamw))
+            self.optimizers.append(torch.optim.AdamW(trainable(unwrap(self.critic)), lr=spec.optim.critic_lr, **adamw))
         # Policy and critic are clipped apart, as two models are: a shared critic's value
         # head, learning from zero, has a gradient norm several times the policy's, and one clip
         # over both scales the policy's gradient by a factor that the critic's error sets.
         critic_params = [p for group in actor_groups[1:] for p in group["params"]]
         if self.critic is not None:
-            critic_params = list(unwrap(self.critic).parameters())
+            critic_params = trainable(unwrap(self.critic))
         self.clip_groups = [("actor", actor_groups[0]["params"])] + ([("critic", critic_params)] if critic_params else [])
         self.schedulers = [self._cosine_schedule(opt) for opt in self.optimizers]
 
@@ -168,8 +175,12 @@ class Learner:
         """The full policy weights for a sampler with its own copy (every rank must call
         it under FSDP2, where it gathers the shards)."""
         if self.sharded:
-            return list(get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True)).items())
-        return list(self.policy.state_dict().items())
+            weights = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True))
+        else:
+            weights = self.policy.state_dict()
+        if self.peft is not None:  # the sampler's copy is a plain model: adapters merged in
+            weights = merged_weights(weights, self.spec.model.lora.scale_alpha / self.spec.model.lora.rank)
+        return list(weights.items())
 
     @property
     def scorers(self) -> list[torch.nn.Module]:
@@ -575,10 +586,15 @@ class Learner:
         rank must call it. Policy weights are returned apart, under ``"policy"``."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         actor = get_model_state_dict(self.actor, options=options)
+        policy = {k.removeprefix("model."): v for k, v in actor.items() if k.startswith("model.")}
+        critic = get_model_state_dict(self.critic, options=options) if self.critic is not None else None
+        if self.peft is not None:  # only what trains: the frozen weights are the start model's
+            policy = adapter_weights(policy)
+            critic = critic and {k: v for k, v in critic.items() if ".lora_" in k or k.startswith("value_head.")}
         return {
-            "policy": {k.removeprefix("model."): v for k, v in actor.items() if k.startswith("model.")},
+            "policy": policy,
             "actor_value_head": {k.removeprefix("value_head."): v for k, v in actor.items() if k.startswith("value_head.")},
-            "critic": get_model_state_dict(self.critic, options=options) if self.critic is not None else None,
+            "critic": critic,
             "optimizers": [get_optimizer_state_dict(m, o, options=options) for m, o in zip(self.scorers, self.optimizers)],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "history": self.history.state_dict(),
@@ -587,8 +603,9 @@ class Learner:
         }
 
     def load_state_dict(self, state: dict, policy_state: dict) -> None:
-        """Restore :meth:`state_dict` output on every rank (any world size)."""
-        options = StateDictOptions(full_state_dict=self.dist.enabled)
+        """Restore :meth:`state_dict` output on every rank (any world size); a LoRA run's
+        states hold the adapters only (the rest stays the start model)."""
+        options = StateDictOptions(full_state_dict=self.dist.enabled, strict=self.peft is None)
         actor = {f"model.{k}": v for k, v in policy_state.items()}
         actor.update({f"value_head.{k}": v for k, v in (state["actor_value_head"] or {}).items()})
         set_model_state_dict(self.actor, actor, options=options)

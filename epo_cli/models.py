@@ -115,8 +115,11 @@ def resolve_model_dir(name: str) -> Path | str:
         return ensure_default_model()
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelError(f"model directory {path} has no config.json (expected a transformers model folder)")
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise ModelError(
+                f"model directory {path} has no config.json (expected a transformers model folder) "
+                "and no adapter_config.json (a LoRA adapter folder)"
+            )
         return path
     if path.suffix or name.startswith((".", "/", "~")):
         raise ModelError(f"model path {name} does not exist")
@@ -169,6 +172,8 @@ def use_grouped_attention_on_cpu() -> None:
 
 
 def load_causal_lm(name: str, dtype: str = "float32", seed: int = 0) -> nn.Module:
+    """A causal LM by name (:func:`resolve_model_dir`); a LoRA adapter folder loads its
+    base with the adapters merged in."""
     from transformers import AutoModelForCausalLM
 
     use_grouped_attention_on_cpu()
@@ -185,6 +190,10 @@ def load_causal_lm(name: str, dtype: str = "float32", seed: int = 0) -> nn.Modul
         typed.load_state_dict(model.state_dict())
         return typed
     source = resolve_model_dir(name)
+    if isinstance(source, Path) and (source / "adapter_config.json").exists():
+        from epo_cli.lora import adapter_base, load_merged
+
+        return load_merged(source, load_causal_lm(adapter_base(source), dtype, seed))
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=True)
     except OSError as err:
@@ -200,11 +209,28 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     enable()
 
 
+def trainable_model(model_spec, seed: int, device: torch.device) -> tuple[nn.Module, object | None]:
+    """The start model to train, on ``device``: every weight, or with ``model.lora`` the
+    frozen weights plus fresh adapters. Returns (the causal LM, its peft wrapper or None)."""
+    model = load_causal_lm(model_spec.name, model_spec.dtype, seed).to(device)
+    peft_model = None
+    if model_spec.lora.enabled:
+        from epo_cli.lora import add_adapters
+
+        peft_model = add_adapters(model, model_spec.lora, model_spec.name, seed)
+    if model_spec.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+        if peft_model is not None:
+            model.enable_input_require_grads()  # frozen embeddings: recomputed layers still need an input grad
+    return model, peft_model
+
+
 def model_directory(name: str, tokenizer, scratch: Path, dtype: str = "float32") -> Path:
     """A transformers folder with the architecture of ``name``: its own folder, or one
-    saved under ``scratch`` when it has none (the tiny test model, a cached hub id)."""
+    saved under ``scratch`` when it has none (the tiny test model, a cached hub id, a
+    LoRA adapter folder: merged into its base)."""
     source = resolve_model_dir(name) if name != TINY_MODEL else None
-    if isinstance(source, Path):
+    if isinstance(source, Path) and (source / "config.json").exists():
         return source
     target = scratch / "model"
     load_causal_lm(name, dtype).save_pretrained(target)

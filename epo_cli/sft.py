@@ -187,7 +187,8 @@ def fit(model, train: list[SFTSample], spec: ExperimentSpec, pad_id: int, device
     batch = as_turn_batch(train)
     units = batch.segments()
     total_steps = sft.epochs * steps_per_epoch(train, sft.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=spec.optim.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]  # with model.lora: the adapters
+    optimizer = torch.optim.AdamW(params, lr=sft.lr, weight_decay=spec.optim.weight_decay)
     scheduler = cosine_schedule(optimizer, spec.optim, total_steps)
     generator = torch.Generator().manual_seed(spec.train.seed)
     model.train()
@@ -204,7 +205,7 @@ def fit(model, train: list[SFTSample], spec: ExperimentSpec, pad_id: int, device
                 (nll / target_tokens).backward()
                 loss += float(nll.detach()) / target_tokens
                 confident += micro_confident
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optim.max_grad_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.optim.max_grad_norm))
             if not math.isfinite(grad_norm):
                 raise SFTError(f"non-finite gradient at SFT step {step}; lower sft.lr (now {sft.lr})")
             lr = scheduler.get_last_lr()[0]
@@ -253,7 +254,7 @@ class SFTResult:
 def run_sft(spec: ExperimentSpec, console: Console) -> SFTResult:
     """Expert data -> rendered steps -> fine-tuning -> held-out metrics -> model folder,
     logged as one MLflow run."""
-    from epo_cli.models import load_causal_lm, load_tokenizer
+    from epo_cli.models import load_tokenizer, trainable_model
     from epo_cli.progress import progress_bar
     from epo_cli.spec import flatten, spec_to_yaml
     from epo_cli.tracking import check_store, open_tracker
@@ -286,11 +287,7 @@ def run_sft(spec: ExperimentSpec, console: Console) -> SFTResult:
         f"{data['data/train_games_won']} games, {len(heldout)} held-out steps, targets {data['data/target_tokens_mean']:.1f} "
         f"tokens on average (max {data['data/target_tokens_max']}, budget {spec.rollout.max_response_tokens})"
     )
-    model = load_causal_lm(spec.model.name, spec.model.dtype, spec.train.seed).to(device)
-    if spec.model.gradient_checkpointing:
-        from epo_cli.models import enable_activation_checkpointing
-
-        enable_activation_checkpointing(model)
+    model, peft_model = trainable_model(spec.model, spec.train.seed, device)
     tags = {"epo.kind": "sft", "epo.env": spec.env.name, "epo.scale": spec.scale}
     tracker = open_tracker(spec.tracking, spec.tracking.run_name, tags=tags)
     status = "FAILED"
@@ -320,6 +317,8 @@ def run_sft(spec: ExperimentSpec, console: Console) -> SFTResult:
         output_dir = Path(spec.sft.output_dir or Path(spec.checkpoint.dir) / "sft" / tracker.run_id)
         info = {"mlflow_run_id": tracker.run_id, "env": spec.env.name, "task_types": spec.env.task_types,
                 "base_model": spec.model.name, "think": spec.sft.think, "steps": total_steps, **data, **final}
+        if peft_model is not None:  # the RL start (and its KL reference) is the SFT policy: adapters merged in
+            model = peft_model.merge_and_unload()
         save_model(model, tokenizer, output_dir, info, spec_to_yaml(spec))
         status = "FINISHED"
     except KeyboardInterrupt:

@@ -55,6 +55,35 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+LORA_TARGETS_DEFAULT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraSpec(_Section):
+    """LoRA adapters (peft) instead of full fine-tuning: off while ``rank`` is unset."""
+
+    rank: int | None = Field(
+        None, ge=1, description="Adapter rank r; unset (default): full fine-tuning. The reference model is the "
+        "start policy with the adapters disabled (no second copy of the weights).",
+    )
+    alpha: float | None = Field(None, gt=0, description="LoRA scale numerator (update scaled by alpha / r); unset: 2 x rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input (0: the scored policy is the sampled one).")
+    target_modules: list[str] = Field(
+        list(LORA_TARGETS_DEFAULT), min_length=1,
+        description="Names of the linear layers that get adapters (every attention and MLP projection of Llama-style models).",
+    )
+    save_merged: bool = Field(
+        False, description="Also write each checkpoint's merged full weights (policy/), loadable without peft.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank is not None
+
+    @property
+    def scale_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * (self.rank or 0)
+
+
 class ModelSpec(_Section):
     """The policy model (and the PPO critic's backbone)."""
 
@@ -82,6 +111,7 @@ class ModelSpec(_Section):
         description="torch.compile the LM-head log-prob/entropy chunk (faster per update; compiles once at start, "
         "docs/benchmarks.md).",
     )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapters (off by default).")
 
 
 class EnvSpec(_Section):

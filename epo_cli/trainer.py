@@ -24,6 +24,7 @@ from epo_cli.envs.pool import env_batch_for
 from epo_cli.envs.registry import load_split
 from epo_cli.evaluate import evaluate_splits, log_evaluation
 from epo_cli.learner import Learner
+from epo_cli.lora import read_adapter
 from epo_cli.models import load_causal_lm, load_tokenizer, model_directory
 from epo_cli.progress import OverallProgress, progress_bar
 from epo_cli.rollout import RolloutSettings, Sampler, build_sampler, episode_stats, play_episodes, sampler_dtype
@@ -307,6 +308,8 @@ class Trainer:
         """A consolidated checkpoint written by rank 0 (every rank takes part in gathering
         the sharded states); loadable with any number of processes."""
         learner_state = self.learner.state_dict()
+        lora = self.spec.model.lora
+        merged = dict(self.learner.policy_weights()) if lora.enabled and lora.save_merged else None  # gathered on every rank
         rng_states = self.dist.all_gather_objects(ckpt.rng_state(self.sample_generator))
         path = root / f"step_{self.step:06d}"
         if self.dist.is_main:
@@ -319,11 +322,22 @@ class Trainer:
             }
             meta = {"mlflow_run_id": run_id, "entropy_history": self.learner.history.step_means, "world_size": self.dist.world_size}
             path = ckpt.save_checkpoint(
-                root, self.step, self.learner.policy, self.tokenizer, state, meta, spec_to_yaml(self.spec),
-                self.spec.checkpoint.keep, policy_state,
+                root, self.step, self._model_folders(policy_state, merged), self.tokenizer, state, meta,
+                spec_to_yaml(self.spec), self.spec.checkpoint.keep,
             )
         self.dist.barrier()
         return path
+
+    def _model_folders(self, policy_state: dict, merged: dict | None) -> list[ckpt.ModelFolder]:
+        """The policy's folders: its full weights, or a LoRA run's adapters (and, under
+        ``model.lora.save_merged``, the ``merged`` weights beside them)."""
+        learner = self.learner
+        if learner.peft is None:
+            return [ckpt.ModelFolder(ckpt.POLICY_DIR, learner.policy, policy_state)]
+        # Embeddings are never adapted here; "auto" would ask the model hub whether they were.
+        adapters = ckpt.ModelFolder(ckpt.ADAPTER_DIR, learner.peft, {f"base_model.model.{k}": v for k, v in policy_state.items()},
+                                    {"save_embedding_layers": False})
+        return [adapters] + ([ckpt.ModelFolder(ckpt.POLICY_DIR, learner.policy, merged)] if merged is not None else [])
 
     def load(self, checkpoint_dir: Path) -> str:
         """Restore everything a checkpoint holds; return its MLflow run id. With another
@@ -331,8 +345,11 @@ class Trainer:
         reseeded (the models, optimizers and EPO state are restored exactly)."""
         meta = ckpt.read_meta(checkpoint_dir)
         state = ckpt.read_state(checkpoint_dir)
-        saved = ckpt.load_policy(checkpoint_dir, self.spec.model.dtype)
-        self.learner.load_state_dict(state["learner"], saved.state_dict())
+        if self.learner.peft is not None:
+            policy_state = read_adapter(checkpoint_dir / ckpt.ADAPTER_DIR)
+        else:
+            policy_state = ckpt.load_policy(checkpoint_dir, self.spec.model.dtype).state_dict()
+        self.learner.load_state_dict(state["learner"], policy_state)
         self._sync_sampler()
         self.step = state["step"]
         self.task_sampler.position = state["sampler_position"]

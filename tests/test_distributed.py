@@ -20,13 +20,13 @@ TURNS_PER_EPISODE = [3, 2, 4, 1]  # uneven on purpose: ranks own 5 and 5 rows, i
 STEPS = 3
 
 
-def _spec(algo: str, strategy: str):
+def _spec(algo: str, strategy: str, extra: tuple[str, ...] = ()):
     # fp32 (the CPU scale runs bf16 autocast where the processor has bf16): ranks and one
     # process must agree to fp32 rounding.
     model = {"name": "tiny", "autocast": "none"}
     return resolve_spec(None, {"algo": {"name": algo}, "model": model, "distributed": {"strategy": strategy}}, [
         "scale=cpu", "rollout.tasks_per_step=2", "rollout.group_size=2", "train.steps=6", "optim.lr=1e-4",
-        "optim.critic_lr=1e-4", "optim.mini_batch_size=6", "optim.micro_batch_size=2",
+        "optim.critic_lr=1e-4", "optim.mini_batch_size=6", "optim.micro_batch_size=2", *extra,
     ])
 
 
@@ -47,11 +47,11 @@ def _fixed_batch(step: int, vocab: int) -> TurnBatch:
     return TurnBatch(prompts, responses, episode_ids, episode_ids // 2, torch.tensor(turn_index), torch.tensor(rewards), sample_logp)
 
 
-def _train_on_fixed_batches(algo: str, strategy: str) -> dict:
+def _train_on_fixed_batches(algo: str, strategy: str, extra: tuple[str, ...] = ()) -> dict:
     """Build a learner in this process (rank 0 of 1, or one of torchrun's ranks) and update
     it on the fixed batches; return what rank 0 sees."""
     dist = init_distributed(timeout_minutes=5)
-    spec = _spec(algo, strategy)
+    spec = _spec(algo, strategy, extra)
     learner = Learner(spec, pad_id=0, dist=dist)
     vocab = learner.policy.config.vocab_size
     episodes_per_rank = len(TURNS_PER_EPISODE) // dist.world_size
@@ -74,10 +74,10 @@ def _train_on_fixed_batches(algo: str, strategy: str) -> dict:
     return result
 
 
-def _rank_worker(rank: int, world: int, port: int, algo: str, strategy: str, out: str) -> None:
+def _rank_worker(rank: int, world: int, port: int, algo: str, strategy: str, out: str, extra: tuple[str, ...] = ()) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    result = _train_on_fixed_batches(algo, strategy)
+    result = _train_on_fixed_batches(algo, strategy, extra)
     if rank == 0:
         torch.save(result, out)
 

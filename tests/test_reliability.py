@@ -27,14 +27,14 @@ class FakePolicy:
 
 
 def test_a_crash_mid_checkpoint_leaves_the_previous_one_intact(tmp_path, monkeypatch):
-    first = ckpt.save_checkpoint(tmp_path, 1, FakePolicy(), FakePolicy(), {"step": 1}, {}, "spec: 1\n", keep=3)
+    first = ckpt.save_checkpoint(tmp_path, 1, [ckpt.ModelFolder("policy", FakePolicy())], FakePolicy(), {"step": 1}, {}, "spec: 1\n", keep=3)
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt, "write_state", crash)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.save_checkpoint(tmp_path, 2, FakePolicy(), FakePolicy(), {"step": 2}, {}, "spec: 2\n", keep=3)
+        ckpt.save_checkpoint(tmp_path, 2, [ckpt.ModelFolder("policy", FakePolicy())], FakePolicy(), {"step": 2}, {}, "spec: 2\n", keep=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]  # no partial folder left
     assert ckpt.latest_checkpoint(tmp_path) == first
     assert (first / "policy" / "model.bin").read_text() == "weights"
@@ -79,7 +79,7 @@ def test_a_full_disk_at_a_checkpoint_stops_the_run_resumably_and_keeps_the_previ
 
 def test_keep_the_last_n_checkpoints(tmp_path):
     for step in range(1, 5):
-        ckpt.save_checkpoint(tmp_path, step, FakePolicy(), FakePolicy(), {}, {}, "", keep=2)
+        ckpt.save_checkpoint(tmp_path, step, [ckpt.ModelFolder("policy", FakePolicy())], FakePolicy(), {}, {}, "", keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003", "step_000004"]
 
 
@@ -155,7 +155,7 @@ def test_a_checkpoint_with_a_pickled_payload_is_refused(tmp_path):
 def test_a_truncated_checkpoint_is_one_line_naming_the_file_and_the_previous_one_still_loads(tmp_path, damaged):
     state = {"step": 0, "learner": {"weights": torch.ones(64, 64)}}
     for step in (1, 2):
-        ckpt.save_checkpoint(tmp_path, step, FakePolicy(), FakePolicy(), {**state, "step": step}, {"mlflow_run_id": "r"}, "", keep=3)
+        ckpt.save_checkpoint(tmp_path, step, [ckpt.ModelFolder("policy", FakePolicy())], FakePolicy(), {**state, "step": step}, {"mlflow_run_id": "r"}, "", keep=3)
     latest = ckpt.latest_checkpoint(tmp_path)
     data = (latest / damaged).read_bytes()
     (latest / damaged).write_bytes(data[: len(data) // 2])

@@ -18,11 +18,11 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _args(tmp_path, name):
+def _args(tmp_path, name, *extra):
     return ["train", "--model", "tiny", "--steps", "4", "--seed", "5", "--run-name", name,
             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
             "--set", "env.max_turns=2", "--set", "rollout.max_response_tokens=8", "--set", "rollout.tasks_per_step=2",
-            "--set", "checkpoint.every=1", "--set", "checkpoint.keep=10", "--set", f"checkpoint.dir={tmp_path}/{name}"]
+            "--set", "checkpoint.every=1", "--set", "checkpoint.keep=10", "--set", f"checkpoint.dir={tmp_path}/{name}", *extra]
 
 
 def _metrics_by_step(client, run_id):
@@ -41,14 +41,18 @@ def _run_id(client, name):
     return run.info.run_id
 
 
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_a_killed_or_preempted_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path, stop):
+LORA = ("--set", "model.lora.rank=4", "--set", "optim.lr=1e-3")
+
+
+@pytest.mark.parametrize("stop,extra", [(signal.SIGKILL, ()), (signal.SIGTERM, ()), (signal.SIGINT, ()), (signal.SIGKILL, LORA)],
+                         ids=["SIGKILL", "SIGTERM", "SIGINT", "SIGKILL-lora"])
+def test_a_killed_or_preempted_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path, stop, extra):
     runner = CliRunner()
-    result = runner.invoke(app, _args(tmp_path, "whole"))
+    result = runner.invoke(app, _args(tmp_path, "whole", *extra))
     assert result.exit_code == 0, result.output
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "epo_cli", *_args(tmp_path, "killed")], cwd=tmp_path, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "epo_cli", *_args(tmp_path, "killed", *extra)], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while not list((tmp_path / "killed").glob("*/step_000002")):
