@@ -24,7 +24,7 @@ def tests(session: nox.Session) -> None:
     ALFWorld's games: found where runs look (``../shared/data/alfworld``'s archives are
     extracted on first use), else downloaded; where neither works, the ALFWorld tests skip
     in one line (under ``CI=true`` the session fails instead)."""
-    _install(session, "[test]")
+    _install(session, "[test,wandb]")
     if "EPO_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
         session.env["EPO_DATA_DIR"] = str(SHARED_DATA)
     session.run("epo", "data", "prepare", "alfworld", "--if-missing", success_codes=[0, 2])

@@ -465,6 +465,14 @@ class TrackingSpec(_Section):
         "With backend jsonl: the runs folder (default $EPO_HOME/runs).",
     )
     experiment: str = Field("epo", description="MLflow experiment name.")
+    wandb: bool = Field(
+        False, description="Also mirror params, metrics and episode tables to Weights & Biases (pip install "
+        "'epo-cli[wandb]'); MLflow (or JSONL) stays the store epo plot / show / ablate read.",
+    )
+    wandb_project: str = Field("epo", description="W&B project of the mirrored runs.")
+    wandb_mode: Literal["online", "offline"] = Field(
+        "online", description="W&B mode: 'offline' keeps runs under $WANDB_DIR (default $EPO_HOME/wandb) for `wandb sync`.",
+    )
     run_name: str | None = Field(None, description="MLflow run name (default: MLflow's).")
     transcripts: Literal["all"] | int = Field(
         16,

@@ -1,5 +1,6 @@
 """Run tracking: MLflow (a SQLite store under the epo home by default, metrics in one
-batch per step), or plain JSONL files for machines without MLflow (``tracking.backend``)."""
+batch per step), or plain JSONL files for machines without MLflow (``tracking.backend``),
+mirrored to Weights & Biases with ``tracking.wandb`` (wandb_mirror.py)."""
 
 from __future__ import annotations
 
@@ -178,6 +179,10 @@ def read_jsonl_metrics(run_folder: Path) -> list[dict[str, float]]:
 
 def check_store(tracking) -> None:
     """Fail before any work when ``tracking`` (a TrackingSpec) cannot record a run."""
+    import importlib.util
+
+    if tracking.wandb and importlib.util.find_spec("wandb") is None:
+        raise TrackingError("tracking.wandb: the wandb package is not installed (pip install 'epo-cli[wandb]')")
     if tracking.backend == "mlflow":
         connect(tracking.uri, tracking.experiment)
         return
@@ -197,5 +202,11 @@ def open_tracker(tracking, run_name: str | None = None, run_id: str | None = Non
     ``uri`` overrides ``tracking.uri``. MLflow is imported only by its own backend."""
     uri = uri or tracking.uri
     if tracking.backend == "jsonl":
-        return JsonlTracker(resolve_uri(uri, "jsonl"), tracking.experiment, run_name, run_id, resume, tags)
-    return Tracker(uri, tracking.experiment, run_name, run_id, resume, tags)
+        tracker = JsonlTracker(resolve_uri(uri, "jsonl"), tracking.experiment, run_name, run_id, resume, tags)
+    else:
+        tracker = Tracker(uri, tracking.experiment, run_name, run_id, resume, tags)
+    if not tracking.wandb:
+        return tracker
+    from epo_cli.wandb_mirror import WandbMirror
+
+    return WandbMirror(tracker, tracking, tags)
