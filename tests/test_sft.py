@@ -246,3 +246,23 @@ def test_init_from_needs_a_model_folder(tmp_path):
     assert result.exit_code == 2 and "not a model folder (no config.json)" in result.output
     result = runner.invoke(app, ["train", "--init-from", str(tmp_path), "--model", "tiny"])
     assert result.exit_code == 2 and "pass --model or --init-from, not both" in result.output
+
+
+def test_a_lora_sft_writes_a_plain_model_with_the_adapters_merged_in(tmp_path, expert_dir):
+    import torch
+
+    from epo_cli.models import load_causal_lm
+
+    folder = tmp_path / "sft-lora"
+    result = runner.invoke(app, [
+        "sft", "--model", "tiny", "--env", "alfworld", "--task-types", "pick_and_place_simple", "--games", "3",
+        "--epochs", "1", "--out", str(folder), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+        "--set", f"sft.expert_dir={expert_dir}", "--set", "sft.heldout_games=1", "--set", "sft.batch_size=4",
+        "--set", "rollout.max_response_tokens=24", "--set", "model.lora.rank=4", "--set", "sft.lr=1e-2",
+    ])
+    assert result.exit_code == 0, result.output
+    assert (folder / "config.json").exists() and not (folder / "adapter_config.json").exists()
+    merged, start = load_causal_lm(str(folder)).state_dict(), load_causal_lm("tiny").state_dict()
+    assert merged.keys() == start.keys()  # a plain model: RL's reference is this SFT policy
+    changed = [name for name in start if not torch.equal(merged[name], start[name])]
+    assert changed and all(name.endswith("_proj.weight") for name in changed)  # only adapted layers moved
