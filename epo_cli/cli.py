@@ -489,7 +489,7 @@ def eval_(
         _fail(f"--logged reads a run's logged evaluation from MLflow: it takes a run id or name, not the folder {target}")
     if step is not None and not logged:
         _fail("--step goes with --logged; a checkpoint folder (step_N) picks the step of a new evaluation")
-    baseline = _read_outcomes(compare, "--compare") if compare is not None else None
+    baseline = _outcomes_file(compare, "--compare") if compare is not None else None
     _quiet_libraries()
     splits = ["iid", "ood"] if split == "all" else [split]
     temperature = 0.0 if greedy else temperature
@@ -520,13 +520,16 @@ def eval_(
                       f"{result.mean_score:.2f}", f"{result.mean_turns:.1f}", f"{result.invalid_action_rate:.2f}")
     console.print(table)
     if save is not None:
-        _write_outcomes(save, title, results)
+        from epo_cli.evaluate import write_outcomes
+
+        write_outcomes(save, title, results)
         console.print(f"episode outcomes written to {save}")
     if transcripts is not None:
+        from epo_cli.paths import write_atomically
         from epo_cli.transcripts import episodes_jsonl
 
         for result in results:
-            _write_atomically(transcripts / f"{result.split}.jsonl", episodes_jsonl(result.played))
+            write_atomically(transcripts / f"{result.split}.jsonl", episodes_jsonl(result.played))
         _say(f"episodes written to {transcripts} (epo show {transcripts / (results[0].split + '.jsonl')})")
     if baseline is not None:
         _print_comparison(baseline, results, compare)
@@ -549,11 +552,12 @@ def _logged_evaluation(target: str, step: int | None, splits: list[str], trackin
     """Each split's evaluation as the run logged it at ``step`` (default: its latest), and a title."""
     from epo_cli.evaluate import logged_result
     from epo_cli.spec import TrackingSpec
+    from epo_cli.tracking import run_episodes
     from epo_cli.transcripts import read_episodes
 
     results, chosen_steps = [], set()
     for split in splits:
-        run, chosen, text = _run_episodes(target, step, split, TrackingSpec().experiment, tracking_uri)
+        run, chosen, text, _ = run_episodes(target, step, split, TrackingSpec().experiment, tracking_uri)
         source = f"{run.info.run_name} ({run.info.run_id}), {chosen.label}"
         results.append(logged_result(split, read_episodes(text, source), source))
         chosen_steps.add(chosen.step)
@@ -563,31 +567,13 @@ def _logged_evaluation(target: str, step: int | None, splits: list[str], trackin
     return results, f"logged evaluation of {run.info.run_name} ({run.info.run_id}), step {chosen.step}"
 
 
-def _write_outcomes(path: Path, title: str, results) -> None:
-    import dataclasses
-    import json
-
-    payload = {"title": title, "splits": {r.split: [dataclasses.asdict(o) for o in r.outcomes] for r in results}}
-    _write_atomically(path, json.dumps(payload, indent=1))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text)
-    staging.replace(path)
-
-
-def _read_outcomes(path: Path, option: str) -> dict:
-    import json
-
-    from epo_cli.evaluate import EpisodeOutcome
+def _outcomes_file(path: Path, option: str) -> dict:
+    from epo_cli.evaluate import read_outcomes
 
     try:
-        payload = json.loads(path.read_text())
-        return {split: [EpisodeOutcome(**o) for o in rows] for split, rows in payload["splits"].items()}
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        _fail(f"{option} {path}: not a file written by `epo eval --save` ({err.__class__.__name__}: {err})")
+        return read_outcomes(path, option)
+    except ValueError as err:
+        _fail(str(err))
 
 
 def _print_comparison(baseline: dict, results, source: Path) -> None:
@@ -696,13 +682,13 @@ def plot(
     """Draw a figure from MLflow runs as PNG and SVG (by default from the latest run, or
     the arms of the latest ablation)."""
     from epo_cli.plots import PLOTS, PlotError, draw
-    from epo_cli.tracking import TrackingError, connect, resolve_uri
+    from epo_cli.tracking import TrackingError, connect, find_run, latest_runs, resolve_uri
 
     if kind not in PLOTS:
         _fail(f"plot kind {kind!r} is unknown; expected one of {', '.join(PLOTS)}")
     if start is not None and kind not in ("ablation", "success"):
         _fail("--start goes with `epo plot success` or `epo plot ablation`")
-    start_outcomes = (start.name, _read_outcomes(start, "--start")) if start is not None else None
+    start_outcomes = (start.name, _outcomes_file(start, "--start")) if start is not None else None
     try:
         client, experiment_id = connect(tracking_uri, experiment)
         where = f"experiment {experiment!r} of {resolve_uri(tracking_uri)}"
@@ -718,47 +704,17 @@ def plot(
             runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'")
             name = f"ablation_{parent[:8]}_{metric.replace('/', '_')}"  # one file per metric
         else:
-            runs = [_find_run(client, experiment_id, r) for r in run] if run else _latest_runs(client, experiment_id, where)
+            if run:
+                runs = [find_run(client, experiment_id, r) for r in run]
+            else:
+                runs, note = latest_runs(client, experiment_id, where)
+                _say(note)
             name = f"{kind}_" + "_".join(r.info.run_id[:8] for r in runs)
         paths = draw(kind, client, runs, out, name, metric, start_outcomes)
     except (TrackingError, PlotError, LookupError) as err:
         _fail(str(err))
     for path in paths:
         console.print(f"wrote {path}")
-
-
-def _latest_runs(client, experiment_id: str, where: str) -> list:
-    """The newest RL run (SFT runs have no RL metrics) or, when it is an ablation's, every
-    arm of that ablation; says which."""
-    recent = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=50)
-    found = [run for run in recent if run.data.tags.get("epo.kind") != "sft"]
-    if not found:
-        raise LookupError(f"no RL runs in {where}: train one with `epo train`, or pass --run RUN_ID")
-    newest = found[0]
-    tags = newest.data.tags
-    parent_id = tags.get("mlflow.parentRunId") or (newest.info.run_id if "epo.ablation.key" in tags else None)
-    if parent_id is None:
-        _say(f"plotting the latest run, {newest.info.run_name} ({newest.info.run_id})")
-        return [newest]
-    arms = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", order_by=["attributes.start_time ASC"])
-    if not arms:
-        raise LookupError(f"the latest run is the ablation {newest.info.run_name} ({parent_id}) with no arms yet; pass --run RUN_ID")
-    parent_name = client.get_run(parent_id).info.run_name
-    _say(f"plotting the {len(arms)} arms of the latest ablation, {parent_name} ({parent_id})")
-    return arms
-
-
-def _find_run(client, experiment_id: str, id_or_name: str):
-    """A run by id, else the newest run of that name."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_run(id_or_name)
-    except MlflowException:
-        found = client.search_runs([experiment_id], f"attributes.run_name = '{id_or_name}'", order_by=["attributes.start_time DESC"])
-        if not found:
-            raise LookupError(f"--run {id_or_name!r}: no run with that id or name in this experiment") from None
-        return found[0]
 
 
 @app.command()
@@ -774,14 +730,16 @@ def show(
 ) -> None:
     """What the agent did: one line per episode of a step, or one episode turn by turn
     (observation, raw response, parsed action or why it was invalid, reward, entropy)."""
-    from epo_cli.tracking import TrackingError
+    from epo_cli.tracking import TrackingError, run_episodes
     from epo_cli.transcripts import episode_view, read_episodes, summary_table
 
     try:
         if target is not None and target.endswith(".jsonl"):
             source, text = target, _read_text(Path(target))
         else:
-            run, chosen, text = _run_episodes(target, step, split, experiment, tracking_uri)
+            run, chosen, text, note = run_episodes(target, step, split, experiment, tracking_uri)
+            if note:
+                _say(note)
             source = f"{run.info.run_name} ({run.info.run_id}), {chosen.label}"
         episodes = read_episodes(text, source)
     except (TrackingError, LookupError, ValueError) as err:
@@ -802,24 +760,6 @@ def _read_text(path: Path) -> str:
         return path.read_text()
     except OSError as err:
         raise LookupError(f"episode file {path}: {err.strerror}") from None
-
-
-def _run_episodes(target: str | None, step: int | None, split: str | None, experiment: str, tracking_uri: str | None):
-    """(run, file, text) of a run's episode file: of ``split`` (None: training) at ``step``."""
-    from epo_cli.tracking import connect, resolve_uri
-    from epo_cli.transcripts import ARTIFACT_DIR, run_episode_file, transcript_files
-
-    client, experiment_id = connect(tracking_uri, experiment)
-    if target is not None:
-        run = _find_run(client, experiment_id, target)
-    else:
-        runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=50)
-        run = next((r for r in runs if transcript_files([a.path for a in client.list_artifacts(r.info.run_id, ARTIFACT_DIR)])), None)
-        if run is None:
-            raise LookupError(f"no run with episodes in experiment {experiment!r} of {resolve_uri(tracking_uri)}: train one with `epo train`")
-        _say(f"showing the latest run with episodes, {run.info.run_name} ({run.info.run_id})")
-    chosen, text = run_episode_file(client, run.info.run_id, step, split)
-    return run, chosen, text
 
 
 def main() -> None:

@@ -357,3 +357,25 @@ def compare_paired(
         sign_test_p=sign_test_p(worse, better),
         bootstrap_interval=(differences[int(0.025 * resamples)], differences[int(0.975 * resamples) - 1]),
     )
+
+
+def write_outcomes(path: Path, title: str, results) -> None:
+    """Every episode's outcome of ``results``, by split, as JSON (``epo eval --save``), atomically."""
+    import dataclasses
+    import json
+
+    from epo_cli.paths import write_atomically
+
+    payload = {"title": title, "splits": {r.split: [dataclasses.asdict(o) for o in r.outcomes] for r in results}}
+    write_atomically(path, json.dumps(payload, indent=1))
+
+
+def read_outcomes(path: Path, option: str) -> dict:
+    """A :func:`write_outcomes` file as {split: [EpisodeOutcome]}; ``option`` names the flag in the error."""
+    import json
+
+    try:
+        payload = json.loads(path.read_text())
+        return {split: [EpisodeOutcome(**o) for o in rows] for split, rows in payload["splits"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{option} {path}: not a file written by `epo eval --save` ({err.__class__.__name__}: {err})") from None

@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from epo_cli.models import ModelError
+
+class LoraError(ValueError):
+    """Bad LoRA settings or an unreadable adapter folder; the message is one line naming it."""
+
 
 ADAPTER_CONFIG = "adapter_config.json"
 # The one adapter name peft gives a model it wraps; its weights are named after it.
@@ -40,7 +43,7 @@ def add_adapters(model: nn.Module, lora, model_name: str, seed: int = 0):
     known = linear_layer_names(model)
     unknown = [name for name in lora.target_modules if name not in known]
     if unknown:
-        raise ModelError(
+        raise LoraError(
             f"model.lora.target_modules: {', '.join(map(repr, unknown))} matches no linear layer of "
             f"model {model_name!r}; its linear layers are {', '.join(known)}"
         )
@@ -116,7 +119,7 @@ def adapter_base(folder: Path) -> str:
     try:
         return json.loads((Path(folder) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
     except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"adapter folder {folder}: unreadable {ADAPTER_CONFIG} ({err}); expected peft's adapter config") from None
+        raise LoraError(f"adapter folder {folder}: unreadable {ADAPTER_CONFIG} ({err}); expected peft's adapter config") from None
 
 
 def load_merged(folder: Path, base: nn.Module) -> nn.Module:

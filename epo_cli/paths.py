@@ -12,3 +12,11 @@ def cache_dir() -> Path:
 def epo_home() -> Path:
     """``$EPO_HOME``, else ``~/.epo``: the default MLflow store and checkpoint root (absolute)."""
     return Path(os.environ.get("EPO_HOME") or Path.home() / ".epo").expanduser().absolute()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a hidden temporary file beside it: never half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text)
+    staging.replace(path)

@@ -210,3 +210,56 @@ def open_tracker(tracking, run_name: str | None = None, run_id: str | None = Non
     from epo_cli.wandb_mirror import WandbMirror
 
     return WandbMirror(tracker, tracking, tags)
+
+
+# ------------------------------------------------------------- run lookup
+def find_run(client, experiment_id: str, id_or_name: str):
+    """A run by id, else the newest run of that name."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(id_or_name)
+    except MlflowException:
+        found = client.search_runs([experiment_id], f"attributes.run_name = '{id_or_name}'", order_by=["attributes.start_time DESC"])
+        if not found:
+            raise LookupError(f"--run {id_or_name!r}: no run with that id or name in this experiment") from None
+        return found[0]
+
+
+def latest_runs(client, experiment_id: str, where: str) -> tuple[list, str]:
+    """The newest RL run (SFT runs have no RL metrics) or, when it is an ablation's, every
+    arm of that ablation; and a line saying which."""
+    recent = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=50)
+    found = [run for run in recent if run.data.tags.get("epo.kind") != "sft"]
+    if not found:
+        raise LookupError(f"no RL runs in {where}: train one with `epo train`, or pass --run RUN_ID")
+    newest = found[0]
+    tags = newest.data.tags
+    parent_id = tags.get("mlflow.parentRunId") or (newest.info.run_id if "epo.ablation.key" in tags else None)
+    if parent_id is None:
+        return [newest], f"plotting the latest run, {newest.info.run_name} ({newest.info.run_id})"
+    arms = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", order_by=["attributes.start_time ASC"])
+    if not arms:
+        raise LookupError(f"the latest run is the ablation {newest.info.run_name} ({parent_id}) with no arms yet; pass --run RUN_ID")
+    parent_name = client.get_run(parent_id).info.run_name
+    return arms, f"plotting the {len(arms)} arms of the latest ablation, {parent_name} ({parent_id})"
+
+
+def run_episodes(target: str | None, step: int | None, split: str | None, experiment: str, tracking_uri: str | None):
+    """(run, file, text, note) of a run's episode file: of ``split`` (None: training) at
+    ``step``, of ``target`` (a run id or name) or else of the latest run with episodes (the
+    note says which; else None)."""
+    from epo_cli.transcripts import ARTIFACT_DIR, run_episode_file, transcript_files
+
+    client, experiment_id = connect(tracking_uri, experiment)
+    note = None
+    if target is not None:
+        run = find_run(client, experiment_id, target)
+    else:
+        runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=50)
+        run = next((r for r in runs if transcript_files([a.path for a in client.list_artifacts(r.info.run_id, ARTIFACT_DIR)])), None)
+        if run is None:
+            raise LookupError(f"no run with episodes in experiment {experiment!r} of {resolve_uri(tracking_uri)}: train one with `epo train`")
+        note = f"showing the latest run with episodes, {run.info.run_name} ({run.info.run_id})"
+    chosen, text = run_episode_file(client, run.info.run_id, step, split)
+    return run, chosen, text, note

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from epo_cli.bench import cli, envs, merge_part, packed, recipe_rollout, rollout, scaling, update
+from epo_cli.bench import cli, envs, lora, merge_part, packed, recipe_rollout, rollout, scaling, update
 from epo_cli.bench import compile as compile_part
 
 
@@ -99,7 +99,7 @@ def test_a_part_that_fails_keeps_the_parts_measured_before_it(tmp_path, monkeypa
 
 
 def test_the_parts_keep_their_names_and_order():
-    assert cli.PARTS == ("envs", "update", "compile", "rollout", "recipe_rollout", "scaling", "packed")
+    assert cli.PARTS == ("envs", "update", "compile", "rollout", "recipe_rollout", "scaling", "packed", "lora")
 
 
 @pytest.mark.slow
@@ -121,3 +121,15 @@ def test_packed_case_plays_and_times_both_paths():
     assert "| ALFWorld | 1 |" in table
     step_ratio = (result["rollout_windowed_s"] + result["windowed_update_s"]) / (result["rollout_conversation_s"] + result["packed_s"])
     assert table.rstrip().endswith(f"| {step_ratio:.2f}x |")
+
+
+@pytest.mark.slow
+def test_lora_rows_train_fewer_parameters_and_write_smaller_checkpoints():
+    full = lora._lora_case(None, "tiny", 2, 1, 1)
+    rank = lora._lora_case(8, "tiny", 2, 1, 1)
+    assert rank["tokens"] == full["tokens"] > 0
+    # r (in + out) per projection, hidden 64, k/v 32, MLP 128: 8 (128 + 96 + 96 + 128 + 3 x 192) = 8192 a layer, 2 layers
+    assert rank["trained"] == 16384 < full["trained"]
+    assert 0 < rank["checkpoint_mb"] < full["checkpoint_mb"] / 10
+    table = lora.render_lora("tiny", 2, 1, [(None, full), (8, rank)])
+    assert "| full fine-tuning (baseline) |" in table and "| LoRA rank 8 |" in table

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from epo_cli.cli import app
 from epo_cli.distributed import free_local_port
 from epo_cli.learner import Learner
-from epo_cli.lora import AdaptersOff, add_adapters, merged_weights, read_adapter
-from epo_cli.models import ModelError, load_causal_lm
+from epo_cli.lora import AdaptersOff, LoraError, add_adapters, merged_weights, read_adapter
+from epo_cli.models import load_causal_lm
 from epo_cli.spec import LoraSpec
 
 LORA = ("model.lora.rank=4",)
@@ -145,8 +145,8 @@ def test_bad_lora_settings_are_one_line_errors_naming_the_field(tmp_path, settin
     assert not (tmp_path / "ckpt").exists()  # nothing written
 
 
-def test_an_unknown_target_module_is_a_model_error_before_any_weight_changes():
-    with pytest.raises(ModelError, match="its linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"):
+def test_an_unknown_target_module_names_the_field_and_the_layers_there_are():
+    with pytest.raises(LoraError, match="its linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"):
         add_adapters(load_causal_lm("tiny"), LoraSpec(rank=2, target_modules=["attn"]), "tiny")
 
 

@@ -10,13 +10,13 @@ import os
 from pathlib import Path
 
 from epo_cli.bench import compile as compile_part
-from epo_cli.bench import envs, packed, recipe_rollout, rollout, scaling, update
+from epo_cli.bench import envs, lora, packed, recipe_rollout, rollout, scaling, update
 from epo_cli.bench.document import kept_blocks, merge_part, render_header
 
 # Each part's block of docs/benchmarks.md, measured from the command line's arguments.
 MEASURE = {"envs": envs.measure, "update": update.measure, "compile": compile_part.measure,
            "rollout": rollout.measure, "recipe_rollout": recipe_rollout.measure, "scaling": scaling.measure,
-           "packed": packed.measure}
+           "packed": packed.measure, "lora": lora.measure}
 PARTS = tuple(MEASURE)
 
 

@@ -9,6 +9,43 @@ import time
 from epo_cli.bench.common import in_fresh_process, synthetic_batch
 
 
+def epo_update(model, batch, micro: int, pad: int, autocast: str = "none", compiled: bool = False) -> None:
+    """Our forward + EPO loss + backward over all turn samples of ``batch`` (length-sorted
+    micro-batches, LM head on response positions only), advantages spread over [-1, 1] and
+    the history reference Hbar_W = 1; the caller steps the optimizer."""
+    import torch
+
+    from epo_cli.algos.losses import token_weights
+    from epo_cli.batch import collate, length_sorted_chunks
+    from epo_cli.forward import forward_turns
+    from epo_cli.precision import autocast_context
+
+    rows = list(range(len(batch.prompt_ids)))
+    mask = batch.response_mask(rows)
+    weights = token_weights(mask, batch.episode_ids, "traj-mean")
+    advantages = torch.linspace(-1, 1, len(rows))
+    for chunk in length_sorted_chunks(batch, rows, micro):
+        m = collate(batch, chunk, pad)
+        with autocast_context(autocast, model):
+            out = forward_turns(model, m, 1.0, 1024, compiled_head=compiled)
+        epo_objective(chunk, advantages, out.logp, out.entropy, weights[chunk, : m.response_width]).backward()
+
+
+def epo_objective(sample_rows, advantages, logp, entropy, w):
+    """The EPO objective of these turn samples (the paper's clip, lambda and corridor, beta
+    1.5), with the history reference Hbar_W = 1."""
+    import torch
+
+    from epo_cli.algos.objective import LossInputs, StepCoefficients, epo_loss
+    from epo_cli.spec import AlgoSpec, EPOSpec
+
+    algo, epo = AlgoSpec(), EPOSpec()
+    coefs = StepCoefficients(entropy_coef=epo.entropy_coef, beta=1.5)
+    turns = torch.zeros(len(sample_rows), dtype=torch.long)
+    inputs = LossInputs(w, advantages[sample_rows], logp.detach(), turns, entropy_ref=1.0)
+    return epo_loss(inputs, logp, entropy, algo, epo, coefs).loss
+
+
 def _update_case(case: str, model_name: str, samples: int, micro: int, repeats: int) -> dict:
     """One update (forward, EPO loss, backward, AdamW step) in a fresh process; returns
     the mean seconds per update, the process's peak RSS above its level before the first
@@ -18,12 +55,8 @@ def _update_case(case: str, model_name: str, samples: int, micro: int, repeats: 
     import torch
 
     from epo_cli.algos.losses import token_weights
-    from epo_cli.algos.objective import LossInputs, StepCoefficients, epo_loss
-    from epo_cli.batch import collate, length_sorted_chunks
-    from epo_cli.forward import forward_turns
+    from epo_cli.batch import collate
     from epo_cli.models import enable_activation_checkpointing, load_causal_lm, load_tokenizer
-    from epo_cli.precision import autocast_context
-    from epo_cli.spec import AlgoSpec, EPOSpec
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(model_name)
@@ -34,24 +67,9 @@ def _update_case(case: str, model_name: str, samples: int, micro: int, repeats: 
     rows = list(range(samples))
     advantages = torch.linspace(-1, 1, samples)
     pad = tokenizer.pad_token_id
-    algo, epo = AlgoSpec(), EPOSpec()  # the paper's clip, lambda and corridor
-    coefs = StepCoefficients(entropy_coef=epo.entropy_coef, beta=1.5)
-
-    def loss(sample_rows, logp, entropy, w):
-        """The EPO objective of these turn samples, with the history reference Hbar_W = 1."""
-        turns = torch.zeros(len(sample_rows), dtype=torch.long)
-        inputs = LossInputs(w, advantages[sample_rows], logp.detach(), turns, entropy_ref=1.0)
-        return epo_loss(inputs, logp, entropy, algo, epo, coefs).loss
 
     def ours():
-        mask = batch.response_mask(rows)
-        weights = token_weights(mask, batch.episode_ids, "traj-mean")
-        for chunk in length_sorted_chunks(batch, rows, micro):
-            m = collate(batch, chunk, pad)
-            with autocast_context("bf16" if case == "ours-bf16" else "none", model):
-                out = forward_turns(model, m, 1.0, 1024, compiled_head=case == "ours-compiled")
-            w = weights[chunk, : m.response_width]
-            loss(chunk, out.logp, out.entropy, w).backward()
+        epo_update(model, batch, micro, pad, "bf16" if case == "ours-bf16" else "none", case == "ours-compiled")
 
     def naive():
         # The straightforward way: one padded batch, full-vocabulary fp32 logits for every
@@ -67,7 +85,7 @@ def _update_case(case: str, model_name: str, samples: int, micro: int, repeats: 
             p, n = len(batch.prompt_ids[r]), len(batch.response_ids[r])
             resp[i, p - 1 : p - 1 + n] = 1.0
         w = resp * token_weights(batch.response_mask(rows), batch.episode_ids, "traj-mean").sum(-1, keepdim=True) / resp.sum(-1, keepdim=True)
-        loss(rows, target_logp, entropy_all[:, :-1], w).backward()
+        epo_objective(rows, advantages, target_logp, entropy_all[:, :-1], w).backward()
 
     def trl():
         # TRL's own GRPO loss on the same token sequences: prompts left-padded, completions
