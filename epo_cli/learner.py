@@ -44,7 +44,7 @@ from epo_cli.distributed import (
 )
 from epo_cli.forward import TurnScorer
 from epo_cli.lora import AdaptersOff, adapter_weights, merged_weights
-from epo_cli.models import ValueHead, cosine_schedule, trainable_model
+from epo_cli.models import ValueHead, cosine_schedule, trainable_model, trainable_parameters
 from epo_cli.precision import autocast_context
 from epo_cli.spec import ExperimentSpec
 
@@ -87,11 +87,6 @@ class UpdateStats:
             for name, value in self.sums.items()
             if self.counts.get(name, 1) > 0
         }
-
-
-def trainable(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The parameters an optimizer steps: all of them, or with LoRA the adapters (and heads)."""
-    return [p for p in module.parameters() if p.requires_grad]
 
 
 def _grad_norm(term: torch.Tensor | None, params: list[torch.Tensor]) -> float:
@@ -148,18 +143,18 @@ class Learner:
         # Fused AdamW (one kernel over all tensors) where the parameters are plain tensors.
         adamw = {"weight_decay": spec.optim.weight_decay, "fused": not self.sharded}
         actor_module = unwrap(self.actor)
-        actor_groups = [{"params": trainable(actor_module.model), "lr": spec.optim.lr}]
+        actor_groups = [{"params": trainable_parameters(actor_module.model), "lr": spec.optim.lr}]
         if self.shared_critic:
             actor_groups.append({"params": list(actor_module.value_head.parameters()), "lr": spec.optim.critic_lr})
         self.optimizers = [torch.optim.AdamW(actor_groups, **adamw)]
         if self.critic is not None:
-            self.optimizers.append(torch.optim.AdamW(trainable(unwrap(self.critic)), lr=spec.optim.critic_lr, **adamw))
+            self.optimizers.append(torch.optim.AdamW(trainable_parameters(unwrap(self.critic)), lr=spec.optim.critic_lr, **adamw))
         # Policy and critic are clipped apart, as two models are: a shared critic's value
         # head, learning from zero, has a gradient norm several times the policy's, and one clip
         # over both scales the policy's gradient by a factor that the critic's error sets.
         critic_params = [p for group in actor_groups[1:] for p in group["params"]]
         if self.critic is not None:
-            critic_params = trainable(unwrap(self.critic))
+            critic_params = trainable_parameters(unwrap(self.critic))
         self.clip_groups = [("actor", actor_groups[0]["params"])] + ([("critic", critic_params)] if critic_params else [])
         self.schedulers = [self._cosine_schedule(opt) for opt in self.optimizers]
 
@@ -550,7 +545,7 @@ class Learner:
         L_smooth`` (Eq. 3-5) in this micro-batch, and the EPO terms' ratios to the first.
         A micro-batch without weight (padding) adds no sample, a zero policy-gradient norm
         (GRPO groups without signal) no ratio sample."""
-        params = [p for p in self.policy.parameters() if p.requires_grad]
+        params = trainable_parameters(self.policy)
         counted = bool(w.any())
         norms = {}
         for name, term in (("pg", result.pg), ("entropy_bonus", result.entropy_bonus), ("smooth", result.smoothing)):

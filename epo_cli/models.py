@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from epo_cli.lora import adapter_base, add_adapters, is_adapter_dir, load_merged
 from epo_cli.paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -115,7 +116,7 @@ def resolve_model_dir(name: str) -> Path | str:
         return ensure_default_model()
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        if not (path / "config.json").exists() and not is_adapter_dir(path):
             raise ModelError(
                 f"model directory {path} has no config.json (expected a transformers model folder) "
                 "and no adapter_config.json (a LoRA adapter folder)"
@@ -190,9 +191,7 @@ def load_causal_lm(name: str, dtype: str = "float32", seed: int = 0) -> nn.Modul
         typed.load_state_dict(model.state_dict())
         return typed
     source = resolve_model_dir(name)
-    if isinstance(source, Path) and (source / "adapter_config.json").exists():
-        from epo_cli.lora import adapter_base, load_merged
-
+    if isinstance(source, Path) and is_adapter_dir(source):
         return load_merged(source, load_causal_lm(adapter_base(source), dtype, seed))
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=True)
@@ -215,14 +214,17 @@ def trainable_model(model_spec, seed: int, device: torch.device) -> tuple[nn.Mod
     model = load_causal_lm(model_spec.name, model_spec.dtype, seed).to(device)
     peft_model = None
     if model_spec.lora.enabled:
-        from epo_cli.lora import add_adapters
-
         peft_model = add_adapters(model, model_spec.lora, model_spec.name, seed)
     if model_spec.gradient_checkpointing:
         enable_activation_checkpointing(model)
         if peft_model is not None:
             model.enable_input_require_grads()  # frozen embeddings: recomputed layers still need an input grad
     return model, peft_model
+
+
+def trainable_parameters(module: nn.Module) -> list[torch.Tensor]:
+    """The parameters an optimizer steps: all of them, or with LoRA the adapters (and heads)."""
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def model_directory(name: str, tokenizer, scratch: Path, dtype: str = "float32") -> Path:

@@ -27,7 +27,7 @@ from epo_cli.envs.base import PromptState, build_prompt, parse_action
 from epo_cli.envs.registry import title_of
 from epo_cli.expert import ExpertTrajectory, expert_trajectories
 from epo_cli.forward import forward_turns
-from epo_cli.models import cosine_schedule
+from epo_cli.models import cosine_schedule, trainable_parameters
 from epo_cli.precision import autocast_context
 from epo_cli.prompts import Conversation, encode_prompt
 from epo_cli.rollout import RolloutSettings, TransformersSampler
@@ -187,7 +187,7 @@ def fit(model, train: list[SFTSample], spec: ExperimentSpec, pad_id: int, device
     batch = as_turn_batch(train)
     units = batch.segments()
     total_steps = sft.epochs * steps_per_epoch(train, sft.batch_size)
-    params = [p for p in model.parameters() if p.requires_grad]  # with model.lora: the adapters
+    params = trainable_parameters(model)  # with model.lora: the adapters
     optimizer = torch.optim.AdamW(params, lr=sft.lr, weight_decay=spec.optim.weight_decay)
     scheduler = cosine_schedule(optimizer, spec.optim, total_steps)
     generator = torch.Generator().manual_seed(spec.train.seed)

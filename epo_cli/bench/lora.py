@@ -21,13 +21,13 @@ def _lora_case(rank: int | None, model_name: str, samples: int, micro: int, repe
     import torch
 
     from epo_cli.bench.update import epo_update
-    from epo_cli.models import load_tokenizer, trainable_model
+    from epo_cli.models import load_tokenizer, trainable_model, trainable_parameters
     from epo_cli.spec import ModelSpec
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(model_name)
     model, peft_model = trainable_model(ModelSpec(name=model_name, lora={"rank": rank}), 0, torch.device("cpu"))
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
     batch = synthetic_batch(len(tokenizer), samples, 480, 40)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
