@@ -6,7 +6,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,38 +16,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from epo_cli.presets import ablation_variants, algo_layer
 from epo_cli.spec import ExperimentSpec, SpecError, resolve_spec, saved_spec
+from epo_cli.stats import pooled_interval, t_interval, wilson_interval
 from epo_cli.tracking import Tracker, connect, resolve_uri
-
-
-def _algo(name: str) -> dict[str, Any]:
-    return {"algo": {"name": name}}
-
-
-def _epo(**fields: Any) -> dict[str, Any]:
-    return {"epo": fields}
-
-
-def ablation_variants(ablation: str, base: str) -> list[tuple[str, dict[str, Any]]]:
-    """(label, spec layer) pairs for an ablation of the ``base`` algorithm (ppo or grpo)."""
-    epo = _algo(f"{base}+epo")
-    with_variant = lambda variant: {"algo": {"name": f"{base}+epo", "variant": variant}}  # noqa: E731
-    table = {
-        "smoothing": [("epo", epo), ("epo-base", with_variant("epo-base"))],
-        "weighting": [("epo", epo), ("no-dw", with_variant("no-dw"))],
-        "penalty-form": [("hinge", epo), ("indicator", with_variant("indicator"))],
-        "history": [
-            ("cumulative", epo),
-            ("window-5", {**epo, **_epo(smoothing={"window": 5})}),
-            ("per-turn", {**epo, **_epo(smoothing={"history": "turn"})}),
-        ],
-        "decay": [("epo", epo), ("decay", with_variant("decay"))],
-        "ea": [("epo", epo), ("ea", with_variant("ea"))],
-        "baseline": [(base, _algo(base)), (f"{base}+epo", epo)],
-    }
-    if ablation not in table:
-        raise ValueError(f"ablation {ablation!r} is unknown; expected one of {', '.join(table)}")
-    return table[ablation]
 
 
 @dataclass
@@ -122,19 +93,14 @@ def _mean_t_interval(values: list[float]) -> str:
     (one seed: its value)."""
     if len(values) == 1:
         return f"{values[0]:.3f}"
-    from scipy.stats import t
-
-    mean = statistics.mean(values)
-    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return f"{mean:.3f} [{max(mean - half, 0.0):.3f}, {min(mean + half, 1.0):.3f}]"
+    mean, low, high = t_interval(values)
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def _pooled(children: list[ChildSummary], split: str) -> str:
     """The final evaluations of ``split`` of all seeds pooled: wins / episodes and a 95%
     interval that resamples seeds and games (:func:`pooled_interval`); the Wilson interval
     of the episodes where some run's outcomes per episode are not known."""
-    from epo_cli.evaluate import pooled_interval, wilson_interval
-
     evaluated = [c for c in children if split in c.final_eval]
     wins, episodes = sum(c.final_eval[split][0] for c in evaluated), sum(c.final_eval[split][1] for c in evaluated)
     if not episodes:
@@ -226,7 +192,7 @@ def run_ablation(
         for label, layer in variants
         for seed in seeds
     }
-    base_spec = resolve_spec(spec_file, deep_merge_all(flags, _algo(base)), overrides)
+    base_spec = resolve_spec(spec_file, deep_merge_all(flags, algo_layer(base)), overrides)
     key = _key(f"{ablation}|{seeds}|{_experiment_json(base_spec)}")
     params = {"ablation": ablation, "base_algo": base, "seeds": " ".join(map(str, seeds))}
     parent = Parent(ablation, f"ablate-{ablation}-{base}", key, {"epo.algo": base}, params)

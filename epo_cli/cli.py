@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, get_args, get_origin
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from epo_cli.envs.registry import ENVS
-from epo_cli.spec import ALGOS, BASE_ALGOS, VARIANTS, SpecError, deep_merge, resolve_spec, saved_spec, spec_to_yaml
+from epo_cli.presets import BASE_ALGOS
+from epo_cli.spec import SpecError, deep_merge, resolve_spec, saved_spec, spec_field, spec_to_yaml
 
 app = typer.Typer(
     help="Train LLM agents with EPO (Entropy-regularized Policy Optimization) on ScienceWorld and ALFWorld.",
@@ -26,50 +31,68 @@ err_console = Console(stderr=True)
 
 SpecFile = Annotated[Optional[Path], typer.Option("--spec", help="Experiment spec (YAML).")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Override any field: a.b=value (repeatable).")]
-Env = Annotated[Optional[str], typer.Option(help=f"env.name: {', '.join(ENVS)} (`epo envs` lists them).")]
-Algo = Annotated[Optional[str], typer.Option(help=f"algo.name: {', '.join(ALGOS)}.")]
-Variant = Annotated[Optional[str], typer.Option(help=f"algo.variant: {', '.join(VARIANTS)}.")]
-Steps = Annotated[Optional[int], typer.Option(help="train.steps: RL steps K.")]
-Seed = Annotated[Optional[int], typer.Option(help="train.seed.")]
-Model = Annotated[Optional[str], typer.Option(help="model.name: smollm2-135m, tiny, a local directory or a cached hub id.")]
-RunName = Annotated[Optional[str], typer.Option(help="tracking.run_name.")]
-ProgressMode = Annotated[
-    Optional[str], typer.Option("--progress", help="tracking.progress: rich, plain (log lines), json or auto (by terminal).")
-]
-TrackingUri = Annotated[
-    Optional[str], typer.Option(help="tracking.uri (default $MLFLOW_TRACKING_URI, else $EPO_HOME/mlflow.db, ~/.epo).")
-]
-Scale = Annotated[Optional[str], typer.Option(help="scale: cpu or paper (default: paper with a GPU, else cpu).")]
-Strategy = Annotated[Optional[str], typer.Option(help="distributed.strategy under torchrun: ddp or fsdp2.")]
-RolloutBackend = Annotated[Optional[str], typer.Option(help="rollout.backend: transformers or vllm.")]
-TaskTypes = Annotated[
-    Optional[list[str]], typer.Option(help="env.task_types: only these task types, comma-separated or repeated (`epo envs` lists them).")
-]
+
+# Every flag that sets one spec field: its parameter name -> the field. Its help text is the
+# field's description in spec.py, so `--help` and `epo spec show` say the same thing.
+SPEC_FLAGS: dict[str, str] = {
+    "env": "env.name",
+    "algo": "algo.name",
+    "variant": "algo.variant",
+    "steps": "train.steps",
+    "seed": "train.seed",
+    "model": "model.name",
+    "run_name": "tracking.run_name",
+    "tracking_uri": "tracking.uri",
+    "scale": "scale",
+    "strategy": "distributed.strategy",
+    "rollout_backend": "rollout.backend",
+    "task_types": "env.task_types",
+    "progress": "tracking.progress",
+    "games": "sft.train_games",
+    "epochs": "sft.epochs",
+    "out": "sft.output_dir",
+    "episodes": "eval.episodes",
+    "temperature": "eval.temperature",
+    "repeats": "eval.repeats",
+}
+# The flags of a training run: `epo train` and `epo spec show` (which prints what it would run).
+RUN_FLAGS = ("env", "algo", "variant", "steps", "seed", "model", "run_name", "tracking_uri", "scale", "strategy",
+             "rollout_backend", "task_types", "progress")
+
+
+def spec_option(name: str) -> Any:
+    """The typer annotation of spec flag ``name``: the field's type (optional) and its description."""
+    field = spec_field(SPEC_FLAGS[name])
+    kind = next((t for t in (int, float, Path) if t in (field.annotation, *get_args(field.annotation))), str)
+    if get_origin(field.annotation) is list or list in map(get_origin, get_args(field.annotation)):
+        kind = list[str]  # --task-types a,b --task-types c
+    return Annotated[Optional[kind], typer.Option(help=escape(f"{SPEC_FLAGS[name]}: {field.description}"))]
+
+
+def with_spec_flags(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the spec flags ``names`` (after its own options); it receives the set
+    ones as one dict, ``flags``, ready for :func:`_flags`."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "flags"]
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=spec_option(n)) for n in names]
+
+        @functools.wraps(command)
+        def run(**values: Any) -> Any:
+            return command(flags={n: values.pop(n) for n in names}, **values)
+
+        run.__signature__ = inspect.Signature([*own, *added])
+        run.__annotations__ = {p.name: p.annotation for p in (*own, *added)}
+        return run
+
+    return decorate
+
+
+TrackingUri = spec_option("tracking_uri")
 
 
 def _flags(**fields: Any) -> dict[str, Any]:
     """Map CLI flags onto nested spec fields; unset flags are left out."""
-    paths = {
-        "env": ("env", "name"),
-        "algo": ("algo", "name"),
-        "variant": ("algo", "variant"),
-        "steps": ("train", "steps"),
-        "seed": ("train", "seed"),
-        "model": ("model", "name"),
-        "run_name": ("tracking", "run_name"),
-        "tracking_uri": ("tracking", "uri"),
-        "scale": ("scale",),
-        "strategy": ("distributed", "strategy"),
-        "rollout_backend": ("rollout", "backend"),
-        "task_types": ("env", "task_types"),
-        "games": ("sft", "train_games"),
-        "epochs": ("sft", "epochs"),
-        "out": ("sft", "output_dir"),
-        "episodes": ("eval", "episodes"),
-        "temperature": ("eval", "temperature"),
-        "repeats": ("eval", "repeats"),
-        "progress": ("tracking", "progress"),
-    }
     out: dict[str, Any] = {}
     for name, value in fields.items():
         if value is None:
@@ -77,7 +100,7 @@ def _flags(**fields: Any) -> dict[str, Any]:
         if name == "task_types":
             value = ",".join(value)  # --task-types a,b --task-types c: one comma list
         nested: Any = value
-        for key in reversed(paths[name]):
+        for key in reversed(SPEC_FLAGS[name].split(".")):
             nested = {key: nested}
         out = deep_merge(out, nested)
     return out
@@ -107,8 +130,6 @@ def _say(message: str) -> None:
 
 
 def _fail(message: str) -> None:
-    from rich.markup import escape
-
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
@@ -158,24 +179,13 @@ def _resolve(spec_file, sets, **flags):
 
 
 @app.command()
+@with_spec_flags(*RUN_FLAGS)
 def train(
+    flags: dict[str, Any],
     spec: SpecFile = None,
     set_: Sets = None,
-    env: Env = None,
-    algo: Algo = None,
-    variant: Variant = None,
-    steps: Steps = None,
-    seed: Seed = None,
-    model: Model = None,
-    run_name: RunName = None,
-    tracking_uri: TrackingUri = None,
-    scale: Scale = None,
-    strategy: Strategy = None,
-    rollout_backend: RolloutBackend = None,
-    task_types: TaskTypes = None,
     init_from: InitFrom = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue a run: its MLflow run id or a checkpoint folder.")] = None,
-    progress: ProgressMode = None,
 ) -> None:
     """Train an agent (PPO or GRPO, with or without EPO) and log the run to MLflow.
 
@@ -187,22 +197,19 @@ def train(
 
     checkpoint = None
     if resume is not None:
-        if any(v is not None for v in (spec, set_, env, algo, variant, steps, seed, model, run_name, scale, strategy, rollout_backend,
-                                       task_types, init_from)):
+        run_flags = [v for name, v in flags.items() if name not in ("tracking_uri", "progress")]
+        if any(v is not None for v in (spec, set_, init_from, *run_flags)):
             _fail("--resume continues a run with its saved spec; pass only --tracking-uri or --progress with it")
         try:
-            checkpoint = find_checkpoint(resume, tracking_uri)
+            checkpoint = find_checkpoint(resume, flags["tracking_uri"])
         except FileNotFoundError as err:
             _fail(str(err))
         try:
-            resolved = saved_spec(checkpoint / "spec.yaml", _flags(tracking_uri=tracking_uri, progress=progress))
+            resolved = saved_spec(checkpoint / "spec.yaml", _flags(tracking_uri=flags["tracking_uri"], progress=flags["progress"]))
         except SpecError as err:
             _fail(str(err))
     else:
-        resolved = _resolve(spec, set_, env=env, algo=algo, variant=variant, steps=steps, seed=seed,
-                            model=_initial_model(init_from, model), run_name=run_name, tracking_uri=tracking_uri,
-                            scale=scale, strategy=strategy, rollout_backend=rollout_backend, task_types=task_types,
-                            progress=progress)
+        resolved = _resolve(spec, set_, **flags | {"model": _initial_model(init_from, flags["model"])})
     _quiet_libraries(resolved.tracking.backend)
     dist = init_distributed(resolved.distributed.timeout_minutes)
     out = console if dist.is_main else Console(quiet=True)  # rank 0 speaks for the job
@@ -247,27 +254,11 @@ def train(
 
 
 @spec_app.command("show")
-def spec_show(
-    spec: SpecFile = None,
-    set_: Sets = None,
-    env: Env = None,
-    algo: Algo = None,
-    variant: Variant = None,
-    steps: Steps = None,
-    seed: Seed = None,
-    model: Model = None,
-    run_name: RunName = None,
-    tracking_uri: TrackingUri = None,
-    scale: Scale = None,
-    strategy: Strategy = None,
-    rollout_backend: RolloutBackend = None,
-    task_types: TaskTypes = None,
-) -> None:
+@with_spec_flags(*RUN_FLAGS)
+def spec_show(flags: dict[str, Any], spec: SpecFile = None, set_: Sets = None) -> None:
     """Print the fully resolved spec as YAML, each field with its description (what `epo
     train` with the same flags runs)."""
-    resolved = _resolve(spec, set_, env=env, algo=algo, variant=variant, steps=steps, seed=seed, model=model,
-                        run_name=run_name, tracking_uri=tracking_uri, scale=scale, strategy=strategy,
-                        rollout_backend=rollout_backend, task_types=task_types)
+    resolved = _resolve(spec, set_, **flags)
     sys.stdout.write(spec_to_yaml(resolved, comments=True))
 
 
@@ -354,10 +345,10 @@ def data_prepare(
 
 
 @data_app.command("expert")
+@with_spec_flags("env", "task_types")
 def data_expert(
-    env: Env = None,
+    flags: dict[str, Any],
     split: Annotated[str, typer.Option(help="train, iid, ood (ScienceWorld also l2).")] = "train",
-    task_types: TaskTypes = None,
     games: Annotated[int, typer.Option(help="The first N games of the split's fixed order (after --task-types).")] = 40,
     set_: Sets = None,
 ) -> None:
@@ -367,7 +358,7 @@ def data_expert(
     from epo_cli.expert import cache_file, expert_trajectories
     from epo_cli.progress import progress_bar
 
-    resolved = _resolve(None, set_, env=env, task_types=task_types)
+    resolved = _resolve(None, set_, **flags)
     try:
         with progress_bar(console) as progress:
             trajectories = expert_trajectories(resolved.env.name, resolved.env.data_dir, split, resolved.env.task_types, games,
@@ -382,28 +373,14 @@ def data_expert(
         lengths = [len(t.steps) for t in of_type if t.won] or [0]
         table.add_row(task_type, str(len(of_type)), str(sum(t.won for t in of_type)), f"{sum(lengths) / len(lengths):.1f}", str(max(lengths)))
     console.print(table)
-    from rich.markup import escape
-
     for failed in (t for t in trajectories if not t.won):
         console.print(f"[yellow]skipped in training:[/] {escape(failed.key)}: {escape(failed.failure or '')}", highlight=False)
     console.print(f"cache: {cache_file(resolved.sft.expert_dir, resolved.env.name, split)}")
 
 
 @app.command()
-def sft(
-    spec: SpecFile = None,
-    set_: Sets = None,
-    env: Env = None,
-    model: Model = None,
-    task_types: TaskTypes = None,
-    games: Annotated[Optional[int], typer.Option(help="sft.train_games: expert games of the train split.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="sft.epochs.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="sft.output_dir: the model folder to write.")] = None,
-    seed: Seed = None,
-    run_name: RunName = None,
-    tracking_uri: TrackingUri = None,
-    scale: Scale = None,
-) -> None:
+@with_spec_flags("env", "model", "task_types", "games", "epochs", "out", "seed", "run_name", "tracking_uri", "scale")
+def sft(flags: dict[str, Any], spec: SpecFile = None, set_: Sets = None) -> None:
     """Warm-start a model on expert trajectories (supervised, in RL's prompt and answer format).
 
     Writes a model folder for `epo train --init-from` and `epo eval --model`."""
@@ -411,8 +388,7 @@ def sft(
     from epo_cli.sft import SFTError, run_sft
     from epo_cli.tracking import resolve_uri
 
-    resolved = _resolve(spec, set_, env=env, model=model, task_types=task_types, games=games, epochs=epochs, out=out,
-                        seed=seed, run_name=run_name, tracking_uri=tracking_uri, scale=scale)
+    resolved = _resolve(spec, set_, **flags)
     _quiet_libraries(resolved.tracking.backend)
     try:
         result = run_sft(resolved, console)
@@ -435,21 +411,18 @@ def sft(
 
 
 @app.command(name="eval")
+@with_spec_flags("env", "task_types", "episodes", "temperature", "repeats", "tracking_uri")
 def eval_(
+    flags: dict[str, Any],
     target: Annotated[
         Optional[str], typer.Argument(help="An MLflow run id, a run's checkpoint folder, or one checkpoint (step_N); or --model.")
     ] = None,
     model: Annotated[
         Optional[str], typer.Option(help="Evaluate a model that has no run: smollm2-135m, tiny, or a model folder (e.g. from `epo sft`).")
     ] = None,
-    env: Env = None,
-    task_types: TaskTypes = None,
     set_: Sets = None,
     split: Annotated[str, typer.Option(help="iid, ood, l2, all (iid and ood), or train (training games, to choose settings on).")] = "all",
-    episodes: Annotated[Optional[int], typer.Option(help="eval.episodes: fixed episodes per split.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="eval.temperature (paper: 0.4).")] = None,
     greedy: Annotated[bool, typer.Option(help="Greedy decoding (eval.temperature=0).")] = False,
-    repeats: Annotated[Optional[int], typer.Option(help="eval.repeats: seeded episodes per task.")] = None,
     spec_file: SpecFile = None,
     save: Annotated[Optional[Path], typer.Option(help="Write every episode's outcome to this JSON file.")] = None,
     compare: Annotated[
@@ -463,64 +436,43 @@ def eval_(
                   "or the latest `epo eval RUN_ID` of that step and split, which replaces it.")
     ] = False,
     step: Annotated[Optional[int], typer.Option(help="With --logged: the evaluation step.")] = None,
-    tracking_uri: TrackingUri = None,
 ) -> None:
     """Success on the fixed, seeded IID / OOD / L2 episodes, with 95% intervals over games.
 
     Of a run's checkpoint (logged to that run), of any model with --model (printed only;
     --spec, --env, --task-types and --set set up its episodes), or, with --logged, as the
     run's training already evaluated it (e.g. to --save or --compare its final evaluation)."""
-    from epo_cli.progress import progress_bar
-
     _one_process("eval")
-
     from epo_cli.checkpoint import find_checkpoint
     from epo_cli.evaluate import evaluate_checkpoint, evaluate_model
+    from epo_cli.progress import progress_bar
 
-    if (target is None) == (model is None):
-        _fail("epo eval takes a run (RUN_ID or a checkpoint folder) or --model NAME_OR_DIR, one of the two")
-    if target is not None and (env or task_types or set_ or spec_file):
-        _fail("--spec, --env, --task-types and --set go with --model; a run is evaluated with its own spec")
-    if logged and (target is None or episodes is not None or temperature is not None or greedy or repeats is not None
-                   or transcripts is not None):
-        _fail("--logged reads a run's logged evaluation: it takes RUN_ID (not --model, --episodes, --temperature, --greedy, "
-              "--repeats or --transcripts)")
-    if logged and Path(target).exists():
-        _fail(f"--logged reads a run's logged evaluation from MLflow: it takes a run id or name, not the folder {target}")
-    if step is not None and not logged:
-        _fail("--step goes with --logged; a checkpoint folder (step_N) picks the step of a new evaluation")
+    if greedy:
+        flags["temperature"] = 0.0
+    _check_eval_options(target, model, flags, set_ or spec_file, transcripts, logged, step)
     baseline = _outcomes_file(compare, "--compare") if compare is not None else None
     _quiet_libraries()
     splits = ["iid", "ood"] if split == "all" else [split]
-    temperature = 0.0 if greedy else temperature
-    run_id = None
+    tracking_uri, run_id = flags["tracking_uri"], None
     try:
         with progress_bar(console) as progress:
             if logged:
                 results, title = _logged_evaluation(target, step, splits, tracking_uri)
             elif model is not None:
-                resolved = resolve_spec(spec_file, _flags(env=env, model=model, task_types=task_types, episodes=episodes,
-                                                          temperature=temperature, repeats=repeats), set_)
+                resolved = resolve_spec(spec_file, _flags(**flags | {"model": model}), set_)
                 results = evaluate_model(resolved, model, splits, progress)
                 title = f"evaluation of {model} on {resolved.env.name}"
             else:
                 checkpoint = find_checkpoint(target, tracking_uri)
                 results, run_id, step = evaluate_checkpoint(
-                    checkpoint, splits, episodes, temperature, tracking_uri, progress, repeats
+                    checkpoint, splits, flags["episodes"], flags["temperature"], tracking_uri, progress, flags["repeats"]
                 )
                 title = f"evaluation of {checkpoint} (step {step})"
     except (*_run_errors(), LookupError) as err:
         _fail(str(err))
-    table = Table(title=title)
-    for column in ("split", "episodes", "success", "95% CI", "score", "turns", "invalid"):
-        table.add_column(column, justify="right")
-    for result in results:
-        low, high = result.interval
-        table.add_row(result.split, str(result.episodes), f"{result.success_rate:.3f}", f"[{low:.3f}, {high:.3f}]",
-                      f"{result.mean_score:.2f}", f"{result.mean_turns:.1f}", f"{result.invalid_action_rate:.2f}")
-    console.print(table)
+    console.print(_evaluation_table(results, title))
     if save is not None:
-        from epo_cli.evaluate import write_outcomes
+        from epo_cli.stats import write_outcomes
 
         write_outcomes(save, title, results)
         console.print(f"episode outcomes written to {save}")
@@ -533,19 +485,51 @@ def eval_(
         _say(f"episodes written to {transcripts} (epo show {transcripts / (results[0].split + '.jsonl')})")
     if baseline is not None:
         _print_comparison(baseline, results, compare)
-    per_type = Table(title="success per task type")
-    per_type.add_column("task type")
+    console.print(_per_type_table(results))
+    if run_id:
+        console.print(f"logged to MLflow run {run_id} at step {step}")
+
+
+def _check_eval_options(target: str | None, model: str | None, flags: dict[str, Any], spec_options: Any,
+                        transcripts: Path | None, logged: bool, step: int | None) -> None:
+    """Fail in one line on a combination of `epo eval` options that does not go together."""
+    if (target is None) == (model is None):
+        _fail("epo eval takes a run (RUN_ID or a checkpoint folder) or --model NAME_OR_DIR, one of the two")
+    if target is not None and (flags["env"] or flags["task_types"] or spec_options):
+        _fail("--spec, --env, --task-types and --set go with --model; a run is evaluated with its own spec")
+    playing = (flags["episodes"], flags["temperature"], flags["repeats"], transcripts)
+    if logged and (target is None or any(v is not None for v in playing)):
+        _fail("--logged reads a run's logged evaluation: it takes RUN_ID (not --model, --episodes, --temperature, --greedy, "
+              "--repeats or --transcripts)")
+    if logged and Path(target).exists():
+        _fail(f"--logged reads a run's logged evaluation from MLflow: it takes a run id or name, not the folder {target}")
+    if step is not None and not logged:
+        _fail("--step goes with --logged; a checkpoint folder (step_N) picks the step of a new evaluation")
+
+
+def _evaluation_table(results: list, title: str) -> Table:
+    table = Table(title=title)
+    for column in ("split", "episodes", "success", "95% CI", "score", "turns", "invalid"):
+        table.add_column(column, justify="right")
     for result in results:
-        per_type.add_column(result.split, justify="right")
+        low, high = result.interval
+        table.add_row(result.split, str(result.episodes), f"{result.success_rate:.3f}", f"[{low:.3f}, {high:.3f}]",
+                      f"{result.mean_score:.2f}", f"{result.mean_turns:.1f}", f"{result.invalid_action_rate:.2f}")
+    return table
+
+
+def _per_type_table(results: list) -> Table:
+    table = Table(title="success per task type")
+    table.add_column("task type")
+    for result in results:
+        table.add_column(result.split, justify="right")
     for task_type in sorted({t for r in results for t in r.per_type}):
         cells = []
         for result in results:
             wins, n = result.per_type.get(task_type, (0, 0))
             cells.append(f"{wins}/{n}" if n else "-")
-        per_type.add_row(task_type, *cells)
-    console.print(per_type)
-    if run_id:
-        console.print(f"logged to MLflow run {run_id} at step {step}")
+        table.add_row(task_type, *cells)
+    return table
 
 
 def _logged_evaluation(target: str, step: int | None, splits: list[str], tracking_uri: str | None) -> tuple[list, str]:
@@ -568,7 +552,7 @@ def _logged_evaluation(target: str, step: int | None, splits: list[str], trackin
 
 
 def _outcomes_file(path: Path, option: str) -> dict:
-    from epo_cli.evaluate import read_outcomes
+    from epo_cli.stats import read_outcomes
 
     try:
         return read_outcomes(path, option)
@@ -577,7 +561,7 @@ def _outcomes_file(path: Path, option: str) -> dict:
 
 
 def _print_comparison(baseline: dict, results, source: Path) -> None:
-    from epo_cli.evaluate import compare_paired
+    from epo_cli.stats import compare_paired
 
     table = Table(title=f"paired comparison with {source} (same tasks and seeds)")
     for column in ("split", "metric", "episode pairs", "before", "after", "after - before",
@@ -613,23 +597,20 @@ def _parse_seeds(values: list[str]) -> list[int]:
 
 
 @app.command()
+@with_spec_flags("env", "steps", "model", "tracking_uri", "scale")
 def ablate(
+    flags: dict[str, Any],
     ablation: Annotated[
         Optional[str], typer.Argument(help="smoothing, weighting, penalty-form, history, decay, ea or baseline; or --sweep.")
     ] = None,
     sweep: Annotated[
         Optional[Path], typer.Option(help="A sweep file: base spec, arms as overrides, seeds (docs/study.md).")
     ] = None,
-    env: Env = None,
     algo: Annotated[str, typer.Option(help="The base algorithm of an ablation: ppo or grpo.")] = "ppo",
     seeds: Annotated[list[str], typer.Option(help="Seeds of an ablation: --seeds 0,1,2 or --seeds 0 --seeds 1.")] = ["0"],  # noqa: B006
     spec: SpecFile = None,
     set_: Sets = None,
-    steps: Steps = None,
-    model: Model = None,
     init_from: InitFrom = None,
-    tracking_uri: TrackingUri = None,
-    scale: Scale = None,
 ) -> None:
     """The paper's ablations, or the arms of a sweep file: one MLflow parent run, a child
     per (variant, seed), a summary. Re-running the same command resumes it."""
@@ -645,7 +626,7 @@ def ablate(
         _fail(f"--algo: expected one of {', '.join(BASE_ALGOS)}, got {algo!r}")
     seed_list = _parse_seeds(seeds)
     _quiet_libraries()
-    flags = _flags(env=env, steps=steps, model=_initial_model(init_from, model), tracking_uri=tracking_uri, scale=scale)
+    flags = _flags(**flags | {"model": _initial_model(init_from, flags["model"])})
     from epo_cli.trainer import TrainingStopped
 
     try:

@@ -209,7 +209,7 @@ def plot_ablation(client, children, metric: str = "train/reward_mean", start: tu
 def starting_point(ax, label: str, outcomes) -> None:
     """The success of the runs' starting model on the same episodes: a dotted line at its
     rate over a band of its 95% interval over games."""
-    from epo_cli.evaluate import game_interval
+    from epo_cli.stats import game_interval
 
     wins, n = sum(o.won for o in outcomes), len(outcomes)
     low, high = game_interval(list(outcomes))

@@ -30,7 +30,8 @@ from epo_cli.forward import forward_turns
 from epo_cli.models import cosine_schedule, trainable_parameters
 from epo_cli.precision import autocast_context
 from epo_cli.prompts import Conversation, encode_prompt
-from epo_cli.rollout import RolloutSettings, TransformersSampler
+from epo_cli.rollout import RolloutSettings
+from epo_cli.sampling.transformers import TransformersSampler
 from epo_cli.spec import ExperimentSpec
 
 THINK_TEMPLATE = "The next step is to {action}."

@@ -17,27 +17,34 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from epo_cli.algos.estimators import ESTIMATORS, EstimatorInfo
 from epo_cli.envs.registry import ENVS
+from epo_cli.facts import Facts, facts_here
 from epo_cli.paths import epo_home
+from epo_cli.presets import (
+    ALGO_PRESETS,
+    ALGOS,
+    BASE_ALGOS,
+    CPU_SCALE,
+    CPU_SCALE_BF16,
+    CPU_SCALE_GRPO,
+    ENTROPY_BONUS_VARIANTS,
+    NO_EPO,
+    VARIANT_OVERRIDES,
+    Variant,
+)
 
-# Every base algorithm, named alone or with +epo: the family whose preset sizes it takes
-# (ALGO_PRESETS) and its advantage estimator (algos/estimators.py). Names are parsed here only.
-BASE_ALGOS: dict[str, tuple[Literal["ppo", "grpo"], str]] = {
-    "ppo": ("ppo", "gae"),
-    "grpo": ("grpo", "grpo"),
-    "rloo": ("grpo", "rloo"),
-    "gigpo": ("grpo", "gigpo"),
-    "reinforce++": ("grpo", "reinforce++"),
-}
-ALGOS: tuple[str, ...] = tuple(f"{base}{suffix}" for base in BASE_ALGOS for suffix in ("", "+epo"))
-Variant = Literal["epo", "epo-base", "no-dw", "indicator", "decay", "ea"]
-VARIANTS: tuple[str, ...] = get_args(Variant)
+
+def _facts(info: ValidationInfo) -> Facts:
+    """The facts a validation was given (``context={"facts": ...}``), else this machine's."""
+    given = (info.context or {}).get("facts")
+    return given if given is not None else facts_here()
 
 
 def one_of(value: str, known, what: str, field: str = "") -> str:
@@ -167,14 +174,12 @@ class EnvSpec(_Section):
         return self
 
     @model_validator(mode="after")
-    def _known_task_types(self) -> EnvSpec:
+    def _known_task_types(self, info: ValidationInfo) -> EnvSpec:
         if self.task_types is None:
             return self
-        from epo_cli.envs.registry import task_types_of
-
         if not self.task_types:
             raise ValueError("task_types: empty list; leave it unset for all task types")
-        known = task_types_of(self.name)
+        known = _facts(info).task_types(self.name)
         unknown = [t for t in self.task_types if t not in known]
         if unknown:
             raise ValueError(f"task_types: unknown {self.name} task type {unknown[0]!r}; expected some of: {', '.join(known)}")
@@ -323,7 +328,11 @@ class AlgoSpec(_Section):
         description="Base objective L_MT, with EPO (+epo, Eq. 6) or without: ppo, grpo, rloo, gigpo, "
         "reinforce++ (each names its advantage estimator; all but ppo train no critic).",
     )
-    variant: Variant = Field("epo", description="A named ablation or baseline (VARIANT_OVERRIDES).")
+    variant: Variant = Field(
+        "epo",
+        description="A named ablation or baseline: epo (full EPO), epo-base (no smoothing), no-dw (no dynamic weighting), "
+        "indicator, decay or ea (docs/algorithm.md).",
+    )
     advantage: str | None = Field(
         None,
         description="Advantage estimator by name (epo_cli/algos/estimators.py: gae, grpo, rloo, gigpo, reinforce++); default: the base "
@@ -446,8 +455,8 @@ class EvalSpec(_Section):
     """Fixed, seeded evaluation on the IID and OOD splits."""
 
     every: int = Field(5, ge=0, description="Evaluate every N RL steps (0: never).")
-    episodes: int = Field(64, gt=0, description="Fixed, seeded episodes per split.")
-    temperature: float = Field(0.4, ge=0, description="0 means greedy.")
+    episodes: int = Field(64, gt=0, description="Fixed, seeded episodes per split (at most one per game and repeat).")
+    temperature: float = Field(0.4, ge=0, description="Sampling temperature of evaluation (paper: 0.4); 0 means greedy.")
     repeats: int = Field(1, gt=0, description="Seeded episodes per task (paired stage comparisons: epo eval --compare).")
 
 
@@ -586,7 +595,7 @@ class ExperimentSpec(_Section):
     sft: SFTSpec = SFTSpec()
 
     @model_validator(mode="after")
-    def _consistent(self) -> ExperimentSpec:
+    def _consistent(self, info: ValidationInfo) -> ExperimentSpec:
         if self.algo.estimator.uses_groups and self.rollout.group_size < 2:
             raise ValueError(f"rollout.group_size must be >= 2 for {self.algo.advantage} (group advantages)")
         if self.algo.variant in ENTROPY_BONUS_VARIANTS and self.epo.entropy_coef == 0:
@@ -611,56 +620,17 @@ class ExperimentSpec(_Section):
             )
         if self.rollout.constrain != "none" and self.rollout.backend != "transformers":
             raise ValueError("rollout.constrain needs rollout.backend: transformers (the vLLM backend samples unconstrained)")
-        from epo_cli.envs.registry import splits_of
-
+        splits = _facts(info).splits(self.env.name)
         for name in ("train_split", "heldout_split"):
             split = getattr(self.sft, name)
-            if split not in splits_of(self.env.name):
-                raise ValueError(f"sft.{name}: unknown {self.env.name} split {split!r}; expected one of {', '.join(splits_of(self.env.name))}")
+            if split not in splits:
+                raise ValueError(f"sft.{name}: unknown {self.env.name} split {split!r}; expected one of {', '.join(splits)}")
         return self
 
     @property
     def episodes_per_step(self) -> int:
         return self.rollout.tasks_per_step * self.rollout.group_size
 
-
-# PPO and GRPO differ in batch sizes, lr and group size (paper §5, ScienceWorld column);
-# applied before the environment's own presets (envs/registry.py), whose settings win.
-ALGO_PRESETS: dict[str, dict[str, Any]] = {
-    "ppo": {"rollout": {"group_size": 1}},
-    "grpo": {"rollout": {"group_size": 8}, "optim": {"lr": 5e-6, "mini_batch_size": 128, "micro_batch_size": 16}},
-}
-
-# Plain PPO/GRPO: the base objective only, unless the user sets the entropy terms.
-NO_EPO: dict[str, Any] = {"epo": {"entropy_coef": 0.0, "smoothing": {"enabled": False}}}
-
-# Layer 3: a run that fits 2 CPU cores in minutes. Every field here is one a user would
-# otherwise have to shrink by hand; `epo spec show` prints the result.
-CPU_SCALE: dict[str, Any] = {
-    "model": {"critic": "shared"},
-    "env": {"max_turns": 4},
-    "train": {"steps": 3},
-    "rollout": {
-        "tasks_per_step": 4,
-        "max_prompt_tokens": 640,
-        "max_response_tokens": 40,
-        "max_listed_actions": 25,
-        "generation_batch_size": 8,
-    },
-    "optim": {"lr": 1e-5, "mini_batch_size": 32, "micro_batch_size": 4},
-    "eval": {"every": 0, "episodes": 8},
-    "tracking": {"transcripts": "all"},
-}
-CPU_SCALE_GRPO: dict[str, Any] = {"rollout": {"tasks_per_step": 2, "group_size": 2}}
-# On a processor with bf16 matrix instructions a bf16 copy of the weights prefills about
-# 2.4x faster than fp32, and an update under bf16 autocast (fp32 weights, AdamW state and
-# LM head) runs about 2x faster (docs/performance.md); the update corrects for the
-# sampler's other numerics with truncated importance weights.
-CPU_SCALE_BF16: dict[str, Any] = {
-    "model": {"autocast": "bf16"},
-    "rollout": {"dtype": "bfloat16"},
-    "algo": {"tis_cap": 2.0},
-}
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Return ``base`` with ``override`` merged in, recursively for nested dicts."""
@@ -705,24 +675,6 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def native_bf16() -> bool:
-    """Whether this machine multiplies bf16 matrices natively: a CUDA device that supports
-    bf16, else a CPU with AVX512-BF16 or AMX (elsewhere torch emulates bf16, slower than fp32)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu API: absent means unknown
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-
-
-def detect_scale() -> str:
-    """'paper' with a CUDA device, else 'cpu'."""
-    import torch
-
-    return "paper" if torch.cuda.is_available() else "cpu"
-
-
 def _pick(layers: list[dict[str, Any]], *keys: str, default: Any = None) -> Any:
     """The value of a nested key in the last layer that sets it."""
     found = default
@@ -755,8 +707,10 @@ def resolve_spec(
     spec_file: Path | None = None,
     flags: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
+    facts: Facts | None = None,
 ) -> ExperimentSpec:
-    """Build the validated spec from the layers described in the module docstring."""
+    """Build the validated spec from the layers described in the module docstring, for the
+    machine ``facts`` describe (default: this one)."""
     user_layers = []
     if spec_file is not None:
         user_layers.append(load_yaml(spec_file))
@@ -765,7 +719,8 @@ def resolve_spec(
 
     env_name = _pick(user_layers, "env", "name", default="scienceworld")
     algo_name = _pick(user_layers, "algo", "name", default="ppo+epo")
-    scale = _pick(user_layers, "scale", default=None) or detect_scale()
+    facts = facts or facts_here()
+    scale = _pick(user_layers, "scale", default=None) or ("paper" if facts.cuda else "cpu")
     variant = _pick(user_layers, "algo", "variant", default="epo")
 
     # The algorithm's preset first: an environment's own sizes (ALFWorld: 256/32 for PPO
@@ -781,7 +736,7 @@ def resolve_spec(
         merged = deep_merge(merged, CPU_SCALE)
         if family == "grpo":
             merged = deep_merge(merged, CPU_SCALE_GRPO)
-        if native_bf16():
+        if facts.native_bf16:
             merged = deep_merge(merged, CPU_SCALE_BF16)
     if env and env.fixed_size:
         merged = deep_merge(merged, env.fixed_size)
@@ -792,7 +747,7 @@ def resolve_spec(
         merged = deep_merge(merged, layer)
     merged["scale"] = scale
     try:
-        return ExperimentSpec.model_validate(merged)
+        return ExperimentSpec.model_validate(merged, context={"facts": facts})
     except ValidationError as err:
         raise SpecError(format_validation_error(err)) from None
 
@@ -810,20 +765,13 @@ def saved_spec(path: Path, flags: dict[str, Any] | None = None, overrides: list[
         raise SpecError(format_validation_error(err, f"spec file {path}")) from None
 
 
-# The paper's ablations as named spec changes. ``ea`` shapes the
-# advantages: alone on ppo/grpo (the paper's EA baseline), beside L_H on the +epo names.
-VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
-    "epo": {},
-    "epo-base": {"epo": {"smoothing": {"enabled": False}}},
-    "no-dw": {"epo": {"weighting": {"dynamic": False}}},
-    "indicator": {"epo": {"smoothing": {"form": "indicator"}}},
-    "decay": {"epo": {"smoothing": {"enabled": False}, "decay": {"turn_decay": 0.9, "step_schedule": "linear"}}},
-    "ea": {"epo": {"smoothing": {"enabled": False}, "entropy_advantage": {"enabled": True}}},
-}
-
-
-# Variants that only change lambda * (L_H - beta L_smooth): nothing to change without it.
-ENTROPY_BONUS_VARIANTS = ("epo-base", "no-dw", "indicator", "decay")
+def spec_field(path: str) -> FieldInfo:
+    """The schema's field at a dotted path, e.g. ``train.steps`` (its type and description)."""
+    section: Any = ExperimentSpec
+    *parents, name = path.split(".")
+    for key in parents:
+        section = section.model_fields[key].annotation
+    return section.model_fields[name]
 
 
 def spec_to_yaml(spec: ExperimentSpec, comments: bool = False) -> str:

@@ -27,8 +27,11 @@ from epo_cli.learner import Learner
 from epo_cli.lora import read_adapter
 from epo_cli.models import load_causal_lm, load_tokenizer, model_directory
 from epo_cli.progress import OverallProgress, progress_bar
-from epo_cli.rollout import RolloutSettings, Sampler, build_sampler, episode_stats, play_episodes, sampler_dtype
-from epo_cli.spec import ExperimentSpec, flatten, native_bf16, spec_to_yaml
+from epo_cli.rollout import RolloutSettings, episode_stats, play_episodes
+from epo_cli.sampling.base import Sampler
+from epo_cli.sampling.build import build_sampler, sampler_dtype
+from epo_cli.precision import native_bf16
+from epo_cli.spec import ExperimentSpec, flatten, spec_to_yaml
 from epo_cli.tracking import RunTracker, check_store, open_tracker
 from epo_cli.transcripts import episodes_jsonl, train_file
 

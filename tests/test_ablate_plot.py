@@ -7,9 +7,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from epo_cli.ablate import ablation_variants, summary_rows, ChildSummary
+from epo_cli.ablate import summary_rows, ChildSummary
+from epo_cli.presets import ablation_variants
 from epo_cli.cli import app
-from epo_cli.evaluate import EpisodeOutcome
+from epo_cli.stats import EpisodeOutcome
 from epo_cli.plots import plot_ablation, plot_entropy
 
 runner = CliRunner()
@@ -131,7 +132,7 @@ def test_the_entropy_figure_draws_the_first_and_last_turn_once_each(tmp_path, tu
 def test_the_starting_point_is_its_success_over_its_band_over_games(wins):
     import matplotlib.pyplot as plt
 
-    from epo_cli.evaluate import EpisodeOutcome
+    from epo_cli.stats import EpisodeOutcome
     from epo_cli.plots import starting_point
 
     outcomes = [EpisodeOutcome(f"toy:{i}", 0, i < wins, float(i < wins), 3, 0) for i in range(3)]

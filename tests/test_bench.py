@@ -47,7 +47,7 @@ def test_each_recipe_names_the_path_it_runs(monkeypatch):
     """The windowed ALFWorld recipe samples windowed, the ScienceWorld one in the conversation
     format; each with a bf16 copy only where the processor has native bf16."""
     for native, dtype in ((True, "bfloat16"), (False, "float32")):
-        monkeypatch.setattr("epo_cli.spec.native_bf16", lambda: native)
+        monkeypatch.setattr("epo_cli.precision.native_bf16", lambda: native)
         paths = {name: recipe_rollout.recipe_setting(spec_file) for name, spec_file in recipe_rollout.RECIPES.items()}
         settings = {name: None if index is None else recipe_rollout.SETTINGS[index][4:] for name, index in paths.items()}
         assert settings["ALFWorld pick_and_place_simple"] == ("windowed", dtype)

@@ -122,7 +122,7 @@ def test_train_alfworld_grpo_epo_end_to_end(tmp_path):
     assert REQUIRED_KEYS | {"train/inadmissible_action_rate", "env/worker_restarts"} <= metrics
     assert any(key.startswith("train/success/pick_") or key.startswith("train/success/look_") for key in metrics)
     assert run.data.params["env.name"] == "alfworld" and run.data.params["env.max_turns"] == "2"
-    from epo_cli.spec import native_bf16
+    from epo_cli.precision import native_bf16
 
     if native_bf16():  # the CPU scale's bf16 sampler copy, with its importance correction
         assert run.data.params["rollout.dtype"] == "bfloat16" and "actor/tis_weight" in metrics

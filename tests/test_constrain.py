@@ -9,10 +9,11 @@ import torch
 
 from epo_cli.algos.entropy import restricted_logprobs_and_entropy
 from epo_cli.batch import TurnBatch, collate
-from epo_cli.constrain import ConstraintFactory
+from epo_cli.sampling.constrain import ConstraintFactory
 from epo_cli.envs.base import parse_action
 from epo_cli.forward import forward_turns
-from epo_cli.rollout import Episode, TransformersSampler, Turn, _prefill_buckets
+from epo_cli.rollout import Episode, Turn
+from epo_cli.sampling.transformers import TransformersSampler, _prefill_buckets
 
 ACTIONS = ["go to cabinet 1", "go to cabinet 10", "take apple 1 from countertop 2", "open fridge 1"]
 

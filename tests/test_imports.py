@@ -57,5 +57,18 @@ def test_find_cycle_finds_one():
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert "epo_cli.vllm_sampler" in graph and "epo_cli.generation" in graph["epo_cli.vllm_sampler"]
+    assert "epo_cli.sampling.vllm" in graph and "epo_cli.sampling.base" in graph["epo_cli.sampling.vllm"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_spec_imports_no_torch_and_no_environment():
+    """spec.py is checked against facts passed in (epo_cli.facts): it loads neither torch nor
+    an environment module, at import or inside a function."""
+    imported = set()
+    for node in ast.walk(ast.parse((PACKAGE / "spec.py").read_text())):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+    assert not {m for m in imported if m.split(".")[0] == "torch"}
+    assert {m for m in imported if m.startswith("epo_cli.envs")} == {"epo_cli.envs.registry"}  # the table only

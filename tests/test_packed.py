@@ -11,7 +11,7 @@ import torch
 from epo_cli.batch import TurnBatch, collate, forced_tokens, pack, unit_minibatches
 from epo_cli.envs.base import EnvStep, TaskInstance
 from epo_cli.forward import forward_turns
-from epo_cli.generation import Generation
+from epo_cli.sampling.base import Generation
 from epo_cli.learner import Learner
 from epo_cli.models import ValueHead
 from epo_cli.rollout import RolloutSettings, play_episodes
@@ -272,7 +272,7 @@ def test_prefix_cache_feeds_only_new_tokens_and_samples_the_same(tiny_model, tok
     """Conversation rollouts with the kept KV caches sample exactly what whole-prompt
     prefills sample, feeding a fraction of the tokens; a segment restart (a prompt that
     extends no kept sequence) reuses the system text and task it shares with one."""
-    from epo_cli.rollout import TransformersSampler
+    from epo_cli.sampling.transformers import TransformersSampler
 
     settings = RolloutSettings(max_turns=6, max_prompt_tokens=400, max_response_tokens=12, temperature=1.0,
                                prompt_format="conversation")
@@ -298,7 +298,7 @@ def test_prefix_cache_lives_until_the_rollout_ends(tiny_model, tokenizer):
     """A prompt that extends the last call's sequence feeds only its new tokens, until
     ``forget_prefixes``, which ``play_episodes`` calls when a rollout ends (the weights may
     change before the next one)."""
-    from epo_cli.rollout import TransformersSampler
+    from epo_cli.sampling.transformers import TransformersSampler
 
     sampler = TransformersSampler(tiny_model, tokenizer, generator=torch.Generator().manual_seed(0), prefix_cache=True)
     prompt = tokenizer("a prompt of some length, to be extended")["input_ids"]
@@ -320,7 +320,7 @@ def test_prefix_cache_lives_until_the_rollout_ends(tiny_model, tokenizer):
 def test_a_prompt_equal_to_a_kept_sequence_feeds_its_last_token_only(tiny_model, tokenizer):
     """The longest reuse: a prompt that is exactly a kept sequence feeds one token (its
     logits are needed), and samples what a sampler without kept caches samples."""
-    from epo_cli.rollout import TransformersSampler
+    from epo_cli.sampling.transformers import TransformersSampler
 
     sampler = TransformersSampler(tiny_model, tokenizer, generator=torch.Generator().manual_seed(0), prefix_cache=True)
     sampler.generate([tokenizer("a prompt of some length")["input_ids"]], 5, 1.0, 1.0)
@@ -339,7 +339,7 @@ def test_prefill_passes_group_rows_of_like_lengths():
     """Rows sorted by tokens to feed; a pass takes the next row while its padding stays
     within 25% of its real tokens: 10, 12 (24 <= 27.5), then 95, 100 (200 <= 243.75), then
     300 alone (900 > 618.75)."""
-    from epo_cli.rollout import _prefill_buckets
+    from epo_cli.sampling.transformers import _prefill_buckets
 
     assert _prefill_buckets([100, 10, 12, 95, 300]) == [[1, 2], [3, 0], [4]]
     assert _prefill_buckets([50] * 4) == [[0, 1, 2, 3]]
@@ -348,7 +348,7 @@ def test_prefill_passes_group_rows_of_like_lengths():
 def test_identical_prompts_are_computed_once(tiny_model, tokenizer):
     """A group's identical prompts take one row of the first pass; each copy still samples
     from its own random stream, and a row samples what it samples without the sharing."""
-    from epo_cli.rollout import TransformersSampler
+    from epo_cli.sampling.transformers import TransformersSampler
 
     same, other = tokenizer("the same opening")["input_ids"], tokenizer("another one, longer")["input_ids"]
     generations, first_pass = [], []

@@ -8,16 +8,9 @@ from epo_cli.envs.base import INVALID_FORMAT_OBSERVATION, EnvStep, TaskInstance
 from epo_cli.forward import forward_turns
 from epo_cli.models import ValueHead
 from epo_cli.prompts import encode_prompt
-from epo_cli.rollout import (
-    Episode,
-    Generation,
-    RolloutSettings,
-    TransformersSampler,
-    Turn,
-    episode_stats,
-    play_episodes,
-    sample_token,
-)
+from epo_cli.rollout import Episode, RolloutSettings, Turn, episode_stats, play_episodes
+from epo_cli.sampling.base import Generation
+from epo_cli.sampling.transformers import TransformersSampler, sample_token
 
 
 class ScriptedSampler:

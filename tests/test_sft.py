@@ -14,7 +14,8 @@ from epo_cli.envs.base import parse_action
 from epo_cli.envs.pool import LocalEnvBatch
 from epo_cli.envs.registry import load_split, title_of
 from epo_cli.expert import ExpertCache, cache_file, expert_trajectories
-from epo_cli.rollout import Generation, RolloutSettings, play_episodes
+from epo_cli.rollout import RolloutSettings, play_episodes
+from epo_cli.sampling.base import Generation
 from epo_cli.sft import (
     SFTError,
     as_turn_batch,

@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -5,10 +6,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from epo_cli.facts import facts_here
+from epo_cli.presets import CPU_SCALE, VARIANT_OVERRIDES, VARIANTS
 from epo_cli.spec import (
-    CPU_SCALE,
-    VARIANT_OVERRIDES,
-    VARIANTS,
     SpecError,
     parse_override,
     resolve_spec,
@@ -28,21 +28,21 @@ def test_cpu_scale_is_small_and_says_so():
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_cpu_scale_uses_bf16_only_where_the_processor_has_bf16(monkeypatch, native):
-    monkeypatch.setattr("epo_cli.spec.native_bf16", lambda: native)
-    spec = resolve_spec(flags={"scale": "cpu", "env": {"name": "alfworld"}})
+def test_cpu_scale_uses_bf16_only_where_the_processor_has_bf16(native):
+    facts = replace(facts_here(), native_bf16=native)
+    spec = resolve_spec(flags={"scale": "cpu", "env": {"name": "alfworld"}}, facts=facts)
     expected = ("bfloat16", 2.0, "bf16") if native else (None, None, "none")
     assert (spec.rollout.dtype, spec.algo.tis_cap, spec.model.autocast) == expected
     assert spec.model.dtype == "float32"  # autocast: the weights and AdamW state stay fp32
-    toy = resolve_spec(flags={"scale": "cpu", "env": {"name": "toy"}})
+    toy = resolve_spec(flags={"scale": "cpu", "env": {"name": "toy"}}, facts=facts)
     assert (toy.rollout.dtype, toy.algo.tis_cap, toy.model.autocast) == (None, None, "none")  # the toy: all fp32
-    paper = resolve_spec(flags={"scale": "paper"})
+    paper = resolve_spec(flags={"scale": "paper"}, facts=facts)
     assert (paper.rollout.dtype, paper.model.autocast) == (None, "none")
 
 
-def test_a_saved_spec_is_taken_whole_and_new_fields_keep_what_the_run_did(tmp_path, monkeypatch):
-    monkeypatch.setattr("epo_cli.spec.native_bf16", lambda: True)
-    spec = resolve_spec(flags={"scale": "cpu", "env": {"name": "alfworld"}})
+def test_a_saved_spec_is_taken_whole_and_new_fields_keep_what_the_run_did(tmp_path):
+    bf16_machine = replace(facts_here(), native_bf16=True)
+    spec = resolve_spec(flags={"scale": "cpu", "env": {"name": "alfworld"}}, facts=bf16_machine)
     saved = tmp_path / "spec.yaml"
     saved.write_text(spec_to_yaml(spec))
     assert saved_spec(saved) == spec
@@ -52,7 +52,7 @@ def test_a_saved_spec_is_taken_whole_and_new_fields_keep_what_the_run_did(tmp_pa
     del old["rollout"]["dtype"], old["algo"]["tis_cap"]
     saved.write_text(yaml.safe_dump(old))
     assert (saved_spec(saved).rollout.dtype, saved_spec(saved).algo.tis_cap) == (None, None)
-    assert resolve_spec(saved).rollout.dtype == "bfloat16"  # what re-resolving through the presets would do
+    assert resolve_spec(saved, facts=bf16_machine).rollout.dtype == "bfloat16"  # what re-resolving through the presets would do
     with pytest.raises(SpecError, match=r"spec\.yaml: rollout\.temperature"):
         saved_spec(saved, overrides=["rollout.temperature=-1"])
 

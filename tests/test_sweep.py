@@ -208,11 +208,11 @@ def test_the_study_is_one_experiment_on_processors_with_and_without_native_bf16(
     sweep = load_sweep(Path(__file__).parents[1] / "experiments" / "sweeps" / name)
     resolved = {}
     for native in (True, False):
-        monkeypatch.setattr("epo_cli.spec.native_bf16", lambda native=native: native)
+        monkeypatch.setattr("epo_cli.precision.native_bf16", lambda native=native: native)
         resolved[native] = {pair: _experiment_json(spec) for pair, spec in sweep_specs(sweep, {}, []).items()}
     assert resolved[True] == resolved[False]
     for native, chosen in ((False, ("none", None, None)), (True, ("bf16", "bfloat16", 2.0))):  # what pinning overrides
-        monkeypatch.setattr("epo_cli.spec.native_bf16", lambda native=native: native)
+        monkeypatch.setattr("epo_cli.precision.native_bf16", lambda native=native: native)
         unpinned = resolve_spec(sweep.base, {}, [])
         assert (unpinned.model.autocast, unpinned.rollout.dtype, unpinned.algo.tis_cap) == chosen
 
@@ -229,7 +229,7 @@ def test_the_rest_of_stage_two_is_the_same_experiment_as_its_missing_children():
 
 
 def test_the_pooled_interval_resamples_games_and_seeds_when_outcomes_are_known():
-    from epo_cli.evaluate import EpisodeOutcome
+    from epo_cli.stats import EpisodeOutcome
 
     # Two seeds, each winning game a and losing game b: 2 games, not 4 independent episodes.
     # Any draw of games gives 0, 1/2 or 1 under either seed: the interval is [0, 1], where

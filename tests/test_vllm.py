@@ -16,7 +16,8 @@ from epo_cli.envs.base import PromptState, build_prompt  # noqa: E402
 from epo_cli.forward import forward_turns  # noqa: E402
 from epo_cli.models import load_causal_lm, load_tokenizer, model_directory  # noqa: E402
 from epo_cli.prompts import encode_prompt  # noqa: E402
-from epo_cli.rollout import STOP_STRING, build_sampler  # noqa: E402
+from epo_cli.sampling.base import STOP_STRING  # noqa: E402
+from epo_cli.sampling.build import build_sampler  # noqa: E402
 from epo_cli.spec import resolve_spec  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

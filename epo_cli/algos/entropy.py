@@ -73,7 +73,7 @@ def restricted_logprobs_and_entropy(
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy under ``softmax(z / T)`` restricted to an allowed token set
-    (constrained decoding, ``epo_cli/constrain.py``).
+    (constrained decoding, ``epo_cli/sampling/constrain.py``).
 
     ``allowed`` is ``[N, K]`` token ids padded with -1; each row's ``targets`` entry must
     be among its ids. Only the ``K`` allowed logits of each row are formed. A row with one

