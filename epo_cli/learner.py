@@ -14,7 +14,6 @@ over ranks is exactly the one-process gradient of the same batch.
 from __future__ import annotations
 
 import contextlib
-import copy
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from epo_cli.algos.advantages import TurnRewards
-from epo_cli.algos.estimators import ESTIMATORS, estimator
+from epo_cli.algos.estimators import estimator
 from epo_cli.algos.history import EntropyHistory
 from epo_cli.algos.losses import token_weights
 from epo_cli.algos.objective import EPOLoss, LossInputs, StepCoefficients, epo_loss, step_coefficients
@@ -39,14 +38,13 @@ from epo_cli.distributed import (
     balanced_chunks,
     full_tensor,
     no_gradient_sync,
-    unwrap,
-    wrap_for_training,
 )
-from epo_cli.forward import TurnScorer
-from epo_cli.lora import AdaptersOff, adapter_weights, merged_weights
-from epo_cli.models import ValueHead, cosine_schedule, trainable_model, trainable_parameters
+from epo_cli.entropy_record import EntropyRecord
+from epo_cli.lora import adapter_weights, merged_weights
+from epo_cli.models import trainable_parameters
 from epo_cli.precision import autocast_context
 from epo_cli.spec import ExperimentSpec
+from epo_cli.trainables import build_trainables
 
 
 # What a step without an optimizer step logs exactly: every advantage is 0 (so is the
@@ -99,7 +97,8 @@ def _grad_norm(term: torch.Tensor | None, params: list[torch.Tensor]) -> float:
 
 
 class Learner:
-    """The policy, critic, reference model, optimizers and EPO state of one run."""
+    """One run's update: score -> advantages -> the mini-batch updates, on the models of
+    :func:`~epo_cli.trainables.build_trainables`, with the entropy record of EPO's smoothing."""
 
     def __init__(self, spec: ExperimentSpec, pad_id: int, dist: DistContext | None = None):
         self.spec = spec
@@ -108,58 +107,26 @@ class Learner:
         self.pad_id = pad_id
         self.skipped_steps = 0
         self.consecutive_skips = 0
-        self.history = EntropyHistory()
-        # Row of the last step's TurnBatch -> its mean decision-token entropy under the
-        # policy before the update (all ranks; rows without a sampled decision are absent).
-        self.turn_entropies: dict[int, float] = {}
+        self.entropy_record = EntropyRecord(spec, self.dist)
         # The same seed on every rank: all ranks draw the same mini-batch permutation.
         self.generator = torch.Generator().manual_seed(spec.train.seed)
 
-        # With model.lora, self.peft wraps self.policy (adapters injected in place).
-        self.policy, self.peft = trainable_model(spec.model, spec.train.seed, self.device)
         self.estimate = estimator(spec.algo.advantage)
-        self.has_critic = ESTIMATORS[spec.algo.advantage].needs_critic
-        self.shared_critic = self.has_critic and spec.model.critic == "shared"
-        self.value_head = ValueHead(self.policy.config.hidden_size).to(self.device) if self.has_critic else None
-        critic_model = None
-        if self.has_critic and not self.shared_critic:
-            critic_model, _ = trainable_model(spec.model, spec.train.seed, self.device)
-        self.reference = None  # the frozen start policy, for the KL term (not sharded)
-        if spec.algo.kl_coef > 0 and self.peft is not None:
-            self.reference = AdaptersOff(TurnScorer(self.policy, compiled_head=spec.model.compile_lm_head), self.peft)
-        elif spec.algo.kl_coef > 0:
-            frozen = copy.deepcopy(self.policy).eval().requires_grad_(False)
-            self.reference = TurnScorer(frozen, compiled_head=spec.model.compile_lm_head)
+        models = build_trainables(spec, self.dist)
+        # With model.lora, self.peft wraps self.policy (adapters injected in place).
+        self.policy, self.peft, self.reference = models.policy, models.peft, models.reference
+        self.has_critic, self.shared_critic, self.value_head = models.has_critic, models.shared_critic, models.value_head
+        self.actor, self.critic = models.actor, models.critic
+        self.optimizers, self.schedulers, self.clip_groups = models.optimizers, models.schedulers, models.clip_groups
 
-        strategy = spec.distributed.strategy
-        compiled = spec.model.compile_lm_head
-        self.actor = wrap_for_training(
-            TurnScorer(self.policy, self.value_head if self.shared_critic else None, compiled), strategy, self.dist
-        )
-        self.critic = None
-        if critic_model is not None:
-            self.critic = wrap_for_training(TurnScorer(critic_model, self.value_head), strategy, self.dist)
-        # Optimizers come after wrapping: FSDP2 replaces the parameters by sharded ones.
-        # Fused AdamW (one kernel over all tensors) where the parameters are plain tensors.
-        adamw = {"weight_decay": spec.optim.weight_decay, "fused": not self.sharded}
-        actor_module = unwrap(self.actor)
-        actor_groups = [{"params": trainable_parameters(actor_module.model), "lr": spec.optim.lr}]
-        if self.shared_critic:
-            actor_groups.append({"params": list(actor_module.value_head.parameters()), "lr": spec.optim.critic_lr})
-        self.optimizers = [torch.optim.AdamW(actor_groups, **adamw)]
-        if self.critic is not None:
-            self.optimizers.append(torch.optim.AdamW(trainable_parameters(unwrap(self.critic)), lr=spec.optim.critic_lr, **adamw))
-        # Policy and critic are clipped apart, as two models are: a shared critic's value
-        # head, learning from zero, has a gradient norm several times the policy's, and one clip
-        # over both scales the policy's gradient by a factor that the critic's error sets.
-        critic_params = [p for group in actor_groups[1:] for p in group["params"]]
-        if self.critic is not None:
-            critic_params = trainable_parameters(unwrap(self.critic))
-        self.clip_groups = [("actor", actor_groups[0]["params"])] + ([("critic", critic_params)] if critic_params else [])
-        self.schedulers = [self._cosine_schedule(opt) for opt in self.optimizers]
+    @property
+    def history(self) -> EntropyHistory:
+        return self.entropy_record.history
 
-    def _cosine_schedule(self, optimizer):
-        return cosine_schedule(optimizer, self.spec.optim, self.spec.train.steps)
+    @property
+    def turn_entropies(self) -> dict[int, float]:
+        """Row of the last step's batch -> its mean decision-token entropy before the update."""
+        return self.entropy_record.turn_entropies
 
     @property
     def sharded(self) -> bool:
@@ -296,7 +263,7 @@ class Learner:
         step; its pre-update entropies are still recorded for ``Hbar``."""
         spec = self.spec
         coefs = step_coefficients(spec.epo, step, spec.train.steps)
-        reference = self._entropy_reference(batch)
+        reference = self.entropy_record.reference(batch)
         stats, norms = UpdateStats(), UpdateStats()
         record_entropy = not self._needs_old_logp(batch)
         step_logprob_diff = 0.0
@@ -343,10 +310,8 @@ class Learner:
                 stats.minibatches += 1
                 norms.minibatches += 1
         stats.all_reduce(self.dist)
-        step_entropy, turn_sums, row_means = self._batch_entropy(batch, entropy)
-        step_entropy, step_logprob_diff = self.dist.all_reduce_sum(torch.tensor([step_entropy, step_logprob_diff], dtype=torch.float64)).tolist()
-        turn_means = self._global_turn_means(turn_sums, row_means)
-        self.history.append(step_entropy, turn_means)
+        step_entropy, turn_means = self.entropy_record.record(batch, entropy)
+        step_logprob_diff = float(self.dist.all_reduce_sum(torch.tensor([step_logprob_diff], dtype=torch.float64))[0])
 
         metrics = {**stats.means(), **norms.means()}
         if not optimizer_steps:
@@ -436,52 +401,6 @@ class Learner:
                 totals += torch.stack([((torch.exp(d) - 1 - d) * w).sum(), (d.abs() * w).sum(), w.sum()])
         kl, change, weight = self.dist.all_reduce_sum(totals).tolist()
         return kl / max(weight, 1e-12), change / max(weight, 1e-12)
-
-    def _batch_entropy(
-        self, batch: TurnBatch, entropy: list[torch.Tensor | None]
-    ) -> tuple[float, dict[int, list[float]], dict[int, float]]:
-        """This rank's share of ``Hbar_k``, the record behind Eq. 3: the token entropy of
-        the whole batch under one policy (before the step's first update), aggregated like
-        ``L_H`` (Eq. 2) with weights over the whole batch; and per turn index, [sum of turn
-        means, count]. Rows of other ranks are None."""
-        rows = list(range(len(batch)))
-        mask = batch.decision_mask(rows)
-        weights = token_weights(mask, batch.episode_ids, self.spec.algo.loss_agg)
-        total, turn_sums, row_means = 0.0, {}, {}
-        for row, values in enumerate(entropy):
-            if values is None:
-                continue
-            n = len(values)
-            total += float((values * weights[row, :n]).sum())
-            decisions = float(mask[row, :n].sum())
-            mean = float((values * mask[row, :n]).sum()) / max(decisions, 1.0)
-            if decisions:
-                row_means[row] = mean
-            entry = turn_sums.setdefault(int(batch.turn_index[row]), [0.0, 0])
-            entry[0] += mean
-            entry[1] += 1
-        return total, turn_sums, row_means
-
-    def _global_turn_means(self, turn_sums: dict[int, list[float]], row_means: dict[int, float]) -> dict[int, float]:
-        """Mean entropy per turn index over the turn samples of all ranks; also gathers
-        every rank's per-row means into :attr:`turn_entropies`."""
-        merged: dict[int, list[float]] = {}
-        self.turn_entropies = {}
-        for part, rows in self.dist.all_gather_objects((turn_sums, row_means)):
-            self.turn_entropies.update(rows)
-            for turn, (total, count) in part.items():
-                entry = merged.setdefault(turn, [0.0, 0])
-                entry[0] += total
-                entry[1] += count
-        return {turn: total / count for turn, (total, count) in sorted(merged.items())}
-
-    def _entropy_reference(self, batch: TurnBatch):
-        """``Hbar_W`` for this step: a scalar (step history) or one value per turn sample
-        (turn history); None at the first step, where ``L_smooth = 0``."""
-        smoothing = self.spec.epo.smoothing
-        if smoothing.history == "turn":
-            return self.history.turn_reference(batch.turn_index, smoothing.window)
-        return self.history.reference(smoothing.window)
 
     def _gradient_sync(self, last: bool) -> contextlib.ExitStack:
         """Gradients are reduced over ranks only at the last micro-batch of a mini-batch."""
@@ -610,6 +529,6 @@ class Learner:
             set_optimizer_state_dict(module, optimizer, saved, options=options)
         for scheduler, saved in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(saved)
-        self.history = EntropyHistory.from_state_dict(state["history"])
+        self.entropy_record.history = EntropyHistory.from_state_dict(state["history"])
         self.skipped_steps = state["skipped_steps"]
         self.generator.set_state(state["generator"])

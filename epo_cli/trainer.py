@@ -239,7 +239,7 @@ class Trainer:
             self._sync_sampler()
         else:  # every group tied: nothing to update on, but the step (and its lr schedule) passes
             self.learner.step_schedules()
-            self.learner.turn_entropies = {}
+            self.learner.entropy_record.turn_entropies = {}
             update_metrics = {"actor/optimizer_steps": 0}
         update_s = time.perf_counter() - update_started
         if spec.algo.filter_groups:
