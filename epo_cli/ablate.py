@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,15 +37,24 @@ class ChildSummary:
     entropy_variance: float
     final_eval: dict[str, tuple[int, int]] = field(default_factory=dict)
     final_outcomes: dict[str, list] = field(default_factory=dict)  # split -> EpisodeOutcome of that evaluation
+    token_variance_slope: float = float("nan")  # per 100 steps, of actor/entropy_var (nan: not logged)
 
 
 def _history(client, run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
+def slope_per_100_steps(values: list[float]) -> float:
+    """The least-squares slope of ``values`` (one per step) times 100; nan under two values."""
+    if len(values) < 2:
+        return float("nan")
+    return 100 * statistics.linear_regression(range(len(values)), values).slope
+
+
 def summarize_child(client, run, variant: str, seed: int) -> ChildSummary:
     """Succ.* (best over training) and Succ. (last) from IID evaluation when the run has
-    it, else from training success; the variance of the mean entropy across steps."""
+    it, else from training success; the variance of the mean entropy across steps, and the
+    trend of the token-entropy variance within each step."""
     run_id = run.info.run_id
     evaluated = _history(client, run_id, "eval/iid/success_rate")
     success = evaluated or _history(client, run_id, "train/success_rate")
@@ -64,6 +74,7 @@ def summarize_child(client, run, variant: str, seed: int) -> ChildSummary:
         final_success=success[-1] if success else float("nan"),
         final_reward=reward[-1] if reward else float("nan"),
         entropy_variance=statistics.pvariance(entropy) if len(entropy) > 1 else 0.0,
+        token_variance_slope=slope_per_100_steps(_history(client, run_id, "actor/entropy_var")),
         final_eval=final_eval,
         final_outcomes={split: outcomes for split, outcomes in final_outcomes.items() if outcomes},
     )
@@ -117,13 +128,35 @@ def _final_ood(children: list[ChildSummary]) -> str:
     return _mean_t_interval(rates) if rates else "-"
 
 
+def _trend(slopes: list[float]) -> str:
+    """The mean slope over seeds with its 95% t interval (one seed: its slope)."""
+    known = [s for s in slopes if not math.isnan(s)]
+    if not known:
+        return "-"
+    mean, low, high = t_interval(known, clip=False)
+    return f"{mean:+.3g}" if len(known) == 1 else f"{mean:+.3g} [{low:+.3g}, {high:+.3g}]"
+
+
+def _on_decoy(children: list[ChildSummary]) -> str:
+    """Seeds that ended on the env's decoy: more than half of their last held-out evaluation's
+    episodes (IID and OOD together) ended by it; '-' where the env has no decoy or no run
+    logged per-episode outcomes."""
+    finals = [[o for outcomes in c.final_outcomes.values() for o in outcomes] for c in children]
+    finals = [episodes for episodes in finals if episodes and all(o.decoy is not None for o in episodes)]
+    if not finals:
+        return "-"
+    return f"{sum(2 * sum(o.decoy for o in episodes) > len(episodes) for episodes in finals)}/{len(finals)}"
+
+
 SUMMARY_COLUMNS = ("best success", "final success [95% t]", "IID pooled [95%]", "OOD final [95% t]",
-                   "OOD pooled [95%]", "final reward", "entropy var.")
+                   "OOD pooled [95%]", "final reward", "entropy var.", "H var. trend", "on decoy")
 SUMMARY_CAPTION = ("best (Succ.*) / final (Succ.) success: of the IID evaluations where the runs have them, else of "
                    "training; [95% t]: Student-t interval of the mean over seeds, clipped to [0, 1]; IID / OOD pooled: "
                    "every seed's last evaluation of the split, wins / episodes, with a bootstrap over seeds and games (Wilson over "
                    "episodes for runs logged without per-episode outcomes); entropy var.: variance of the step entropy "
-                   "over training; the other columns are mean ± std over seeds")
+                   "over training; H var. trend: the least-squares slope per 100 steps of the variance of each step's "
+                   "decision-token entropies (actor/entropy_var); on decoy: the seeds whose last evaluation ended more than half its episodes by the env's "
+                   "decoy (decoy-chain); the other columns are mean ± std over seeds")
 
 
 def summary_rows(children: list[ChildSummary], diverged: Counter | None = None,
@@ -148,6 +181,8 @@ def summary_rows(children: list[ChildSummary], diverged: Counter | None = None,
             _pooled(mine, "ood"),
             _mean_std([c.final_reward for c in mine]),
             _mean_std([c.entropy_variance for c in mine]),
+            _trend([c.token_variance_slope for c in mine]),
+            _on_decoy(mine),
         ])
     return rows
 
@@ -330,12 +365,17 @@ def deep_merge_all(*layers: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_summary(console: Console, title: str, parent_id: str, rows: list[list[str]]) -> None:
-    """The summary table; on a narrow terminal its cells wrap between words, never inside one."""
-    table = Table(title=f"{title} (parent run {parent_id})", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for index, column in enumerate(("variant", "seeds", *SUMMARY_COLUMNS)):
-        words = [word for text in (column, *(row[index] for row in rows)) for word in text.split()]
-        table.add_column(column, justify="left" if index == 0 else "right", min_width=max(map(len, words)))
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    """The summary in two tables, success then entropy and decoy (each with the variant and
+    seeds columns); on a narrow terminal their cells wrap between words, never inside one."""
+    columns = ("variant", "seeds", *SUMMARY_COLUMNS)
+    split = 2 + SUMMARY_COLUMNS.index("entropy var.")
+    for part, caption in ((range(split), f"{title} (parent run {parent_id})"), (range(split, len(columns)), None)):
+        indices = [0, 1, *(i for i in part if i > 1)]
+        table = Table(title=caption, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for index in indices:
+            words = [word for text in (columns[index], *(row[index] for row in rows)) for word in text.split()]
+            table.add_column(columns[index], justify="left" if index == 0 else "right", min_width=max(map(len, words)))
+        for row in rows:
+            table.add_row(*(row[i] for i in indices))
+        console.print(table)
     console.print(SUMMARY_CAPTION, style="dim", highlight=False)

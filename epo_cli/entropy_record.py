@@ -34,24 +34,29 @@ class EntropyRecord:
             return self.history.turn_reference(batch.turn_index, smoothing.window)
         return self.history.reference(smoothing.window)
 
-    def record(self, batch: TurnBatch, entropy: list[torch.Tensor | None]) -> tuple[float, dict[int, float]]:
+    def record(self, batch: TurnBatch, entropy: list[torch.Tensor | None]) -> tuple[float, dict[int, float], float]:
         """Append the step's ``Hbar_k`` and per-turn means (over all ranks) to the history;
-        ``entropy``: per row, its token entropies (None for other ranks' rows). Returns them."""
-        step_entropy, turn_sums, row_means = self._rank_share(batch, entropy)
-        step_entropy = float(self.dist.all_reduce_sum(torch.tensor([step_entropy], dtype=torch.float64))[0])
+        ``entropy``: per row, its token entropies (None for other ranks' rows). Returns them,
+        and the variance of the step's decision-token entropies (each token counted once:
+        the spread that Section 4's analysis says EPO makes fall)."""
+        step_entropy, turn_sums, row_means, moments = self._rank_share(batch, entropy)
+        totals = self.dist.all_reduce_sum(torch.tensor([step_entropy, *moments], dtype=torch.float64)).tolist()
+        step_entropy, tokens, total, squares = totals
         turn_means = self._global_turn_means(turn_sums, row_means)
         self.history.append(step_entropy, turn_means)
-        return step_entropy, turn_means
+        variance = max(squares / tokens - (total / tokens) ** 2, 0.0) if tokens else 0.0
+        return step_entropy, turn_means, variance
 
     def _rank_share(
         self, batch: TurnBatch, entropy: list[torch.Tensor | None]
-    ) -> tuple[float, dict[int, list[float]], dict[int, float]]:
+    ) -> tuple[float, dict[int, list[float]], dict[int, float], list[float]]:
         """This rank's share of ``Hbar_k`` (weights over the whole batch), per turn index
-        [sum of turn means, count], and its rows' means. Rows of other ranks are None."""
+        [sum of turn means, count], its rows' means, and its decision tokens' [count, sum of
+        entropies, sum of squares]. Rows of other ranks are None."""
         rows = list(range(len(batch)))
         mask = batch.decision_mask(rows)
         weights = token_weights(mask, batch.episode_ids, self.spec.algo.loss_agg)
-        total, turn_sums, row_means = 0.0, {}, {}
+        total, turn_sums, row_means, moments = 0.0, {}, {}, [0.0, 0.0, 0.0]
         for row, values in enumerate(entropy):
             if values is None:
                 continue
@@ -59,12 +64,14 @@ class EntropyRecord:
             total += float((values * weights[row, :n]).sum())
             decisions = float(mask[row, :n].sum())
             mean = float((values * mask[row, :n]).sum()) / max(decisions, 1.0)
+            chosen = values[mask[row, :n].bool()].double()
+            moments = [moments[0] + decisions, moments[1] + float(chosen.sum()), moments[2] + float((chosen**2).sum())]
             if decisions:
                 row_means[row] = mean
             entry = turn_sums.setdefault(int(batch.turn_index[row]), [0.0, 0])
             entry[0] += mean
             entry[1] += 1
-        return total, turn_sums, row_means
+        return total, turn_sums, row_means, moments
 
     def _global_turn_means(self, turn_sums: dict[int, list[float]], row_means: dict[int, float]) -> dict[int, float]:
         """Mean entropy per turn index over the turn samples of all ranks; also gathers

@@ -10,7 +10,7 @@ import torch
 
 from epo_cli.distributed import DistContext
 from epo_cli.envs.base import TaskInstance, of_task_types, stratified_order
-from epo_cli.envs.registry import load_split, max_score_of
+from epo_cli.envs.registry import ended_by_decoy, load_split, max_score_of
 from epo_cli.stats import EpisodeOutcome, game_interval, wilson_interval
 from epo_cli.rollout import EnvBatch, RolloutSettings, episode_stats, play_episodes, stats_of
 from epo_cli.sampling.base import Sampler
@@ -49,6 +49,7 @@ class EvalResult:
     mean_turns: float
     invalid_action_rate: float
     per_type: dict[str, tuple[int, int]] = field(default_factory=dict)
+    decoy_rate: float | None = None  # share of episodes ended by the env's decoy; None: it has none
     outcomes: list[EpisodeOutcome] = field(default_factory=list)
     played: list = field(default_factory=list, repr=False)  # the episodes, for transcripts
 
@@ -69,7 +70,7 @@ class EvalResult:
     def metrics(self) -> dict[str, float]:
         low, high = self.interval
         prefix = f"eval/{self.split}"
-        return {
+        metrics = {
             f"{prefix}/success_rate": self.success_rate,
             f"{prefix}/success_ci_low": low,
             f"{prefix}/success_ci_high": high,
@@ -78,6 +79,9 @@ class EvalResult:
             f"{prefix}/episodes": self.episodes,
             f"{prefix}/score_mean": self.mean_score,
         }
+        if self.decoy_rate is not None:
+            metrics[f"{prefix}/decoy_rate"] = self.decoy_rate
+        return metrics
 
 
 def evaluate(
@@ -106,7 +110,8 @@ def evaluate(
     episodes = [episode for part in dist.all_gather_objects(played) for episode in part]
     for number, episode in enumerate(episodes):  # numbered over the split, not per batch
         episode.episode_id = episode.group_id = number
-    outcomes = [_outcome(e.task.env, e.task.name, e.task.seed, e.won, e.score, len(e.turns), e.invalid_turns) for e in episodes]
+    outcomes = [_outcome(e.task.env, e.task.name, e.task.seed, e.won, e.score, len(e.turns), e.invalid_turns, e.actions)
+                for e in episodes]
     return _result(split, episode_stats(episodes), outcomes, episodes)
 
 
@@ -114,23 +119,28 @@ def logged_result(split: str, records: list[dict], source: str) -> EvalResult:
     """A split's evaluation as its episode file logged it (``episodes/eval_<split>_step_N.jsonl``):
     the figures and outcomes it had when it was played, without playing it again."""
     try:
-        rows = [(r["env"], r["task_type"], r["name"], r["seed"], r["won"], r["score"], r["turns"], r["invalid_turns"]) for r in records]
+        rows = [(r["env"], r["task_type"], r["name"], r["seed"], r["won"], r["score"], r["turns"], r["invalid_turns"], r["actions"])
+                for r in records]
     except KeyError as err:
         raise LookupError(f"{source}: its episodes lack {err}, recorded since evaluation files name each episode's "
                           "env and seed; evaluate the checkpoint again (epo eval RUN_ID)") from None
-    stats = stats_of([(task_type, won, turns, invalid) for _, task_type, _, _, won, _, turns, invalid in rows])
-    outcomes = [_outcome(env, name, seed, won, score, turns, invalid) for env, _, name, seed, won, score, turns, invalid in rows]
+    outcomes = [_outcome(env, name, seed, won, score, turns, invalid, actions)
+                for env, _, name, seed, won, score, turns, invalid, actions in rows]
+    stats = stats_of([(row[1], o.won, o.turns, o.invalid_turns, o.decoy) for row, o in zip(rows, outcomes, strict=True)])
     return _result(split, stats, outcomes, [])
 
 
-def _outcome(env: str, name: str, seed: int, won: bool, score: float, turns: int, invalid_turns: int) -> EpisodeOutcome:
+def _outcome(env: str, name: str, seed: int, won: bool, score: float, turns: int, invalid_turns: int,
+             actions: list[str | None]) -> EpisodeOutcome:
     """An episode's outcome, keyed by ``env:name`` and its score a fraction of the env's maximum."""
-    return EpisodeOutcome(f"{env}:{name}", seed, bool(won), max(score, 0.0) / max_score_of(env), turns, invalid_turns)
+    return EpisodeOutcome(f"{env}:{name}", seed, bool(won), max(score, 0.0) / max_score_of(env), turns, invalid_turns,
+                          ended_by_decoy(env, actions))
 
 
 def _result(split: str, stats, outcomes: list[EpisodeOutcome], played: list) -> EvalResult:
     return EvalResult(split=split, episodes=stats.episodes, successes=stats.successes, mean_turns=stats.mean_turns,
-                      invalid_action_rate=stats.invalid_action_rate, per_type=stats.per_type, outcomes=outcomes, played=played)
+                      invalid_action_rate=stats.invalid_action_rate, per_type=stats.per_type, decoy_rate=stats.decoy_rate,
+                      outcomes=outcomes, played=played)
 
 
 def eval_batch_size(spec) -> int:

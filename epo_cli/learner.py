@@ -310,13 +310,14 @@ class Learner:
                 stats.minibatches += 1
                 norms.minibatches += 1
         stats.all_reduce(self.dist)
-        step_entropy, turn_means = self.entropy_record.record(batch, entropy)
+        step_entropy, turn_means, token_variance = self.entropy_record.record(batch, entropy)
         step_logprob_diff = float(self.dist.all_reduce_sum(torch.tensor([step_logprob_diff], dtype=torch.float64))[0])
 
         metrics = {**stats.means(), **norms.means()}
         if not optimizer_steps:
             metrics.update(dict.fromkeys(NO_UPDATE_ZEROS, 0.0))
         metrics["actor/entropy"] = step_entropy
+        metrics["actor/entropy_var"] = token_variance
         metrics["rollout/logprob_diff"] = step_logprob_diff
         metrics["actor/signal_free_minibatches"] = signal_free
         metrics["actor/optimizer_steps"] = optimizer_steps

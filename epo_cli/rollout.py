@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from epo_cli.envs.base import INVALID_FORMAT_OBSERVATION, EnvStep, PromptState, TaskInstance, build_prompt, check_action
-from epo_cli.envs.registry import max_score_of
+from epo_cli.envs.registry import ended_by_decoy, max_score_of
 from epo_cli.prompts import Conversation, encode_prompt
 from epo_cli.sampling.base import Sampler
 from epo_cli.sampling.constrain import ConstraintFactory
@@ -66,6 +66,10 @@ class Episode:
     def invalid_turns(self) -> int:
         return sum(not turn.valid for turn in self.turns)
 
+    @property
+    def actions(self) -> list[str | None]:
+        return [turn.action for turn in self.turns]
+
 
 @dataclass(frozen=True)
 class EpisodeStats:
@@ -77,6 +81,7 @@ class EpisodeStats:
     mean_turns: float
     invalid_action_rate: float  # of all turns
     per_type: dict[str, tuple[int, int]]  # task type -> (successes, episodes), sorted by type
+    decoy_rate: float | None = None  # share of episodes ended by the env's decoy; None: it has none
 
     @property
     def success_rate(self) -> float:
@@ -85,14 +90,15 @@ class EpisodeStats:
 
 def episode_stats(episodes: Sequence[Episode]) -> EpisodeStats:
     """The figures of ``episodes`` (rates are 0 where there are no episodes or turns)."""
-    return stats_of([(e.task.task_type, e.won, len(e.turns), e.invalid_turns) for e in episodes])
+    return stats_of([(e.task.task_type, e.won, len(e.turns), e.invalid_turns, ended_by_decoy(e.task.env, e.actions))
+                     for e in episodes])
 
 
-def stats_of(rows: Sequence[tuple[str, bool, int, int]]) -> EpisodeStats:
-    """The figures of episodes given as (task type, won, turns, invalid turns): played ones,
-    or ones read back from an episode file."""
+def stats_of(rows: Sequence[tuple[str, bool, int, int, bool | None]]) -> EpisodeStats:
+    """The figures of episodes given as (task type, won, turns, invalid turns, ended by the
+    decoy or None): played ones, or ones read back from an episode file."""
     per_type: dict[str, tuple[int, int]] = {}
-    for task_type, won, _, _ in rows:
+    for task_type, won, *_ in rows:
         wins, n = per_type.get(task_type, (0, 0))
         per_type[task_type] = (wins + int(won), n + 1)
     turns = sum(row[2] for row in rows)
@@ -102,6 +108,7 @@ def stats_of(rows: Sequence[tuple[str, bool, int, int]]) -> EpisodeStats:
         mean_turns=turns / max(len(rows), 1),
         invalid_action_rate=sum(row[3] for row in rows) / max(turns, 1),
         per_type=dict(sorted(per_type.items())),
+        decoy_rate=None if any(row[4] is None for row in rows) or not rows else sum(row[4] for row in rows) / len(rows),
     )
 
 

@@ -24,6 +24,7 @@ class EpisodeOutcome:
     score: float  # the final score as a fraction of the maximum (ScienceWorld: of 100)
     turns: int
     invalid_turns: int
+    decoy: bool | None = None  # ended by the env's decoy (envs/registry.py); None: the env has none
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -80,9 +81,9 @@ def pooled_interval(runs: list[list[EpisodeOutcome]], resamples: int = 4_000, se
     return rates[int(0.025 * resamples)], rates[int(0.975 * resamples) - 1]
 
 
-def t_interval(values: list[float]) -> tuple[float, float, float]:
+def t_interval(values: list[float], clip: bool = True) -> tuple[float, float, float]:
     """The mean of ``values`` (one per seed) and its 95% Student-t interval across them,
-    clipped to [0, 1]; with one value, that value three times."""
+    clipped to [0, 1] (a rate; ``clip=False``: any quantity); with one value, that value three times."""
     mean = sum(values) / len(values)
     if len(values) == 1:
         return mean, mean, mean
@@ -90,7 +91,7 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
 
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
     half = t.ppf(0.975, len(values) - 1) * std / math.sqrt(len(values))
-    return mean, max(mean - half, 0.0), min(mean + half, 1.0)
+    return (mean, max(mean - half, 0.0), min(mean + half, 1.0)) if clip else (mean, mean - half, mean + half)
 
 
 @dataclass

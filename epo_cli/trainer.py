@@ -277,6 +277,8 @@ class Trainer:
         }
         if on_cuda:
             metrics["perf/peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+        if stats.decoy_rate is not None:
+            metrics["train/decoy_rate"] = stats.decoy_rate
         for task_type, (wins, n) in stats.per_type.items():
             metrics[f"train/success/{task_type}"] = wins / n
         return metrics, episodes

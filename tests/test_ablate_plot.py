@@ -158,4 +158,4 @@ def test_every_ablation_names_its_variants():
 
 def test_summary_mean_and_std():
     rows = summary_rows([ChildSummary("a", 0, "r0", 1.0, 0.5, 0.0, 0.1), ChildSummary("a", 1, "r1", 0.0, 0.5, 0.0, 0.3)])
-    assert rows == [["a", "2", "0.500 ± 0.707", "0.500 [0.500, 0.500]", "-", "-", "-", "0.000 ± 0.000", "0.200 ± 0.141"]]
+    assert rows == [["a", "2", "0.500 ± 0.707", "0.500 [0.500, 0.500]", "-", "-", "-", "0.000 ± 0.000", "0.200 ± 0.141", "-", "-"]]

@@ -70,3 +70,55 @@ def test_a_short_run_on_the_testbed(tmp_path):
     assert {"train/success_rate", "train/reward_mean", "eval/iid/success_rate", "eval/ood/success_rate", "epo/beta"} <= set(run.data.metrics)
     turns = run.data.metrics["train/episode_turns"]
     assert 1 <= turns <= 8  # episodes end by the decoy or after the chain
+
+
+def _episode(task, actions):
+    from epo_cli.rollout import Episode, Turn
+
+    turns = [Turn([1], [2], a, a, i, [0.0]) for i, a in enumerate(actions)]
+    return Episode(task, 0, 0, turns, done=True)
+
+
+def test_an_episode_ended_by_the_decoy_counts_in_the_decoy_rate_of_training_evaluation_and_outcome_files():
+    from epo_cli.ablate import ChildSummary, _on_decoy
+    from epo_cli.envs.registry import ended_by_decoy
+    from epo_cli.evaluate import logged_result
+    from epo_cli.rollout import episode_stats
+    from epo_cli.stats import EpisodeOutcome
+    from epo_cli.transcripts import episodes_jsonl
+
+    assert DECOY == "stop"
+    assert ended_by_decoy("decoy-chain", ["blue", DECOY]) is True
+    assert ended_by_decoy("decoy-chain", [DECOY, "blue"]) is False  # the decoy ends an episode: not followed by more
+    assert ended_by_decoy("decoy-chain", []) is False
+    assert ended_by_decoy("toy-multiturn", ["blue", DECOY]) is None  # an env without a decoy has no rate
+    task = load_split("decoy-chain", None, "iid")[0]
+    episodes = [_episode(task, ["blue", DECOY]), _episode(task, ["blue"] * 8), _episode(task, [DECOY]), _episode(task, [None, DECOY])]
+    assert episode_stats(episodes).decoy_rate == 0.75
+    toy = load_split("toy-multiturn", None, "iid")[0]
+    assert episode_stats([_episode(toy, ["blue"])]).decoy_rate is None
+    import json
+    records = [json.loads(line) for line in episodes_jsonl(episodes).splitlines()]
+    result = logged_result("iid", records, "test")
+    assert [o.decoy for o in result.outcomes] == [True, False, True, True]
+    assert result.metrics()["eval/iid/decoy_rate"] == 0.75
+    assert "eval/iid/decoy_rate" not in logged_result("iid", [json.loads(episodes_jsonl([_episode(toy, ["blue"])]))], "t").metrics()
+
+    def child(decoys: list[bool]) -> ChildSummary:
+        outcomes = [EpisodeOutcome(f"g{i}", 0, False, 0.3, 1, 0, d) for i, d in enumerate(decoys)]
+        return ChildSummary("grpo", 0, "r", 0, 0, 0, 0, final_eval={"iid": (0, 2), "ood": (0, 2)},
+                            final_outcomes={"iid": outcomes[:2], "ood": outcomes[2:]})
+
+    # More than half of the final IID + OOD episodes by the decoy: on it; exactly half: not.
+    assert _on_decoy([child([True, True, True, False]), child([True, False, True, False]), child([False] * 4)]) == "1/3"
+    assert _on_decoy([ChildSummary("grpo", 0, "r", 0, 0, 0, 0)]) == "-"
+
+
+def test_the_trend_of_the_token_entropy_variance_is_its_least_squares_slope_per_100_steps():
+    from epo_cli.ablate import _trend, slope_per_100_steps
+
+    assert slope_per_100_steps([0.5, 0.4, 0.3]) == pytest.approx(-10.0)
+    assert slope_per_100_steps([1.0, 3.0, 2.0, 4.0]) == pytest.approx(80.0)  # (sum (x - 1.5)(y - 2.5)) / 5 = 0.8 per step
+    assert slope_per_100_steps([0.7]) != slope_per_100_steps([0.7])  # nan: no trend from one step
+    # Seeds -1, -3: mean -2, t(0.975, 1) = 12.706 times sd 1.414 / sqrt 2: half-width 12.7, not clipped to [0, 1].
+    assert _trend([-1.0, -3.0]) == "-2 [-14.7, +10.7]" and _trend([float("nan")]) == "-"

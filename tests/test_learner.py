@@ -8,6 +8,8 @@ import torch
 
 from epo_cli.algos.losses import beta_schedule
 from epo_cli.batch import TurnBatch, collate
+from epo_cli.distributed import DistContext
+from epo_cli.entropy_record import EntropyRecord
 from epo_cli.forward import forward_turns
 from epo_cli.learner import NO_UPDATE_ZEROS, Learner
 from epo_cli.spec import resolve_spec
@@ -370,3 +372,13 @@ def test_a_new_estimator_is_one_function_and_one_registry_entry(monkeypatch):
     learner.learn(batch, torch.zeros(len(batch), dtype=torch.long), 0)
     won = {episode for episode, reward in zip(batch.episode_ids.tolist(), SIGNAL_REWARDS) if reward > 0}
     assert batch.advantages.tolist() == [1.0 if e in won else -1.0 for e in batch.episode_ids.tolist()]
+
+
+def test_the_step_logs_the_variance_of_its_decision_token_entropies_without_forced_tokens():
+    # Row 0's second token is forced (one allowed token): its entropy 5.0 is no decision.
+    # Decisions 1, 3, 2, 4: mean 2.5, variance (1.5^2 + 0.5^2 + 0.5^2 + 1.5^2) / 4 = 1.25.
+    batch = TurnBatch([[1], [2]], [[7, 8, 9], [7, 8]], torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([0, 0]),
+                      torch.zeros(2), allowed=[[None, [8], None], None])
+    record = EntropyRecord(resolve_spec(flags={"env": {"name": "toy"}}), DistContext())
+    _, _, variance = record.record(batch, [torch.tensor([1.0, 5.0, 3.0]), torch.tensor([2.0, 4.0])])
+    assert variance == pytest.approx(1.25)

@@ -64,7 +64,7 @@ def test_the_tables_fit_80_columns_without_cutting_a_header_or_a_number():
     console = Console(width=80, record=True)
     console.print(summary_table([{**episode, "name": "find-non-living-thing/63"}, episode], "step 0"))
     row = ["epo-base", "3", "0.50 ± 0.10", "0.45 [0.30, 0.60]", "61/150 [0.33, 0.48]", "0.40 [0.20, 0.60]",
-           "50/139 [0.30, 0.42]", "0.55 ± 0.05", "0.0012"]
+           "50/139 [0.30, 0.42]", "0.55 ± 0.05", "0.0012", "-0.04 [-0.08, -0.00]", "2/3"]
     print_summary(console, "ablation smoothing", "abcdef12", [row])
     text = console.export_text()
     assert "…" not in text and max(map(len, text.splitlines())) <= 80

@@ -16,12 +16,13 @@ from __future__ import annotations
 import random
 
 from epo_cli.envs.base import EnvStep, TaskInstance
+from epo_cli.envs.registry import env_info
 from epo_cli.envs.toy import OOD_WORDS, SPLITS, WORDS, load_split, observation_for, task_name, task_types
 
 # The registry's functions of this environment: its splits, task types and names are the toy's.
 __all__ = ["SPLITS", "load_split", "make_engine", "task_name", "task_types", "DecoyChainEngine", "episode_plan"]
 
-DECOY = "stop"
+DECOY = env_info("decoy-chain").decoy
 TASK_DESCRIPTION = (f"Each turn, answer with the target word that the observation names, or answer {DECOY} to end "
                     "the game at once for a small sure reward.")
 

@@ -26,6 +26,9 @@ class EnvInfo:
     # One size at every scale (applied over the scale's): a built-in game's model and budget.
     fixed_size: dict[str, Any] = field(default_factory=dict)
     fixed_size_grpo: dict[str, Any] = field(default_factory=dict)  # and over that, for group-based runs
+    # An action that ends the episode at once for a small sure score (a testbed's flawed
+    # strategy): runs log the share of episodes it ended (train/decoy_rate, eval/SPLIT/decoy_rate).
+    decoy: str | None = None
 
 
 # The toy word game has one size at every scale: seconds per step with the tiny random
@@ -72,7 +75,7 @@ ENVS: dict[str, EnvInfo] = {
         fixed_size_grpo=TOY_SIZE_GRPO,
     ),
     "decoy-chain": EnvInfo(
-        "epo_cli.envs.decoy_chain", "a word game with a decoy exit", options={"sure_reward": 0.3},
+        "epo_cli.envs.decoy_chain", "a word game with a decoy exit", options={"sure_reward": 0.3}, decoy="stop",
         fixed_size={**TOY_SIZE, "env": {**TOY_SIZE["env"], "max_turns": 8}, "algo": {**TOY_SIZE["algo"], "reward": "score"}},
         fixed_size_grpo=TOY_SIZE_GRPO,
     ),
@@ -132,6 +135,13 @@ def load_split(env: str, configured_dir: Path | None, split: str) -> list:
     """A split's tasks (``TaskInstance``); ``configured_dir``: ``env.data_dir`` (environments with data files)."""
     root = data_dir(env, configured_dir) if env_info(env).needs_data else None
     return _module(env).load_split(env, root, split)
+
+
+def ended_by_decoy(env: str, actions: list[str | None]) -> bool | None:
+    """Whether an episode of ``env`` whose actions were ``actions`` ended by the env's decoy
+    (its last action was the decoy, which ends an episode at once); None: the env has none."""
+    decoy = env_info(env).decoy
+    return None if decoy is None else bool(actions) and actions[-1] == decoy
 
 
 def make_engine(env: str, options: dict):
