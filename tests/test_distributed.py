@@ -74,6 +74,17 @@ def _train_on_fixed_batches(algo: str, strategy: str, extra: tuple[str, ...] = (
     return result
 
 
+def assert_adam_close(got: torch.Tensor, expected: torch.Tensor, lr: float, msg: str) -> None:
+    """Weights after AdamW steps on two ranks equal those of one process up to rounding,
+    except that AdamW scales each coordinate's step to about ``lr`` whatever its gradient:
+    a gradient at rounding level (summed in another order by the all-reduce) can move its
+    coordinate by up to lr in either direction. So at most 1 in 100,000 coordinates may
+    differ, and then by less than lr; a missing or doubled all-reduce moves most of them."""
+    off = ~torch.isclose(got, expected, rtol=1e-4, atol=2e-6)
+    assert int(off.sum()) <= max(1, off.numel() // 100_000), f"{msg}: {int(off.sum())} of {off.numel()} coordinates differ"
+    assert float((got - expected).abs().max()) < lr, msg
+
+
 def _rank_worker(rank: int, world: int, port: int, algo: str, strategy: str, out: str, extra: tuple[str, ...] = ()) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -101,9 +112,9 @@ def test_two_ranks_update_like_one(tmp_path, monkeypatch, algo, strategy):
     start = load_causal_lm("tiny", seed=0).state_dict()
     assert any(not torch.equal(start[name], value) for name, value in single["policy"].items())  # it did learn
     for name, value in single["policy"].items():
-        torch.testing.assert_close(two["policy"][name], value, rtol=1e-4, atol=2e-6, msg=name)
+        assert_adam_close(two["policy"][name], value, lr=1e-4, msg=name)
     for name, value in single["value_head"].items():
-        torch.testing.assert_close(two["value_head"][name], value, rtol=1e-4, atol=2e-6, msg=name)
+        assert_adam_close(two["value_head"][name], value, lr=1e-4, msg=name)
     for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "epo/smooth_penalty"):
         assert two["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-7), key
     # The consolidated checkpoint state of 2 ranks resumes in 1 process, optimizer included.
