@@ -153,7 +153,10 @@ def _band(ax, steps: list[int], mean: list[float], std: list[float], color: str,
 ABLATION_PANELS = (
     ("IID success (evaluation)", "success rate", ("eval/iid/success_rate",)),
     ("OOD success (evaluation)", "success rate", ("eval/ood/success_rate",)),
+    ("Episodes ended by the decoy (training)", "share of episodes", ("train/decoy_rate",)),
     ("Entropy and the smoothing corridor", "mean token entropy (nats)", ("actor/entropy",)),
+    ("Variance of the step's token entropies", "variance (nats^2)", ("actor/entropy_var",)),
+    ("Tokens outside the corridor", "share of tokens", ("epo/out_of_corridor_frac",)),
     ("Entropy weight beta_k (Eq. 5)", "beta_k", ("epo/beta",)),
     ("Gradient norm of each EPO term / policy gradient's", "ratio", ("grad/entropy_bonus_ratio", "grad/smooth_ratio")),
 )

@@ -67,7 +67,9 @@ def test_a_short_run_on_the_testbed(tmp_path):
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("epo").experiment_id])
     assert run.data.params["env.max_turns"] == "8" and run.data.params["model.name"] == "tiny"
-    assert {"train/success_rate", "train/reward_mean", "eval/iid/success_rate", "eval/ood/success_rate", "epo/beta"} <= set(run.data.metrics)
+    assert {"train/success_rate", "train/reward_mean", "eval/iid/success_rate", "eval/ood/success_rate", "epo/beta",
+            "train/decoy_rate", "eval/iid/decoy_rate", "actor/entropy_var", "epo/out_of_corridor_frac"} <= set(run.data.metrics)
+    assert 0 <= run.data.metrics["train/decoy_rate"] <= 1 and run.data.metrics["actor/entropy_var"] > 0
     turns = run.data.metrics["train/episode_turns"]
     assert 1 <= turns <= 8  # episodes end by the decoy or after the chain
 
