@@ -74,7 +74,7 @@ def test_episode_rewards_invalid_turns_and_termination(tokenizer):
 def test_episode_stats_are_the_train_and_eval_figures():
     def episode(task_type, won, actions):
         turns = [Turn([1], [2], "", action, i, [0.0]) for i, action in enumerate(actions)]
-        return Episode(TaskInstance("fake", task_type, 0, 0), 0, 0, turns, won=won)
+        return Episode(TaskInstance("toy", task_type, 0, 0), 0, 0, turns, won=won)
 
     episodes = [episode("b", True, ["go", None]), episode("a", False, [None, None, "go"]), episode("b", False, ["go"])]
     stats = episode_stats(episodes)
@@ -84,6 +84,7 @@ def test_episode_stats_are_the_train_and_eval_figures():
     assert [e.invalid_turns for e in episodes] == [1, 2, 0]
     empty = episode_stats([])
     assert (empty.success_rate, empty.mean_turns, empty.invalid_action_rate, empty.per_type) == (0.0, 0.0, 0.0, {})
+    assert stats.decoy_rate is None and episode_stats([episode("b", False, ["stop"])]).decoy_rate is None  # the toy has no decoy
 
 
 def test_invalid_turn_is_shown_in_the_next_prompt(tokenizer):
