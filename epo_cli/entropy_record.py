@@ -65,7 +65,9 @@ class EntropyRecord:
             decisions = float(mask[row, :n].sum())
             mean = float((values * mask[row, :n]).sum()) / max(decisions, 1.0)
             chosen = values[mask[row, :n].bool()].double()
-            moments = [moments[0] + decisions, moments[1] + float(chosen.sum()), moments[2] + float((chosen**2).sum())]
+            moments[0] += decisions
+            moments[1] += float(chosen.sum())
+            moments[2] += float(chosen.square().sum())
             if decisions:
                 row_means[row] = mean
             entry = turn_sums.setdefault(int(batch.turn_index[row]), [0.0, 0])
