@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from epo_cli.presets import ablation_variants, algo_layer
+from epo_cli.records import RunRecord, read_records, record_of, write_record
 from epo_cli.spec import ExperimentSpec, SpecError, resolve_spec, saved_spec
 from epo_cli.stats import pooled_interval, t_interval, wilson_interval
 from epo_cli.tracking import Tracker, connect, resolve_uri
@@ -40,10 +41,6 @@ class ChildSummary:
     token_variance_slope: float = float("nan")  # per 100 steps, of actor/entropy_var (nan: not logged)
 
 
-def _history(client, run_id: str, key: str) -> list[float]:
-    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
-
-
 def slope_per_100_steps(values: list[float]) -> float:
     """The least-squares slope of ``values`` (one per step) times 100; nan under two values."""
     if len(values) < 2:
@@ -51,46 +48,29 @@ def slope_per_100_steps(values: list[float]) -> float:
     return 100 * statistics.linear_regression(range(len(values)), values).slope
 
 
-def summarize_child(client, run, variant: str, seed: int) -> ChildSummary:
+def summarize(record: RunRecord) -> ChildSummary:
     """Succ.* (best over training) and Succ. (last) from IID evaluation when the run has
     it, else from training success; the variance of the mean entropy across steps, and the
     trend of the token-entropy variance within each step."""
-    run_id = run.info.run_id
-    evaluated = _history(client, run_id, "eval/iid/success_rate")
-    success = evaluated or _history(client, run_id, "train/success_rate")
-    entropy = _history(client, run_id, "actor/entropy")
-    reward = _history(client, run_id, "train/reward_mean")
-    latest = run.data.metrics  # the last evaluation's values, logged together
-    final_eval, final_outcomes = {}, {}
+    success = record.history("eval/iid/success_rate") or record.history("train/success_rate")
+    entropy = record.history("actor/entropy")
+    reward = record.history("train/reward_mean")
+    final_eval = {}
     for split in ("iid", "ood"):
-        if episodes := int(latest.get(f"eval/{split}/episodes", 0)):
-            final_eval[split] = (round(latest[f"eval/{split}/success_rate"] * episodes), episodes)
-            final_outcomes[split] = _logged_outcomes(client, run_id, split)
+        if episodes := int(record.last(f"eval/{split}/episodes") or 0):  # the last evaluation's values, logged together
+            final_eval[split] = (round(record.last(f"eval/{split}/success_rate") * episodes), episodes)
     return ChildSummary(
-        variant=variant,
-        seed=seed,
-        run_id=run_id,
+        variant=record.variant,
+        seed=record.seed,
+        run_id=record.run_id,
         best_success=max(success, default=float("nan")),
         final_success=success[-1] if success else float("nan"),
         final_reward=reward[-1] if reward else float("nan"),
         entropy_variance=statistics.pvariance(entropy) if len(entropy) > 1 else 0.0,
-        token_variance_slope=slope_per_100_steps(_history(client, run_id, "actor/entropy_var")),
+        token_variance_slope=slope_per_100_steps(record.history("actor/entropy_var")),
         final_eval=final_eval,
-        final_outcomes={split: outcomes for split, outcomes in final_outcomes.items() if outcomes},
+        final_outcomes={split: outcomes for split, outcomes in record.outcomes.items() if split in final_eval and outcomes},
     )
-
-
-def _logged_outcomes(client, run_id: str, split: str) -> list:
-    """The per-episode outcomes of a run's latest evaluation of ``split``, as logged; none
-    where the run has no such file or its records predate per-episode env and seed."""
-    from epo_cli.evaluate import logged_result
-    from epo_cli.transcripts import read_episodes, run_episode_file
-
-    try:
-        chosen, text = run_episode_file(client, run_id, None, split)
-        return logged_result(split, read_episodes(text, chosen.path), chosen.path).outcomes
-    except LookupError:
-        return []
 
 
 def _mean_std(values: list[float]) -> str:
@@ -219,6 +199,7 @@ def run_ablation(
     flags: dict[str, Any],
     overrides: list[str],
     console: Console,
+    records_dir: Path | None = None,
 ) -> tuple[str, list[list[str]]]:
     """One of the paper's ablations of ``base`` (ppo or grpo) over ``seeds``: see :func:`run_children`."""
     variants = ablation_variants(ablation, base)
@@ -231,10 +212,11 @@ def run_ablation(
     key = _key(f"{ablation}|{seeds}|{_experiment_json(base_spec)}")
     params = {"ablation": ablation, "base_algo": base, "seeds": " ".join(map(str, seeds))}
     parent = Parent(ablation, f"ablate-{ablation}-{base}", key, {"epo.algo": base}, params)
-    return run_children(parent, specs, console)
+    return run_children(parent, specs, console, records_dir)
 
 
-def run_sweep(sweep_file: Path, flags: dict[str, Any], overrides: list[str], console: Console) -> tuple[str, list[list[str]]]:
+def run_sweep(sweep_file: Path, flags: dict[str, Any], overrides: list[str], console: Console,
+              records_dir: Path | None = None) -> tuple[str, list[list[str]]]:
     """The arms of a sweep file (:mod:`epo_cli.sweep`) over its seeds: see :func:`run_children`."""
     from epo_cli.sweep import load_sweep, sweep_seeds, sweep_specs
 
@@ -246,15 +228,20 @@ def run_sweep(sweep_file: Path, flags: dict[str, Any], overrides: list[str], con
     key = _key("|".join([f"sweep {sweep.name}"] + [f"{arm}:{seed}:{_experiment_json(s)}" for (arm, seed), s in specs.items()]))
     params = {"sweep": sweep.name, "arms": " ".join(a.name for a in sweep.arms), "seeds": " ".join(map(str, sweep_seeds(sweep)))}
     parent = Parent(sweep.name, f"sweep-{sweep.name}", key, {"epo.sweep": sweep_file.name}, params)
-    return run_children(parent, specs, console)
+    return run_children(parent, specs, console, records_dir)
 
 
-def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpec], console: Console) -> tuple[str, list[list[str]]]:
+def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpec], console: Console,
+                 records_dir: Path | None = None) -> tuple[str, list[list[str]]]:
     """Train every (variant, seed) child not yet FINISHED under the parent run for these
     exact settings, then summarize. Re-running the same command skips finished children
     and resumes unfinished ones from their last checkpoint (from step 0 if they have none);
     a child whose gradients diverge is counted as such and the others go on. One progress
-    bar counts the RL steps of all children."""
+    bar counts the RL steps of all children.
+
+    ``records_dir`` (:mod:`epo_cli.records`): children recorded there with the same settings
+    are not trained again and join the summary; every child finished in the store is
+    recorded there."""
     from epo_cli.checkpoint import latest_checkpoint
     from epo_cli.progress import OverallProgress
     from epo_cli.trainer import TrainingDiverged, TrainingFinished, run_training
@@ -264,19 +251,27 @@ def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpe
         raise SpecError(f"tracking.backend: epo ablate needs 'mlflow' (it finds finished arms in the store), got {first.tracking.backend!r}")
     where = f"tracking: {resolve_uri(first.tracking.uri)}; checkpoints: {first.checkpoint.dir}"
     console.print(where, highlight=False, soft_wrap=True)
+    recorded = _matching_records(records_dir, specs, console) if records_dir is not None else {}
     parent = _find_or_create_parent(first, parent_info)
     client = parent.client
     children = _children(client, parent)
     checkpoints = {
         pair: latest_checkpoint(Path(specs[pair].checkpoint.dir) / run.info.run_id)
-        for pair, run in children.items() if pair in specs and run.info.status != "FINISHED"
+        for pair, run in children.items() if pair in specs and pair not in recorded and run.info.status != "FINISHED"
     }
-    done_steps = {pair: _steps_done(children.get(pair), checkpoints.get(pair), spec) for pair, spec in specs.items()}
+    done_steps = {
+        pair: spec.train.steps if pair in recorded else _steps_done(children.get(pair), checkpoints.get(pair), spec)
+        for pair, spec in specs.items()
+    }
     total_steps = sum(s.train.steps for s in specs.values())
     for (label, seed), spec in specs.items():
         child = children.get((label, seed))
         before = sum(steps for pair, steps in done_steps.items() if pair != (label, seed))
         overall = OverallProgress(f"{parent_info.name}: all runs", total_steps, before)
+        if (label, seed) in recorded:
+            console.print(f"[dim]{label} seed {seed}: recorded in {records_dir / recorded[label, seed].file_name}, skipped[/]",
+                          soft_wrap=True)
+            continue
         if child is not None and child.info.status == "FINISHED":
             console.print(f"[dim]{label} seed {seed}: finished earlier ({child.info.run_id}), skipped[/]")
             continue
@@ -302,10 +297,16 @@ def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpe
             client.set_terminated(err.run_id, "FAILED")
             console.print(f"[yellow]{label} seed {seed}: {err}; counted as diverged, the sweep goes on[/]")
         done_steps[(label, seed)] = spec.train.steps
-    runs = _children(client, parent)
-    finished = {key: run for key, run in runs.items() if run.info.status == "FINISHED"}
-    summaries = [summarize_child(client, finished[pair], *pair) for pair in specs if pair in finished]
-    diverged = Counter(label for (label, seed), run in runs.items() if (label, seed) in specs and _diverged(run))
+    records = dict(recorded)
+    for pair, run in _children(client, parent).items():
+        if pair in specs and pair not in recorded and (run.info.status == "FINISHED" or _diverged(run)):
+            records[pair] = record_of(client, run, parent_info.name, *pair, experiment_key(specs[pair]), _diverged(run))
+            if records_dir is not None:
+                write_record(records_dir, records[pair])
+    if records_dir is not None:
+        console.print(f"run records: {records_dir} ({len(records)} of {len(specs)} children)", highlight=False, soft_wrap=True)
+    summaries = [summarize(records[pair]) for pair in specs if pair in records and not records[pair].diverged]
+    diverged = Counter(label for (label, _), record in records.items() if record.diverged)
     rows = summary_rows(summaries, diverged, list(dict.fromkeys(label for label, _ in specs)))
     header = ["variant", "seeds", *SUMMARY_COLUMNS]
     table = io.StringIO()
@@ -316,6 +317,28 @@ def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpe
     parent.log_text(markdown, "summary.md")
     parent.finish("FINISHED")
     return parent.run_id, rows
+
+
+def experiment_key(spec: ExperimentSpec) -> str:
+    """The identity of one child's settings (its seed included), kept in its run record."""
+    return _key(_experiment_json(spec))
+
+
+def _matching_records(records_dir: Path, specs: dict[tuple[str, int], ExperimentSpec], console: Console) -> dict:
+    """The records of ``records_dir`` that are children of ``specs``: same arm, seed and
+    settings; one that names an arm and seed of it with other settings is said and left out."""
+    matching = {}
+    for record in read_records(records_dir):
+        pair = (record.variant, record.seed)
+        if pair not in specs:
+            continue
+        if record.experiment_key != experiment_key(specs[pair]):
+            console.print(f"[yellow]{records_dir / record.file_name}: {record.variant} seed {record.seed} was run with "
+                          "other settings than this sweep's; not used (it is rewritten when this child finishes)[/]",
+                          soft_wrap=True)
+            continue
+        matching[pair] = record
+    return matching
 
 
 DIVERGED_TAG = "epo.diverged"  # a child stopped by non-finite gradients: skipped on re-runs, counted in the summary

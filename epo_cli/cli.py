@@ -608,12 +608,17 @@ def ablate(
     ] = None,
     algo: Annotated[str, typer.Option(help="The base algorithm of an ablation: ppo or grpo.")] = "ppo",
     seeds: Annotated[list[str], typer.Option(help="Seeds of an ablation: --seeds 0,1,2 or --seeds 0 --seeds 1.")] = ["0"],  # noqa: B006
+    records: Annotated[
+        Optional[Path], typer.Option(help="A folder of run records (one JSON file per finished child): children recorded "
+                                     "there with the same settings are not run again, the others are recorded there.")
+    ] = None,
     spec: SpecFile = None,
     set_: Sets = None,
     init_from: InitFrom = None,
 ) -> None:
     """The paper's ablations, or the arms of a sweep file: one MLflow parent run, a child
-    per (variant, seed), a summary. Re-running the same command resumes it."""
+    per (variant, seed), a summary. Re-running the same command resumes it; with --records,
+    also on another machine or store."""
     _one_process("ablate")
     from epo_cli.ablate import print_summary, run_ablation, run_sweep
 
@@ -631,9 +636,9 @@ def ablate(
 
     try:
         if sweep is not None:
-            parent_id, rows = run_sweep(sweep, flags, set_ or [], console)
+            parent_id, rows = run_sweep(sweep, flags, set_ or [], console, records)
         else:
-            parent_id, rows = run_ablation(ablation, base, seed_list, spec, flags, set_ or [], console)
+            parent_id, rows = run_ablation(ablation, base, seed_list, spec, flags, set_ or [], console, records)
     except TrainingStopped as err:
         saved = f"checkpoint {err.checkpoint}" if err.checkpoint is not None else "no checkpoint of that run yet"
         _fail(f"{err}; {saved}; run the same command again to continue")
@@ -642,7 +647,8 @@ def ablate(
     except _run_errors() as err:
         _fail(str(err))
     print_summary(console, f"ablation {ablation}" if sweep is None else f"sweep {sweep}", parent_id, rows)
-    console.print(f"summary logged to parent run {parent_id} (summary.csv, summary.md); draw it: epo plot ablation --parent {parent_id}")
+    drawn_from = f"--records {records}" if records is not None else f"--parent {parent_id}"
+    console.print(f"summary logged to parent run {parent_id} (summary.csv, summary.md); draw it: epo plot ablation {drawn_from}")
 
 
 @app.command()
@@ -652,6 +658,9 @@ def plot(
         Optional[list[str]], typer.Option(help="Run id or run name (repeatable, overlaid); default: the latest run.")
     ] = None,
     parent: Annotated[Optional[str], typer.Option(help="Ablation parent run id (for `ablation`); default: the latest.")] = None,
+    records: Annotated[
+        Optional[Path], typer.Option(help="ablation: draw the run records of this folder (`epo ablate --records`), not a store's runs.")
+    ] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "epo",
     metric: Annotated[str, typer.Option(help="Metric of the ablation figure.")] = "train/reward_mean",
     start: Annotated[
@@ -662,40 +671,67 @@ def plot(
 ) -> None:
     """Draw a figure from MLflow runs as PNG and SVG (by default from the latest run, or
     the arms of the latest ablation)."""
-    from epo_cli.plots import PLOTS, PlotError, draw
+    from epo_cli.plots import PLOTS, PlotError, draw, draw_ablation
+    from epo_cli.records import RecordError, read_records
     from epo_cli.tracking import TrackingError, connect, find_run, latest_runs, resolve_uri
 
     if kind not in PLOTS:
         _fail(f"plot kind {kind!r} is unknown; expected one of {', '.join(PLOTS)}")
     if start is not None and kind not in ("ablation", "success"):
         _fail("--start goes with `epo plot success` or `epo plot ablation`")
+    if records is not None and (kind != "ablation" or parent is not None):
+        _fail("--records goes with `epo plot ablation`, instead of --parent")
     start_outcomes = (start.name, _outcomes_file(start, "--start")) if start is not None else None
+    slug = metric.replace("/", "_")  # one file per metric
     try:
-        client, experiment_id = connect(tracking_uri, experiment)
-        where = f"experiment {experiment!r} of {resolve_uri(tracking_uri)}"
-        if kind == "ablation":
-            if not parent:
-                latest = client.search_runs(
-                    [experiment_id], "tags.`epo.ablation.key` != ''", order_by=["attributes.start_time DESC"], max_results=1
-                )
-                if not latest:
-                    _fail(f"no ablation in {where}: run `epo ablate`, or pass --parent RUN_ID")
-                parent = latest[0].info.run_id
-                _say(f"plotting the latest ablation, {latest[0].info.run_name} ({parent})")
-            runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'")
-            name = f"ablation_{parent[:8]}_{metric.replace('/', '_')}"  # one file per metric
+        if records is not None:
+            found = read_records(records)
+            if not found:
+                _fail(f"--records {records}: no run records there (`epo ablate ... --records {records}` writes them)")
+            title = "Run records: " + ", ".join(dict.fromkeys(record.study for record in found))
+            paths = draw_ablation(found, title, out, f"ablation_{records.name}_{slug}", metric, start_outcomes)
+        elif kind == "ablation":
+            paths = _draw_store_ablation(parent, experiment, tracking_uri, out, metric, slug, start_outcomes)
         else:
+            client, experiment_id = connect(tracking_uri, experiment)
             if run:
                 runs = [find_run(client, experiment_id, r) for r in run]
             else:
-                runs, note = latest_runs(client, experiment_id, where)
+                runs, note = latest_runs(client, experiment_id, f"experiment {experiment!r} of {resolve_uri(tracking_uri)}")
                 _say(note)
-            name = f"{kind}_" + "_".join(r.info.run_id[:8] for r in runs)
-        paths = draw(kind, client, runs, out, name, metric, start_outcomes)
-    except (TrackingError, PlotError, LookupError) as err:
+            paths = draw(kind, client, runs, out, f"{kind}_" + "_".join(r.info.run_id[:8] for r in runs), start_outcomes)
+    except (TrackingError, PlotError, RecordError, LookupError) as err:
         _fail(str(err))
     for path in paths:
         console.print(f"wrote {path}")
+
+
+def _draw_store_ablation(parent: str | None, experiment: str, tracking_uri: str | None, out: Path, metric: str,
+                         slug: str, start_outcomes) -> list[Path]:
+    """`epo plot ablation` of a store's parent run (default: the latest ablation or sweep)."""
+    from epo_cli.plots import draw_ablation
+    from epo_cli.records import RECORD_METRICS, record_of
+    from epo_cli.tracking import connect, resolve_uri
+
+    client, experiment_id = connect(tracking_uri, experiment)
+    if not parent:
+        latest = client.search_runs(
+            [experiment_id], "tags.`epo.ablation.key` != ''", order_by=["attributes.start_time DESC"], max_results=1
+        )
+        if not latest:
+            _fail(f"no ablation in experiment {experiment!r} of {resolve_uri(tracking_uri)}: run `epo ablate`, or pass --parent RUN_ID")
+        parent = latest[0].info.run_id
+        _say(f"plotting the latest ablation, {latest[0].info.run_name} ({parent})")
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'")
+    parent_tags = client.get_run(parent).data.tags
+    study = parent_tags.get("epo.ablation", "")
+    records = [
+        record_of(client, run, study, run.data.tags.get("epo.ablation.variant", run.info.run_name or run.info.run_id[:8]),
+                  int(run.data.tags.get("epo.seed", 0)), "", keys=(*RECORD_METRICS, metric))
+        for run in runs
+    ]
+    title = f"{'Sweep' if 'epo.sweep' in parent_tags else 'Ablation'}: {study}"
+    return draw_ablation(records, title, out, f"ablation_{parent[:8]}_{slug}", metric, start_outcomes)
 
 
 @app.command()

@@ -107,9 +107,8 @@ def plot_success(client, runs, start: tuple[str, dict] | None = None) -> plt.Fig
     return fig
 
 
-def _kappas(run) -> tuple[float, float]:
-    """The run's corridor bounds ``kappa_l, kappa_r`` (Eq. 4)."""
-    params = run.data.params
+def _kappas(params: dict[str, str]) -> tuple[float, float]:
+    """A run's corridor bounds ``kappa_l, kappa_r`` (Eq. 4), from its params."""
     return float(params.get("epo.smoothing.kappa_l", 0.0)), float(params.get("epo.smoothing.kappa_r", 2.0))
 
 
@@ -122,7 +121,7 @@ def plot_corridor(client, runs) -> plt.Figure:
         steps, entropy = series(client, run.info.run_id, "actor/entropy")
         if not ref_steps:
             continue
-        kappa_l, kappa_r = _kappas(run)
+        kappa_l, kappa_r = _kappas(run.data.params)
         ax.fill_between(ref_steps, [kappa_l * r for r in refs], [kappa_r * r for r in refs], color=color, alpha=0.15,
                         label=f"{_label(run)}: corridor [{kappa_l:g}·H̄, {kappa_r:g}·H̄]")
         ax.plot(ref_steps, refs, "--", color=color, label=f"{_label(run)}: H̄ (history)")
@@ -134,11 +133,11 @@ def plot_corridor(client, runs) -> plt.Figure:
     return fig
 
 
-def _over_seeds(client, runs, key: str) -> tuple[list[int], list[float], list[float]]:
-    """Steps, mean and population std over ``runs`` of a metric, at every step any run logged."""
+def _over_seeds(records, key: str) -> tuple[list[int], list[float], list[float]]:
+    """Steps, mean and population std over ``records`` of a metric, at every step any run logged."""
     per_step: dict[int, list[float]] = {}
-    for run in runs:
-        for step, value in zip(*series(client, run.info.run_id, key)):
+    for record in records:
+        for step, value in zip(*record.series(key)):
             per_step.setdefault(step, []).append(value)
     steps = sorted(per_step)
     return steps, [statistics.mean(per_step[s]) for s in steps], [statistics.pstdev(per_step[s]) for s in steps]
@@ -162,30 +161,35 @@ ABLATION_PANELS = (
 )
 
 
-def plot_ablation(client, children, metric: str = "train/reward_mean", start: tuple[str, dict] | None = None) -> plt.Figure:
-    """Figure 3 and the study's panels: per variant, the mean over seeds with a ±1 std band
-    of ``metric``, IID and OOD success, the entropy with its corridor ``[kappa_l Hbar,
-    kappa_r Hbar]`` (Eq. 4), ``beta_k`` and the EPO terms' gradient-norm ratios; panels
-    without data are left out. ``start``: (label, outcomes by split) of the model the runs
-    started from (an ``epo eval --save`` file), drawn on the success panels."""
+def plot_ablation(records, title: str, metric: str = "train/reward_mean", start: tuple[str, dict] | None = None) -> plt.Figure:
+    """Figure 3 and the study's panels, from the children's run records (:mod:`epo_cli.records`):
+    per variant, the mean over seeds with a ±1 std band of ``metric``, IID and OOD success,
+    the entropy with its corridor ``[kappa_l Hbar, kappa_r Hbar]`` (Eq. 4), ``beta_k`` and
+    the EPO terms' gradient-norm ratios; panels without data are left out. ``start``:
+    (label, outcomes by split) of the model the runs started from (an ``epo eval --save``
+    file), drawn on the success panels."""
     by_variant: dict[str, list] = {}
-    for run in children:
-        by_variant.setdefault(run.data.tags.get("epo.ablation.variant", _label(run)), []).append(run)
+    for record in records:
+        if not record.diverged:
+            by_variant.setdefault(record.variant, []).append(record)
     if not by_variant:
-        raise PlotError("the parent run has no finished child runs")
+        raise PlotError("the ablation has no finished child runs")
+    if not any(record.metrics.get(metric) for runs in by_variant.values() for record in runs):
+        raise PlotError(f"--metric {metric}: no finished child logged it")
     panels = [(metric, metric.split("/")[-1], (metric,))] + [
         panel for panel in ABLATION_PANELS
-        if panel[2] != (metric,) and any(key in run.data.metrics for run in children for key in panel[2])
+        if panel[2] != (metric,) and any(record.metrics.get(key) for runs in by_variant.values() for record in runs
+                                         for key in panel[2])
     ]
     columns = min(len(panels), 3)
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
-    for ax, (title, ylabel, keys) in zip(axes.flat, panels):
+    for ax, (panel_title, ylabel, keys) in zip(axes.flat, panels):
         for color, (variant, runs) in zip(COLORS, by_variant.items()):
-            if keys == ("epo/beta",) and not _smooths(runs[0]):
+            if keys == ("epo/beta",) and not _smooths(runs[0].params):
                 continue  # beta_k scales L_smooth only
             for key, style in zip(keys, ("-", "--")):
-                steps, mean, std = _over_seeds(client, runs, key)
+                steps, mean, std = _over_seeds(runs, key)
                 if key.startswith("grad/"):  # log scale: a ratio is 0 where its term is absent (EPO-Base, no EPO)
                     kept = [point for point in zip(steps, mean, std) if point[1] > 0]
                     steps, mean, std = (list(column) for column in zip(*kept)) if kept else ([], [], [])
@@ -193,19 +197,17 @@ def plot_ablation(client, children, metric: str = "train/reward_mean", start: tu
                     continue
                 label = f"{variant} (n={len(runs)})" + (f": {key.split('/')[-1]}" if len(keys) > 1 else "")
                 _band(ax, steps, mean, std, color, label, style)
-            if keys == ("actor/entropy",) and _smooths(runs[0]):
-                _corridor(ax, client, runs, color)
+            if keys == ("actor/entropy",) and _smooths(runs[0].params):
+                _corridor(ax, runs, color)
         split = keys[0].split("/")[1] if keys[0].endswith("/success_rate") and keys[0].startswith("eval/") else None
         if start is not None and split in start[1]:
             starting_point(ax, start[0], start[1][split])
-        _style(ax, title, ylabel)
+        _style(ax, panel_title, ylabel)
         if keys[0].startswith("grad/"):
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    parent_tags = client.get_run(children[0].data.tags["mlflow.parentRunId"]).data.tags
-    kind = "Sweep" if "epo.sweep" in parent_tags else "Ablation"
-    fig.suptitle(f"{kind}: {parent_tags.get('epo.ablation', '')} (mean ± std over seeds)")
+    fig.suptitle(f"{title} (mean ± std over seeds)")
     return fig
 
 
@@ -220,28 +222,31 @@ def starting_point(ax, label: str, outcomes) -> None:
     ax.axhline(wins / max(n, 1), color="black", linestyle=":", label=f"start, {label}: {wins}/{n}")
 
 
-def _smooths(run) -> bool:
-    """Whether the run's objective has the smoothing term (EPO; not EPO-Base, not plain PPO/GRPO)."""
-    params = run.data.params
+def _smooths(params: dict[str, str]) -> bool:
+    """Whether a run's objective, by its params, has the smoothing term (EPO; not EPO-Base,
+    not plain PPO/GRPO)."""
     return params.get("epo.smoothing.enabled") == "True" and float(params.get("epo.entropy_coef", 0)) > 0
 
 
-def _corridor(ax, client, runs, color: str) -> None:
+def _corridor(ax, records, color: str) -> None:
     """The mean over seeds of the corridor ``[kappa_l Hbar, kappa_r Hbar]``, where the runs have ``Hbar``."""
-    steps, refs, _ = _over_seeds(client, runs, "epo/entropy_ref")
+    steps, refs, _ = _over_seeds(records, "epo/entropy_ref")
     if not steps:
         return
-    kappa_l, kappa_r = _kappas(runs[0])
+    kappa_l, kappa_r = _kappas(records[0].params)
     ax.fill_between(steps, [kappa_l * r for r in refs], [kappa_r * r for r in refs], color=color, alpha=0.07, hatch="//",
                     edgecolor=color, linewidth=0)
 
 
-def draw(kind: str, client, runs, out_dir: Path, name: str, metric: str = "train/reward_mean",
-         start: tuple[str, dict] | None = None) -> list[Path]:
-    if kind == "ablation":
-        fig = plot_ablation(client, runs, metric, start)
-    elif kind == "success":
+def draw(kind: str, client, runs, out_dir: Path, name: str, start: tuple[str, dict] | None = None) -> list[Path]:
+    """One figure of runs (every kind but ``ablation``, which :func:`plot_ablation` draws from records)."""
+    if kind == "success":
         fig = plot_success(client, runs, start)
     else:
-        fig = {"entropy": plot_entropy, "reward": plot_reward, "success": plot_success, "corridor": plot_corridor}[kind](client, runs)
+        fig = {"entropy": plot_entropy, "reward": plot_reward, "corridor": plot_corridor}[kind](client, runs)
     return _save(fig, out_dir, name)
+
+
+def draw_ablation(records, title: str, out_dir: Path, name: str, metric: str = "train/reward_mean",
+                  start: tuple[str, dict] | None = None) -> list[Path]:
+    return _save(plot_ablation(records, title, metric, start), out_dir, name)

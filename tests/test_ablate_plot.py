@@ -12,6 +12,7 @@ from epo_cli.presets import ablation_variants
 from epo_cli.cli import app
 from epo_cli.stats import EpisodeOutcome
 from epo_cli.plots import plot_ablation, plot_entropy
+from epo_cli.records import record_of
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -80,7 +81,9 @@ def test_ablate_smoothing_then_plot(tmp_path):
         assert (out / f"ablation_{parent.info.run_id[:8]}_{slug}.svg").exists()
     outcomes = {split: [EpisodeOutcome(**o) for o in rows] for split, rows in json.loads(start.read_text())["splits"].items()}
     finished = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    figure = plot_ablation(client, finished, "eval/iid/success_rate", ("start.json", outcomes))
+    records = [record_of(client, c, "smoothing", c.data.tags["epo.ablation.variant"], int(c.data.tags["epo.seed"]), "")
+               for c in finished]
+    figure = plot_ablation(records, "Ablation: smoothing", "eval/iid/success_rate", ("start.json", outcomes))
     labels = {ax.get_title(): [line.get_label() for line in ax.get_lines()] for ax in figure.axes if ax.get_visible()}
     wins = sum(o.won for o in outcomes["ood"])
     assert f"start, start.json: {wins}/{len(outcomes['ood'])}" in labels["OOD success (evaluation)"]
