@@ -297,14 +297,29 @@ def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpe
             client.set_terminated(err.run_id, "FAILED")
             console.print(f"[yellow]{label} seed {seed}: {err}; counted as diverged, the sweep goes on[/]")
         done_steps[(label, seed)] = spec.train.steps
-    records = dict(recorded)
-    for pair, run in _children(client, parent).items():
-        if pair in specs and pair not in recorded and (run.info.status == "FINISHED" or _diverged(run)):
-            records[pair] = record_of(client, run, parent_info.name, *pair, experiment_key(specs[pair]), _diverged(run))
-            if records_dir is not None:
-                write_record(records_dir, records[pair])
+    records = {**recorded, **_store_records(client, parent, specs, recorded, parent_info.name)}
     if records_dir is not None:
+        for pair, record in records.items():
+            if pair not in recorded:
+                write_record(records_dir, record)
         console.print(f"run records: {records_dir} ({len(records)} of {len(specs)} children)", highlight=False, soft_wrap=True)
+    rows = _log_summary(parent, specs, records)
+    parent.finish("FINISHED")
+    return parent.run_id, rows
+
+
+def _store_records(client, parent: Tracker, specs: dict, recorded: dict, study: str) -> dict[tuple[str, int], RunRecord]:
+    """The records of the parent's children in the store that finished or diverged (not
+    those taken from a records folder)."""
+    return {
+        pair: record_of(client, run, study, *pair, experiment_key(specs[pair]), _diverged(run))
+        for pair, run in _children(client, parent).items()
+        if pair in specs and pair not in recorded and (run.info.status == "FINISHED" or _diverged(run))
+    }
+
+
+def _log_summary(parent: Tracker, specs: dict, records: dict[tuple[str, int], RunRecord]) -> list[list[str]]:
+    """The summary rows of the children's records, logged to the parent as CSV and markdown."""
     summaries = [summarize(records[pair]) for pair in specs if pair in records and not records[pair].diverged]
     diverged = Counter(label for (label, _), record in records.items() if record.diverged)
     rows = summary_rows(summaries, diverged, list(dict.fromkeys(label for label, _ in specs)))
@@ -315,8 +330,7 @@ def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpe
     markdown = ("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
                 + "\n".join("| " + " | ".join(r) + " |" for r in rows) + f"\n\n{SUMMARY_CAPTION}.\n")
     parent.log_text(markdown, "summary.md")
-    parent.finish("FINISHED")
-    return parent.run_id, rows
+    return rows
 
 
 def experiment_key(spec: ExperimentSpec) -> str:

@@ -36,7 +36,6 @@ from epo_cli.batch import MicroBatch, TurnBatch, minibatch_count, pack, unit_chu
 from epo_cli.distributed import (
     DistContext,
     balanced_chunks,
-    full_tensor,
     no_gradient_sync,
 )
 from epo_cli.entropy_record import EntropyRecord
@@ -44,7 +43,7 @@ from epo_cli.lora import adapter_weights, merged_weights
 from epo_cli.models import trainable_parameters
 from epo_cli.precision import autocast_context
 from epo_cli.spec import ExperimentSpec
-from epo_cli.trainables import build_trainables
+from epo_cli.trainables import OptimizerStep, build_trainables
 
 
 # What a step without an optimizer step logs exactly: every advantage is 0 (so is the
@@ -87,6 +86,32 @@ class UpdateStats:
         }
 
 
+@dataclass
+class _StepUpdate:
+    """One step's update as it runs: its batch and how it is cut, the step's weights and
+    coefficients, and what the mini-batches add up (pre-update entropies and log-probs of
+    the measured rows, the sampler vs trainer difference, the counts)."""
+
+    batch: TurnBatch
+    owner: torch.Tensor
+    step: int
+    units: list[list[int]]
+    entropy: list[torch.Tensor | None]  # row -> pre-update token entropies, filled as passes give them
+    coefs: StepCoefficients
+    reference: torch.Tensor | float | None
+    step_weights: torch.Tensor
+    n_minibatches: int
+    record_entropy: bool  # the update's first forwards give the pre-update entropies
+    moved_units: list[int]
+    moved_rows: set[int]
+    before: dict[int, torch.Tensor]  # row -> pre-update log-probs, for the step's move
+    stats: UpdateStats = field(default_factory=UpdateStats)
+    norms: UpdateStats = field(default_factory=UpdateStats)
+    logprob_diff: float = 0.0
+    signal_free: int = 0
+    optimizer_steps: int = 0
+
+
 def _grad_norm(term: torch.Tensor | None, params: list[torch.Tensor]) -> float:
     """L2 norm of ``d term / d params``, leaving the graph for the backward of the loss;
     0 for a term that is absent or has no gradient (the indicator penalty)."""
@@ -105,8 +130,6 @@ class Learner:
         self.dist = dist or DistContext()
         self.device = self.dist.device
         self.pad_id = pad_id
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
         self.entropy_record = EntropyRecord(spec, self.dist)
         # The same seed on every rank: all ranks draw the same mini-batch permutation.
         self.generator = torch.Generator().manual_seed(spec.train.seed)
@@ -118,6 +141,7 @@ class Learner:
         self.has_critic, self.shared_critic, self.value_head = models.has_critic, models.shared_critic, models.value_head
         self.actor, self.critic = models.actor, models.critic
         self.optimizers, self.schedulers, self.clip_groups = models.optimizers, models.schedulers, models.clip_groups
+        self.optimizer_step = OptimizerStep(self.optimizers, self.clip_groups, spec.optim.max_grad_norm)
 
     @property
     def history(self) -> EntropyHistory:
@@ -194,7 +218,7 @@ class Learner:
         """A micro-batch of units on the device; ``None`` (padding) becomes unit 0, weighted zero."""
         return pack(batch, [units[u] for u in (chunk if chunk is not None else [0])], self.pad_id).to(self.device)
 
-    def _needs_old_logp(self, batch: TurnBatch) -> bool:
+    def needs_old_logp(self, batch: TurnBatch) -> bool:
         """Old log-probs need their own pass only if the policy changes within the step;
         otherwise the first forward of the update yields them exactly (ratio = 1)."""
         return self.spec.algo.ppo_epochs > 1 or minibatch_count(len(batch), self.units(batch), self.spec.optim.mini_batch_size) > 1
@@ -208,7 +232,7 @@ class Learner:
         Returns the token entropies of this rank's rows under the policy before the
         update where this pass computes them (with the old log-probs), else Nones."""
         spec = self.spec
-        need_old = self._needs_old_logp(batch)
+        need_old = self.needs_old_logp(batch)
         batch.old_logp = batch.ref_logp = batch.values = None
         old_logp, ref_logp, entropy = [None] * len(batch), [None] * len(batch), [None] * len(batch)
         if not (need_old or self.has_critic or self.reference is not None):
@@ -262,77 +286,90 @@ class Learner:
         policy-gradient signal (``optim.skip_signal_free``) takes no backward and no optimizer
         step; its pre-update entropies are still recorded for ``Hbar``."""
         spec = self.spec
-        coefs = step_coefficients(spec.epo, step, spec.train.steps)
-        reference = self.entropy_record.reference(batch)
-        stats, norms = UpdateStats(), UpdateStats()
-        record_entropy = not self._needs_old_logp(batch)
-        step_logprob_diff = 0.0
         units = self.units(batch)
         n_minibatches = minibatch_count(len(batch), units, spec.optim.mini_batch_size)
-        step_weights = self.step_weights(batch) * n_minibatches  # a mini-batch's loss stays a mean
         moved_units = self._move_units(units, step)
-        moved_rows = {row for u in moved_units for row in units[u]}
-        before = {} if batch.old_logp is None else dict(enumerate(batch.old_logp))  # row -> pre-update log-probs
-        signal_free = optimizer_steps = 0
+        run = _StepUpdate(
+            batch, owner, step, units, entropy,
+            coefs=step_coefficients(spec.epo, step, spec.train.steps),
+            reference=self.entropy_record.reference(batch),
+            step_weights=self.step_weights(batch) * n_minibatches,  # a mini-batch's loss stays a mean
+            n_minibatches=n_minibatches,
+            record_entropy=not self.needs_old_logp(batch),
+            moved_units=moved_units,
+            moved_rows={row for u in moved_units for row in units[u]},
+            before={} if batch.old_logp is None else dict(enumerate(batch.old_logp)),  # row -> pre-update log-probs
+        )
         for module in self.scorers:
             module.train()
         for epoch in range(spec.algo.ppo_epochs):
             for index, minibatch in enumerate(unit_minibatches(units, len(batch), spec.optim.mini_batch_size, self.generator)):
-                rows = [row for unit in minibatch for row in units[unit]]
-                if spec.optim.skip_signal_free and not bool(batch.advantages[rows].any()):
-                    signal_free += 1
-                    if epoch == 0:
-                        step_logprob_diff += self._pre_update_pass(batch, units, minibatch, owner, step_weights, entropy,
-                                                                   record_entropy) / n_minibatches
-                    continue
-                for optimizer in self.optimizers:
-                    optimizer.zero_grad(set_to_none=True)
-                chunks = self._my_chunks(batch, units, minibatch, owner, spec.optim.micro_batch_size)
-                measured = self._measured_chunk(step, epoch, index, len(chunks)) if spec.tracking.term_grad_norms else -1
-                for i, chunk in enumerate(chunks):
-                    micro = self._collate(batch, units, chunk)
-                    w = self._micro_weights(micro, chunk, step_weights)
-                    last = i == len(chunks) - 1
-                    measure = i == measured
-                    with self._gradient_sync(last):
-                        entropy_per_turn, logprob_diff, old_logp = self._micro_step(
-                            batch, micro, w.to(self.device), coefs, reference, stats, measure
-                        )
-                    if epoch == 0 and chunk is not None:
-                        step_logprob_diff += logprob_diff / n_minibatches
-                        if record_entropy:
-                            self._keep(micro.rows, None, None, entropy_per_turn, entropy, micro)
-                        if batch.old_logp is None:  # this forward was the pre-update policy's
-                            for j, row in enumerate(micro.rows):
-                                if row in moved_rows:
-                                    before[row] = old_logp[j, : int(micro.response_lengths[j])]
-                optimizer_steps += self._optimizer_step(norms)
-                stats.minibatches += 1
-                norms.minibatches += 1
-        stats.all_reduce(self.dist)
-        step_entropy, turn_means, token_variance = self.entropy_record.record(batch, entropy)
-        step_logprob_diff = float(self.dist.all_reduce_sum(torch.tensor([step_logprob_diff], dtype=torch.float64))[0])
+                self._minibatch_update(run, epoch, index, minibatch)
+        run.stats.all_reduce(self.dist)
+        return self._step_metrics(run)
 
-        metrics = {**stats.means(), **norms.means()}
-        if not optimizer_steps:
+    def _minibatch_update(self, run: _StepUpdate, epoch: int, index: int, minibatch: list[int]) -> None:
+        """One mini-batch of ``run``: its micro-batches' forward and backward, then one
+        optimizer step; or, without a policy-gradient signal, only what its pre-update pass gives."""
+        spec, batch, units = self.spec, run.batch, run.units
+        rows = [row for unit in minibatch for row in units[unit]]
+        if spec.optim.skip_signal_free and not bool(batch.advantages[rows].any()):
+            run.signal_free += 1
+            if epoch == 0:
+                run.logprob_diff += self._pre_update_pass(batch, units, minibatch, run.owner, run.step_weights, run.entropy,
+                                                          run.record_entropy) / run.n_minibatches
+            return
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        chunks = self._my_chunks(batch, units, minibatch, run.owner, spec.optim.micro_batch_size)
+        measured = self._measured_chunk(run.step, epoch, index, len(chunks)) if spec.tracking.term_grad_norms else -1
+        for i, chunk in enumerate(chunks):
+            micro = self._collate(batch, units, chunk)
+            w = self._micro_weights(micro, chunk, run.step_weights)
+            with self._gradient_sync(i == len(chunks) - 1):
+                entropy_per_turn, logprob_diff, old_logp = self._micro_step(
+                    batch, micro, w.to(self.device), run.coefs, run.reference, run.stats, i == measured
+                )
+            if epoch == 0 and chunk is not None:
+                run.logprob_diff += logprob_diff / run.n_minibatches
+                if run.record_entropy:
+                    self._keep(micro.rows, None, None, entropy_per_turn, run.entropy, micro)
+                if batch.old_logp is None:  # this forward was the pre-update policy's
+                    for j, row in enumerate(micro.rows):
+                        if row in run.moved_rows:
+                            run.before[row] = old_logp[j, : int(micro.response_lengths[j])]
+        run.optimizer_steps += self.optimizer_step(run.norms)
+        run.stats.minibatches += 1
+        run.norms.minibatches += 1
+
+    def _step_metrics(self, run: _StepUpdate) -> dict[str, float]:
+        """The step's update metrics: the loss terms' means, the entropy record (Hbar_k, its
+        turns, the token-entropy variance), the step's move and the EPO coefficients."""
+        batch = run.batch
+        step_entropy, turn_means, token_variance = self.entropy_record.record(batch, run.entropy)
+        logprob_diff = float(self.dist.all_reduce_sum(torch.tensor([run.logprob_diff], dtype=torch.float64))[0])
+        metrics = {**run.stats.means(), **run.norms.means()}
+        if not run.optimizer_steps:
             metrics.update(dict.fromkeys(NO_UPDATE_ZEROS, 0.0))
         metrics["actor/entropy"] = step_entropy
         metrics["actor/entropy_var"] = token_variance
-        metrics["rollout/logprob_diff"] = step_logprob_diff
-        metrics["actor/signal_free_minibatches"] = signal_free
-        metrics["actor/optimizer_steps"] = optimizer_steps
-        if moved_units:
+        metrics["rollout/logprob_diff"] = logprob_diff
+        metrics["actor/signal_free_minibatches"] = run.signal_free
+        metrics["actor/optimizer_steps"] = run.optimizer_steps
+        if run.moved_units:
             metrics["actor/step_kl"], metrics["actor/step_logprob_change"] = (
-                self._step_move(batch, units, moved_units, owner, before, step_weights) if optimizer_steps else (0.0, 0.0)
+                self._step_move(batch, run.units, run.moved_units, run.owner, run.before, run.step_weights)
+                if run.optimizer_steps else (0.0, 0.0)
             )
         for turn, value in sorted(turn_means.items()):
             metrics[f"actor/entropy_turn_{turn}"] = value
-        metrics["epo/beta"] = coefs.beta
-        metrics["epo/entropy_coef"] = coefs.entropy_coef
-        if reference is not None:
+        metrics["epo/beta"] = run.coefs.beta
+        metrics["epo/entropy_coef"] = run.coefs.entropy_coef
+        if run.reference is not None:
+            reference = run.reference
             metrics["epo/entropy_ref"] = float(reference.mean()) if torch.is_tensor(reference) else reference
         metrics["actor/lr"] = self.schedulers[0].get_last_lr()[0]
-        metrics["actor/skipped_steps"] = self.skipped_steps
+        metrics["actor/skipped_steps"] = self.optimizer_step.skipped
         if self.has_critic:
             metrics["critic/values_mean"] = float(batch.values.mean())
             metrics["critic/returns_mean"] = float(batch.returns.mean())
@@ -475,26 +512,6 @@ class Learner:
         for name in ("entropy_bonus", "smooth"):
             stats.add(f"grad/{name}_ratio", norms[name] / norms["pg"] if has_signal else 0.0, count=has_signal)
 
-    def _optimizer_step(self, norms: UpdateStats) -> bool:
-        """Clip the policy's and the critic's gradients (each on its own) and step; a
-        non-finite gradient anywhere skips the whole step, and is counted. Gradients are
-        already global here, so every rank takes the same decision. Returns whether it stepped."""
-        grad_norms = []
-        for name, params in self.clip_groups:
-            norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, self.spec.optim.max_grad_norm))
-            norms.add(f"{name}/grad_norm", norm)
-            grad_norms.append(norm)
-        if not all(torch.isfinite(norm) for norm in grad_norms):
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-            for optimizer in self.optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            return False
-        self.consecutive_skips = 0
-        for optimizer in self.optimizers:
-            optimizer.step()
-        return True
-
     # ------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
         """Full (unsharded) states on rank 0, whatever the strategy and world size; every
@@ -513,7 +530,7 @@ class Learner:
             "optimizers": [get_optimizer_state_dict(m, o, options=options) for m, o in zip(self.scorers, self.optimizers)],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "history": self.history.state_dict(),
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.optimizer_step.skipped,
             "generator": self.generator.get_state(),
         }
 
@@ -531,5 +548,5 @@ class Learner:
         for scheduler, saved in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(saved)
         self.entropy_record.history = EntropyHistory.from_state_dict(state["history"])
-        self.skipped_steps = state["skipped_steps"]
+        self.optimizer_step.skipped = state["skipped_steps"]
         self.generator.set_state(state["generator"])

@@ -199,15 +199,9 @@ def play_episodes(
         for turn_index in range(settings.max_turns):
             if not active:
                 break
-            prompts, cuts = [], []
-            for slot in active:
-                if conversations is not None:
-                    ids, cut = conversations[slot].prompt(states[slot], turn_index)
-                else:
-                    messages = build_prompt(envs.title, states[slot], turn_index, settings.max_turns, settings.history_length, settings.max_listed_actions)
-                    ids, cut = encode_prompt(tokenizer, messages, settings.max_prompt_tokens, settings.on_overflow)
-                prompts.append(ids)
-                cuts.append(cut)
+            prompts, cuts = _turn_prompts(tokenizer, envs.title, [states[slot] for slot in active],
+                                          None if conversations is None else [conversations[slot] for slot in active],
+                                          turn_index, settings)
             constraints = [constraint_for(commands[slot]) for slot in active] if constraint_for is not None else None
             generations = sampler.generate(prompts, settings.max_response_tokens, settings.temperature, settings.top_p, constraints)
             checked = [check_action(g.text) for g in generations]
@@ -226,24 +220,9 @@ def play_episodes(
                 if conversations is not None:
                     conversations[slot].answer(generation.token_ids)
                     turn.segment = conversations[slot].segment
-                if action is None:
-                    turn.reward -= settings.invalid_action_penalty
-                    observation = INVALID_FORMAT_OBSERVATION
-                else:
-                    result = results[slot]
-                    turn.accepted = result.accepted
-                    observation = result.observation
-                    state.actions = result.actions
-                    commands[slot] = result.commands
-                    episode.done, episode.won, episode.score = result.done, result.won, result.score
-                turn.score = episode.score
-                episode.turns.append(turn)
-                state.past_actions.append(action if action is not None else "(invalid)")
-                state.past_observations.append(state.observation)
-                state.observation = observation
-                if episode.done or turn_index == settings.max_turns - 1:
-                    turn.reward += settings.reward_scale * settings.outcome(episode)
-                else:
+                if action is not None:
+                    commands[slot] = results[slot].commands
+                if _take_turn(episode, state, turn, results.get(slot), settings):
                     still_active.append(slot)
             if on_turn is not None:
                 on_turn(sum(len(g.token_ids) for g in generations), len(active))
@@ -251,3 +230,43 @@ def play_episodes(
     finally:
         sampler.forget_prefixes()  # the weights may change before the next rollout
     return episodes
+
+
+def _turn_prompts(tokenizer, title: str, states: list[PromptState], conversations: list[Conversation] | None,
+                  turn_index: int, settings: RolloutSettings) -> tuple[list[list[int]], list[int]]:
+    """The prompt token ids of one turn of each episode, and the tokens cut from each: its
+    conversation so far (``rollout.prompt_format: conversation``) or its windowed prompt."""
+    prompts, cuts = [], []
+    for i, state in enumerate(states):
+        if conversations is not None:
+            ids, cut = conversations[i].prompt(state, turn_index)
+        else:
+            messages = build_prompt(title, state, turn_index, settings.max_turns, settings.history_length,
+                                    settings.max_listed_actions)
+            ids, cut = encode_prompt(tokenizer, messages, settings.max_prompt_tokens, settings.on_overflow)
+        prompts.append(ids)
+        cuts.append(cut)
+    return prompts, cuts
+
+
+def _take_turn(episode: Episode, state: PromptState, turn: Turn, result: EnvStep | None, settings: RolloutSettings) -> bool:
+    """Apply one turn to its episode and prompt state: the engine's ``result``, or None for an
+    answer without a valid action (penalized; the engine was not stepped). The outcome
+    reward is paid on the episode's last turn. Returns whether the episode goes on."""
+    if result is None:
+        turn.reward -= settings.invalid_action_penalty
+        observation = INVALID_FORMAT_OBSERVATION
+    else:
+        turn.accepted = result.accepted
+        observation = result.observation
+        state.actions = result.actions
+        episode.done, episode.won, episode.score = result.done, result.won, result.score
+    turn.score = episode.score
+    episode.turns.append(turn)
+    state.past_actions.append(turn.action if turn.action is not None else "(invalid)")
+    state.past_observations.append(state.observation)
+    state.observation = observation
+    if episode.done or turn.turn_index == settings.max_turns - 1:
+        turn.reward += settings.reward_scale * settings.outcome(episode)
+        return False
+    return True

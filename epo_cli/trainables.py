@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from epo_cli.algos.estimators import ESTIMATORS
-from epo_cli.distributed import DistContext, unwrap, wrap_for_training
+from epo_cli.distributed import DistContext, full_tensor, unwrap, wrap_for_training
 from epo_cli.forward import TurnScorer
 from epo_cli.lora import AdaptersOff
 from epo_cli.models import ValueHead, cosine_schedule, trainable_model, trainable_parameters
@@ -32,6 +32,37 @@ class Trainables:
     optimizers: list[torch.optim.Optimizer]  # the actor's, then a separate critic's
     schedulers: list[torch.optim.lr_scheduler.LambdaLR]
     clip_groups: list[tuple[str, list[torch.Tensor]]]  # gradient-norm clipping: policy and critic apart
+
+
+@dataclass
+class OptimizerStep:
+    """Clip each group's gradients on its own (the policy's and the critic's) and step every
+    optimizer; a non-finite gradient anywhere skips the whole step, and is counted. Under
+    torchrun gradients are already global here, so every rank takes the same decision."""
+
+    optimizers: list[torch.optim.Optimizer]
+    clip_groups: list[tuple[str, list[torch.Tensor]]]
+    max_grad_norm: float
+    skipped: int = 0  # steps skipped over the run
+    consecutive_skips: int = 0  # skipped in a row, up to now
+
+    def __call__(self, norms) -> bool:
+        """Adds each group's pre-clip ``NAME/grad_norm`` to ``norms``; returns whether it stepped."""
+        grad_norms = []
+        for name, params in self.clip_groups:
+            norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+            norms.add(f"{name}/grad_norm", norm)
+            grad_norms.append(norm)
+        if not all(torch.isfinite(norm) for norm in grad_norms):
+            self.skipped += 1
+            self.consecutive_skips += 1
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            return False
+        self.consecutive_skips = 0
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return True
 
 
 def build_trainables(spec: ExperimentSpec, dist: DistContext) -> Trainables:

@@ -181,7 +181,7 @@ class Trainer:
                     log_evaluation(tracker, results, self.step, spec.tracking.transcripts)
             # Any rank's Ctrl-C stops all ranks after the same step.
             stop_requested = bool(self.dist.all_reduce_sum(torch.tensor([float(self.stop_requested)])) > 0)
-            diverged = self.learner.consecutive_skips >= MAX_CONSECUTIVE_SKIPS
+            diverged = self.learner.optimizer_step.consecutive_skips >= MAX_CONSECUTIVE_SKIPS
             periodic = spec.checkpoint.every and self.step % spec.checkpoint.every == 0
             if stop_requested or diverged or periodic or self.step == spec.train.steps:
                 try:
@@ -193,18 +193,40 @@ class Trainer:
                 raise TrainingStopped(f"stopped after step {self.step}", path)
             if diverged:
                 raise TrainingDiverged(
-                    f"{self.learner.consecutive_skips} optimizer steps in a row had a non-finite gradient; "
+                    f"{self.learner.optimizer_step.consecutive_skips} optimizer steps in a row had a non-finite gradient; "
                     f"stopped after step {self.step}", path
                 )
         return last
 
     def train_step(self, progress: Progress | None = None, turns_task=None) -> tuple[dict[str, float], list]:
         """One RL step; returns its metrics and the episodes of all ranks."""
-        spec = self.spec
         on_cuda = self.dist.device.type == "cuda"
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(self.dist.device)
         started = time.perf_counter()
+        episodes, kept, restarts, rounds = self._rollout(progress, turns_task, started)
+        rollout_s = time.perf_counter() - started
+        update_started = time.perf_counter()
+        batch, update_metrics = self._update(episodes, kept, rounds)
+        update_s = time.perf_counter() - update_started
+        for row, turn in enumerate(turn for episode in kept for turn in episode.turns):  # the batch's row order
+            turn.entropy = self.learner.turn_entropies.get(row)
+        metrics = step_metrics(self.spec, episodes, update_metrics, restarts, rollout_s)
+        metrics.update({
+            "perf/update_s": update_s,
+            "perf/update_tokens_per_s": (self.learner.pass_tokens(batch) if batch is not None else 0) / max(update_s, 1e-9),
+            "perf/step_s": time.perf_counter() - started,
+        })
+        if on_cuda:
+            metrics["perf/peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+        return metrics, episodes
+
+    def _rollout(self, progress: Progress | None, turns_task, started: float) -> tuple[list, list, int, int]:
+        """The step's rounds of episodes: one, or with ``algo.filter_groups`` up to
+        ``algo.filter_max_rounds`` until the step holds its groups with a signal. Returns
+        every episode played, the kept ones (at most a step's worth), the worker restarts
+        and the rounds played."""
+        spec = self.spec
         generated = {"tokens": 0}
 
         def on_turn(new_tokens: int, active: int) -> None:
@@ -224,13 +246,14 @@ class Trainer:
             restarts = round_restarts  # the pools' running count
             kept += self._groups_kept(played)
             rounds += 1
-        kept = kept[: spec.episodes_per_step]
-        rollout_s = time.perf_counter() - started
         if progress is not None:
             progress.update(turns_task, visible=False)
+        return episodes, kept[: spec.episodes_per_step], restarts, rounds
 
-        # The update's batch: the kept episodes, numbered in order (GRPO groups stay whole).
-        update_started = time.perf_counter()
+    def _update(self, episodes: list, kept: list, rounds: int) -> tuple[TurnBatch | None, dict[str, float]]:
+        """The learner's update on the kept episodes, numbered in order (GRPO groups stay
+        whole), and the sampler's weights after it; returns the batch and the update's metrics."""
+        spec = self.spec
         batch = None
         if kept:
             batch = TurnBatch.from_episodes([dataclasses.replace(e, episode_id=i) for i, e in enumerate(kept)])
@@ -241,7 +264,6 @@ class Trainer:
             self.learner.step_schedules()
             self.learner.entropy_record.turn_entropies = {}
             update_metrics = {"actor/optimizer_steps": 0}
-        update_s = time.perf_counter() - update_started
         if spec.algo.filter_groups:
             update_metrics["rollout/groups_kept"] = len(kept) // spec.rollout.group_size
             update_metrics["rollout/groups_played"] = len(episodes) // spec.rollout.group_size
@@ -251,37 +273,7 @@ class Trainer:
             kept_ids = {id(e) for e in kept}
             dropped = [e for e in episodes if id(e) not in kept_ids]
             update_metrics["perf/dropped_update_tokens"] = self.learner.pass_tokens(TurnBatch.from_episodes(dropped)) if dropped else 0
-
-        for row, turn in enumerate(turn for episode in kept for turn in episode.turns):  # the batch's row order
-            turn.entropy = self.learner.turn_entropies.get(row)
-        turns = [turn for episode in episodes for turn in episode.turns]
-        response_tokens = sum(len(t.response_ids) for t in turns)
-        stats = episode_stats(episodes)
-        metrics = {
-            "train/reward_mean": sum(e.total_reward for e in episodes) / len(episodes),
-            "train/success_rate": stats.success_rate,
-            "train/episode_turns": stats.mean_turns,
-            "train/invalid_action_rate": stats.invalid_action_rate,
-            "train/inadmissible_action_rate": sum(t.valid and not t.accepted for t in turns) / len(turns),
-            "rollout/response_tokens_mean": response_tokens / len(turns),
-            "rollout/prompt_tokens_mean": sum(len(t.prompt_ids) for t in turns) / len(turns),
-            "rollout/truncated_prompts": sum(t.prompt_tokens_cut > 0 for t in turns),
-            "rollout/truncated_responses": sum(len(t.response_ids) >= spec.rollout.max_response_tokens for t in turns),
-            "perf/rollout_tokens_per_s": response_tokens / max(rollout_s, 1e-9),
-            "perf/rollout_s": rollout_s,
-            "perf/update_s": update_s,
-            "perf/update_tokens_per_s": (self.learner.pass_tokens(batch) if batch is not None else 0) / max(update_s, 1e-9),
-            "perf/step_s": time.perf_counter() - started,
-            "env/worker_restarts": restarts,
-            **update_metrics,
-        }
-        if on_cuda:
-            metrics["perf/peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
-        if stats.decoy_rate is not None:
-            metrics["train/decoy_rate"] = stats.decoy_rate
-        for task_type, (wins, n) in stats.per_type.items():
-            metrics[f"train/success/{task_type}"] = wins / n
-        return metrics, episodes
+        return batch, update_metrics
 
     def _play_round(self, round_index: int, on_turn) -> tuple[list, int]:
         """``rollout.tasks_per_step`` groups of fresh tasks, each rank playing its own; returns
@@ -436,3 +428,32 @@ def run_training(
 
 class TrainingFinished(RuntimeError):
     """A resumed run had no steps left."""
+
+
+def step_metrics(spec: ExperimentSpec, episodes: list, update_metrics: dict[str, float], restarts: int,
+                 rollout_s: float) -> dict[str, float]:
+    """The step's metrics of what was played (every episode, kept or dropped, in
+    ``rollout_s`` seconds) beside the update's."""
+    turns = [turn for episode in episodes for turn in episode.turns]
+    response_tokens = sum(len(t.response_ids) for t in turns)
+    stats = episode_stats(episodes)
+    metrics = {
+        "train/reward_mean": sum(e.total_reward for e in episodes) / len(episodes),
+        "train/success_rate": stats.success_rate,
+        "train/episode_turns": stats.mean_turns,
+        "train/invalid_action_rate": stats.invalid_action_rate,
+        "train/inadmissible_action_rate": sum(t.valid and not t.accepted for t in turns) / len(turns),
+        "rollout/response_tokens_mean": response_tokens / len(turns),
+        "rollout/prompt_tokens_mean": sum(len(t.prompt_ids) for t in turns) / len(turns),
+        "rollout/truncated_prompts": sum(t.prompt_tokens_cut > 0 for t in turns),
+        "rollout/truncated_responses": sum(len(t.response_ids) >= spec.rollout.max_response_tokens for t in turns),
+        "perf/rollout_tokens_per_s": response_tokens / max(rollout_s, 1e-9),
+        "perf/rollout_s": rollout_s,
+        "env/worker_restarts": restarts,
+        **update_metrics,
+    }
+    if stats.decoy_rate is not None:
+        metrics["train/decoy_rate"] = stats.decoy_rate
+    for task_type, (wins, n) in stats.per_type.items():
+        metrics[f"train/success/{task_type}"] = wins / n
+    return metrics

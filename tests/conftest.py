@@ -75,3 +75,24 @@ def tiny_model():
     from epo_cli.models import load_causal_lm
 
     return load_causal_lm("tiny", seed=0)
+
+
+@pytest.fixture
+def record_gradients(monkeypatch):
+    """``record_gradients(learner, module)``: the learner's optimizer steps are replaced by one
+    that records ``module``'s gradients (before clipping) and does not step; returns the list
+    the gradients of each step are appended to, as {name: gradient}."""
+    from epo_cli.trainables import OptimizerStep
+
+    def install(learner, module) -> list[dict]:
+        recorded = []
+
+        class Recording(OptimizerStep):
+            def __call__(self, norms) -> bool:
+                recorded.append({name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None})
+                return False  # not stepped
+
+        monkeypatch.setattr(learner, "optimizer_step", Recording(learner.optimizers, learner.clip_groups, 1.0))
+        return recorded
+
+    return install

@@ -10,10 +10,10 @@ from epo_cli.bench import compile as compile_part
 
 @pytest.mark.slow
 def test_update_cases_run_on_the_same_tokens():
-    naive = update._update_case("naive", "tiny", 2, 1, 1)
-    ours = update._update_case("ours", "tiny", 2, 1, 1)
+    naive = update.update_case("naive", "tiny", 2, 1, 1)
+    ours = update.update_case("ours", "tiny", 2, 1, 1)
     assert naive["tokens"] == ours["tokens"] > 0 and naive["params"] == ours["params"]
-    bf16 = update._update_case("ours-bf16", "tiny", 2, 1, 1)
+    bf16 = update.update_case("ours-bf16", "tiny", 2, 1, 1)
     assert bf16["tokens"] == ours["tokens"]
     text = update.render_update("tiny", 2, 1, naive, ours, ours, ours, ours, bf16, naive, 1e9, 5e8)
     assert "| ours |" in text and "| ours under bf16 autocast" in text and "MFU | 50.0%" in text
@@ -125,8 +125,8 @@ def test_packed_case_plays_and_times_both_paths():
 
 @pytest.mark.slow
 def test_lora_rows_train_fewer_parameters_and_write_smaller_checkpoints():
-    full = lora._lora_case(None, "tiny", 2, 1, 1)
-    rank = lora._lora_case(8, "tiny", 2, 1, 1)
+    full = lora.lora_case(None, "tiny", 2, 1, 1)
+    rank = lora.lora_case(8, "tiny", 2, 1, 1)
     assert rank["tokens"] == full["tokens"] > 0
     # r (in + out) per projection, hidden 64, k/v 32, MLP 128: 8 (128 + 96 + 96 + 128 + 3 x 192) = 8192 a layer, 2 layers
     assert rank["trained"] == 16384 < full["trained"]

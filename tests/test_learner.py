@@ -51,15 +51,9 @@ def _hand_weights(batch: TurnBatch) -> torch.Tensor:
     return weights
 
 
-def _learner_gradient(learner: Learner, batch: TurnBatch, step: int, monkeypatch) -> dict[str, torch.Tensor]:
+def _learner_gradient(learner: Learner, batch: TurnBatch, step: int, record_gradients) -> dict[str, torch.Tensor]:
     """The policy gradient the learner steps with (the optimizer step is replaced)."""
-    grads = []
-
-    def record(norms) -> bool:
-        grads.append({name: p.grad.clone() for name, p in learner.policy.named_parameters()})
-        return False  # not stepped
-
-    monkeypatch.setattr(learner, "_optimizer_step", record)
+    grads = record_gradients(learner, learner.policy)
     learner.learn(batch, torch.zeros(len(batch), dtype=torch.long), step)
     assert len(grads) == 1  # one mini-batch
     return grads[0]
@@ -81,14 +75,14 @@ def _close(a: dict, b: dict) -> bool:
     return all(float((a[n] - b[n]).norm()) <= 1e-4 * float(b[n].norm()) for n in a)
 
 
-def test_entropy_terms_use_beta_k_of_step_k_and_an_undetached_penalty(monkeypatch):
+def test_entropy_terms_use_beta_k_of_step_k_and_an_undetached_penalty(record_gradients, monkeypatch):
     # Equal rewards in each group: A = 0, so the gradient is the entropy terms' alone (with
     # optim.skip_signal_free off: by default such a mini-batch takes no step at all).
     batch = _batch([0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0])
     learner = _learner("optim.skip_signal_free=false")
     learner.history.append(0.1, {})  # Hbar_W = 0.1: every token is above kappa_r * Hbar = 0.2
     step = 3
-    got = _learner_gradient(learner, batch, step, monkeypatch)
+    got = _learner_gradient(learner, batch, step, record_gradients)
     w = _hand_weights(batch)
 
     def entropy_loss(beta, detached_penalty=False):
@@ -105,10 +99,10 @@ def test_entropy_terms_use_beta_k_of_step_k_and_an_undetached_penalty(monkeypatc
     assert not _close(got, _hand_gradient(learner, batch, entropy_loss(beta_k, detached_penalty=True)))
 
 
-def test_advantages_and_eq2_token_weights_reach_the_gradient(monkeypatch):
+def test_advantages_and_eq2_token_weights_reach_the_gradient(record_gradients, monkeypatch):
     batch = _batch()
     learner = _learner("epo.smoothing.enabled=false")
-    got = _learner_gradient(learner, batch, 0, monkeypatch)
+    got = _learner_gradient(learner, batch, 0, record_gradients)
     s = 1 / math.sqrt(2)
     advantages = torch.tensor([s, s, -s, 0.0, 0.0, 0.0, 0.0])[:, None]
 
@@ -121,14 +115,14 @@ def test_advantages_and_eq2_token_weights_reach_the_gradient(monkeypatch):
     assert not _close(got, _hand_gradient(learner, batch, loss_of(flat / flat.sum())))  # token-mean differs
 
 
-def test_under_bf16_autocast_only_the_forward_is_autocast(monkeypatch):
+def test_under_bf16_autocast_only_the_forward_is_autocast(record_gradients, monkeypatch):
     """``model.autocast: bf16``: the backbone's forward in bf16; the heads, the loss and the
     backward in fp32 (a backward under autocast would run the LM head's gradient in bf16)."""
     from epo_cli.precision import autocast_context
 
     batch = _batch()
     learner = _learner("epo.smoothing.enabled=false", "model.autocast=bf16", "optim.micro_batch_size=7")
-    got = _learner_gradient(learner, batch, 0, monkeypatch)
+    got = _learner_gradient(learner, batch, 0, record_gradients)
     s = 1 / math.sqrt(2)
     advantages = torch.tensor([s, s, -s, 0.0, 0.0, 0.0, 0.0])[:, None]
     weights = _hand_weights(batch)
@@ -257,7 +251,7 @@ def test_the_policy_and_the_critic_are_clipped_apart(critic, monkeypatch):
     for p in critic_params:
         p.grad = torch.full_like(p, 10.0 / sum(q.numel() for q in critic_params) ** 0.5)  # norm 10
     logged = {}
-    learner._optimizer_step(SimpleNamespace(add=lambda name, value: logged.setdefault(name, float(value))))
+    learner.optimizer_step(SimpleNamespace(add=lambda name, value: logged.setdefault(name, float(value))))
     assert logged == {"actor/grad_norm": pytest.approx(0.5, rel=1e-2), "critic/grad_norm": pytest.approx(10.0, rel=1e-2)}
     assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in policy])) == pytest.approx(0.5, rel=1e-2)  # not 0.05: one clip over both
     assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in critic_params])) == pytest.approx(1.0, rel=1e-2)

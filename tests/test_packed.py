@@ -191,15 +191,9 @@ def _learner(algo: str, prompt_format: str, *overrides: str) -> Learner:
     return Learner(spec, pad_id=2)
 
 
-def _step(learner: Learner, batch: TurnBatch, monkeypatch) -> tuple[dict, dict]:
+def _step(learner: Learner, batch: TurnBatch, record_gradients) -> tuple[dict, dict]:
     """One learn step: its metrics and the gradients it steps with (per optimizer)."""
-    grads = []
-
-    def capture(norms) -> bool:
-        grads.append({name: p.grad.clone() for name, p in learner.actor.named_parameters() if p.grad is not None})
-        return False  # not stepped
-
-    monkeypatch.setattr(learner, "_optimizer_step", capture)
+    grads = record_gradients(learner, learner.actor)
     learner.history.append(1.5, {})  # a smoothing reference: every EPO term is on
     metrics = learner.learn(batch, torch.zeros(len(batch), dtype=torch.long), 1)
     assert len(grads) == 1
@@ -207,14 +201,14 @@ def _step(learner: Learner, batch: TurnBatch, monkeypatch) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("algo", ["grpo+epo", "ppo+epo"])
-def test_packed_update_gives_the_per_turn_loss_and_gradients(tokenizer, monkeypatch, algo):
+def test_packed_update_gives_the_per_turn_loss_and_gradients(tokenizer, record_gradients, algo):
     episodes = _episodes(tokenizer)
     for episode in episodes:
         episode.turns[-1].reward = float(episode.won) * (1 + episode.episode_id)
     results = {}
     for prompt_format in ("windowed", "conversation"):
         batch = _constrained(TurnBatch.from_episodes(episodes), len(tokenizer))
-        results[prompt_format] = _step(_learner(algo, prompt_format), batch, monkeypatch)
+        results[prompt_format] = _step(_learner(algo, prompt_format), batch, record_gradients)
     (m_turn, g_turn), (m_packed, g_packed) = results["windowed"], results["conversation"]
     for key in ("actor/loss", "actor/pg_loss", "actor/entropy", "actor/entropy_loss_term", "epo/smooth_penalty"):
         assert m_packed[key] == pytest.approx(m_turn[key], abs=1e-5), key
@@ -233,9 +227,9 @@ def test_packed_minibatches_hold_whole_segments(tokenizer):
     assert units == batch.segments() and len(units) == 3
     minibatches = unit_minibatches(units, len(batch), 5, torch.Generator().manual_seed(0))
     assert len(minibatches) == 3 and sorted(u for m in minibatches for u in m) == [0, 1, 2]
-    assert learner._needs_old_logp(batch)
+    assert learner.needs_old_logp(batch)
     learner = _learner("grpo+epo", "conversation", "optim.mini_batch_size=12")
-    assert not learner._needs_old_logp(batch) and len(unit_minibatches(units, len(batch), 12, torch.Generator())) == 1
+    assert not learner.needs_old_logp(batch) and len(unit_minibatches(units, len(batch), 12, torch.Generator())) == 1
 
 
 @pytest.mark.slow

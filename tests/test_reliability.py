@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from epo_cli import checkpoint as ckpt
 from epo_cli.cli import app
 from epo_cli.envs.base import MAX_ACTION_CHARS, parse_action
-from epo_cli.learner import Learner
+from epo_cli.trainables import OptimizerStep
 from epo_cli.trainer import MAX_CONSECUTIVE_SKIPS
 
 
@@ -170,27 +170,18 @@ def test_a_truncated_checkpoint_is_one_line_naming_the_file_and_the_previous_one
     assert torch.equal(ckpt.read_state(previous)["learner"]["weights"], torch.ones(64, 64))
 
 
-def _bare_learner(param):
-    learner = Learner.__new__(Learner)
-    learner.spec = SimpleNamespace(optim=SimpleNamespace(max_grad_norm=1.0))
-    learner.optimizers = [torch.optim.SGD([param], lr=0.1)]
-    learner.clip_groups = [("actor", [param])]
-    learner.skipped_steps = learner.consecutive_skips = 0
-    return learner
-
-
 def test_non_finite_gradients_skip_the_step_and_are_counted():
     param = torch.nn.Parameter(torch.ones(2))
-    trainer = _bare_learner(param)
+    step = OptimizerStep([torch.optim.SGD([param], lr=0.1)], [("actor", [param])], max_grad_norm=1.0)
     stats = SimpleNamespace(add=lambda *a: None)
     for _ in range(MAX_CONSECUTIVE_SKIPS):
         param.grad = torch.tensor([math.nan, 1.0])
-        trainer._optimizer_step(stats)
+        assert not step(stats)
     assert torch.equal(param.data, torch.ones(2))  # never updated with a NaN gradient
-    assert trainer.skipped_steps == trainer.consecutive_skips == MAX_CONSECUTIVE_SKIPS
+    assert step.skipped == step.consecutive_skips == MAX_CONSECUTIVE_SKIPS
     param.grad = torch.tensor([1.0, 1.0])
-    trainer._optimizer_step(stats)
-    assert trainer.consecutive_skips == 0 and trainer.skipped_steps == MAX_CONSECUTIVE_SKIPS
+    assert step(stats)
+    assert step.consecutive_skips == 0 and step.skipped == MAX_CONSECUTIVE_SKIPS
     assert not torch.equal(param.data, torch.ones(2))
 
 

@@ -1,6 +1,6 @@
 """What several benchmark parts share: a synthetic batch of turn samples (the update and
-scaling parts) and running a case in a fresh process (so that its memory and its warm
-caches are its own)."""
+scaling parts), timing repeated updates, and running a case in a fresh process (so that
+its memory and its warm caches are its own)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,22 @@ def in_fresh_process(function, *args):
 
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
         return pool.submit(function, *args).result()
+
+
+def timed_updates(step, optimizer, repeats: int) -> tuple[float, float]:
+    """``step()`` (forward and backward) and ``optimizer.step()``, ``repeats`` + 1 times (the
+    first warms up); the mean seconds of the others and the process's peak RSS (MB) above
+    its level before the first."""
+    import resource
+    import time
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(repeats + 1):
+        optimizer.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        step()
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return sum(times[1:]) / repeats, (peak - before) / 1024

@@ -3,18 +3,16 @@ same update (peak memory, update tokens/s, checkpoint size), each in a fresh pro
 
 from __future__ import annotations
 
-import time
 
-from epo_cli.bench.common import in_fresh_process, synthetic_batch
+from epo_cli.bench.common import in_fresh_process, synthetic_batch, timed_updates
 
 RANKS = (1, 8, 32)
 
 
-def _lora_case(rank: int | None, model_name: str, samples: int, micro: int, repeats: int) -> dict:
-    """One update (forward, EPO loss, backward, fused AdamW step) of full fine-tuning
+def lora_case(rank: int | None, model_name: str, samples: int, micro: int, repeats: int) -> dict:
+    """One update (forward, EPO loss, backward, fused AdamW step), meant for a fresh process, of full fine-tuning
     (``rank`` None) or of LoRA adapters of ``rank``; seconds per update, peak RSS above the
     level after loading, tokens, trained parameters and the bytes one checkpoint writes."""
-    import resource
     import tempfile
     from pathlib import Path
 
@@ -30,25 +28,17 @@ def _lora_case(rank: int | None, model_name: str, samples: int, micro: int, repe
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
     batch = synthetic_batch(len(tokenizer), samples, 480, 40)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(repeats + 1):
-        optimizer.zero_grad(set_to_none=True)
-        started = time.perf_counter()
-        epo_update(model, batch, micro, tokenizer.pad_token_id)
-        optimizer.step()
-        times.append(time.perf_counter() - started)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds, peak_mb = timed_updates(lambda: epo_update(model, batch, micro, tokenizer.pad_token_id), optimizer, repeats)
     with tempfile.TemporaryDirectory() as folder:  # what a checkpoint writes for the policy
         (peft_model or model).save_pretrained(folder, **({"save_embedding_layers": False} if peft_model else {}))
         size = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
     tokens = sum(batch.sequence_length(r) for r in range(samples))
-    return {"seconds": sum(times[1:]) / repeats, "peak_mb": (peak - before) / 1024, "tokens": tokens,
+    return {"seconds": seconds, "peak_mb": peak_mb, "tokens": tokens,
             "trained": sum(p.numel() for p in params), "checkpoint_mb": size / 2**20}
 
 
 def lora_rows(model_name: str, samples: int, micro: int, repeats: int) -> list[tuple[int | None, dict]]:
-    return [(rank, in_fresh_process(_lora_case, rank, model_name, samples, micro, repeats)) for rank in (None, *RANKS)]
+    return [(rank, in_fresh_process(lora_case, rank, model_name, samples, micro, repeats)) for rank in (None, *RANKS)]
 
 
 def render_lora(model_name: str, samples: int, micro: int, rows: list[tuple[int | None, dict]]) -> str:

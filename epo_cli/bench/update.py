@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from epo_cli.bench.common import in_fresh_process, synthetic_batch
+from epo_cli.bench.common import in_fresh_process, synthetic_batch, timed_updates
 
 
 def epo_update(model, batch, micro: int, pad: int, autocast: str = "none", compiled: bool = False) -> None:
@@ -46,16 +46,13 @@ def epo_objective(sample_rows, advantages, logp, entropy, w):
     return epo_loss(inputs, logp, entropy, algo, epo, coefs).loss
 
 
-def _update_case(case: str, model_name: str, samples: int, micro: int, repeats: int) -> dict:
-    """One update (forward, EPO loss, backward, AdamW step) in a fresh process; returns
-    the mean seconds per update, the process's peak RSS above its level before the first
-    update, and the number of tokens."""
-    import resource
-
+def update_case(case: str, model_name: str, samples: int, micro: int, repeats: int) -> dict:
+    """One update (forward, EPO loss, backward, AdamW step) of ``case`` (``ours``,
+    ``ours-checkpointed``, ``ours-compiled``, ``ours-bf16``, ``naive`` or ``trl``), meant for
+    a fresh process; returns the mean seconds per update, the process's peak RSS above its
+    level before the first update, the number of tokens and of parameters."""
     import torch
 
-    from epo_cli.algos.losses import token_weights
-    from epo_cli.batch import collate
     from epo_cli.models import enable_activation_checkpointing, load_causal_lm, load_tokenizer
 
     torch.manual_seed(0)
@@ -67,64 +64,66 @@ def _update_case(case: str, model_name: str, samples: int, micro: int, repeats: 
     rows = list(range(samples))
     advantages = torch.linspace(-1, 1, samples)
     pad = tokenizer.pad_token_id
-
-    def ours():
-        epo_update(model, batch, micro, pad, "bf16" if case == "ours-bf16" else "none", case == "ours-compiled")
-
-    def naive():
-        # The straightforward way: one padded batch, full-vocabulary fp32 logits for every
-        # position, log-softmax and entropy over all of them, then the response slice.
-        width = max(batch.sequence_length(r) for r in rows)
-        m = collate(batch, rows, pad)
-        logits = model(input_ids=m.input_ids, attention_mask=m.attention_mask).logits.float()
-        logp_all = torch.log_softmax(logits, -1)
-        entropy_all = -(logp_all.exp() * logp_all).sum(-1)
-        target_logp = logp_all[:, :-1].gather(-1, m.input_ids[:, 1:, None]).squeeze(-1)
-        resp = torch.zeros(len(rows), width - 1)
-        for i, r in enumerate(rows):
-            p, n = len(batch.prompt_ids[r]), len(batch.response_ids[r])
-            resp[i, p - 1 : p - 1 + n] = 1.0
-        w = resp * token_weights(batch.response_mask(rows), batch.episode_ids, "traj-mean").sum(-1, keepdim=True) / resp.sum(-1, keepdim=True)
-        epo_objective(rows, advantages, target_logp, entropy_all[:, :-1], w).backward()
-
-    def trl():
-        # TRL's own GRPO loss on the same token sequences: prompts left-padded, completions
-        # right-padded, as its trainer batches them (grpo loss, no KL, its fused LM head).
-        trainer = trl_trainer
-        prompt_width = max(len(batch.prompt_ids[r]) for r in rows)
-        completion_width = max(len(batch.response_ids[r]) for r in rows)
-        prompt_ids = torch.full((samples, prompt_width), pad)
-        prompt_mask = torch.zeros(samples, prompt_width, dtype=torch.long)
-        completion_ids = torch.full((samples, completion_width), pad)
-        completion_mask = torch.zeros(samples, completion_width, dtype=torch.long)
-        for i in rows:
-            p, c = batch.prompt_ids[i], batch.response_ids[i]
-            prompt_ids[i, prompt_width - len(p) :] = torch.tensor(p)
-            prompt_mask[i, prompt_width - len(p) :] = 1
-            completion_ids[i, : len(c)] = torch.tensor(c)
-            completion_mask[i, : len(c)] = 1
-        inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-                  "completion_mask": completion_mask, "advantages": advantages,
-                  "num_items_in_batch": completion_mask.sum()}
-        trainer._compute_loss(model, inputs).backward()
-
-    trl_trainer = _trl_grpo_trainer(model, tokenizer, samples) if case == "trl" else None
     if case == "ours-checkpointed":
         enable_activation_checkpointing(model)
         model.train()
-    step = {"ours": ours, "ours-checkpointed": ours, "ours-compiled": ours, "ours-bf16": ours, "naive": naive, "trl": trl}[case]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(repeats + 1):
-        optimizer.zero_grad(set_to_none=True)
-        started = time.perf_counter()
-        step()
-        optimizer.step()
-        times.append(time.perf_counter() - started)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if case.startswith("ours"):
+        def step():
+            epo_update(model, batch, micro, pad, "bf16" if case == "ours-bf16" else "none", case == "ours-compiled")
+    elif case == "naive":
+        def step():
+            _naive_objective(model, batch, rows, advantages, pad).backward()
+    else:
+        trainer = _trl_grpo_trainer(model, tokenizer, samples)
+
+        def step():
+            trainer._compute_loss(model, _trl_inputs(batch, rows, advantages, pad)).backward()
+    seconds, peak_mb = timed_updates(step, optimizer, repeats)
     tokens = sum(batch.sequence_length(r) for r in rows)
-    params = sum(p.numel() for p in model.parameters())
-    return {"seconds": sum(times[1:]) / repeats, "peak_mb": (peak - before) / 1024, "tokens": tokens, "params": params}
+    return {"seconds": seconds, "peak_mb": peak_mb, "tokens": tokens, "params": sum(p.numel() for p in model.parameters())}
+
+
+def _naive_objective(model, batch, rows: list[int], advantages, pad: int):
+    """The straightforward way: one padded batch, full-vocabulary fp32 logits for every
+    position, log-softmax and entropy over all of them, then the response slice."""
+    import torch
+
+    from epo_cli.algos.losses import token_weights
+    from epo_cli.batch import collate
+
+    width = max(batch.sequence_length(r) for r in rows)
+    m = collate(batch, rows, pad)
+    logits = model(input_ids=m.input_ids, attention_mask=m.attention_mask).logits.float()
+    logp_all = torch.log_softmax(logits, -1)
+    entropy_all = -(logp_all.exp() * logp_all).sum(-1)
+    target_logp = logp_all[:, :-1].gather(-1, m.input_ids[:, 1:, None]).squeeze(-1)
+    resp = torch.zeros(len(rows), width - 1)
+    for i, r in enumerate(rows):
+        p, n = len(batch.prompt_ids[r]), len(batch.response_ids[r])
+        resp[i, p - 1 : p - 1 + n] = 1.0
+    w = resp * token_weights(batch.response_mask(rows), batch.episode_ids, "traj-mean").sum(-1, keepdim=True) / resp.sum(-1, keepdim=True)
+    return epo_objective(rows, advantages, target_logp, entropy_all[:, :-1], w)
+
+
+def _trl_inputs(batch, rows: list[int], advantages, pad: int) -> dict:
+    """TRL's GRPO loss inputs for the same token sequences: prompts left-padded, completions
+    right-padded, as its trainer batches them (grpo loss, no KL, its fused LM head)."""
+    import torch
+
+    prompt_width = max(len(batch.prompt_ids[r]) for r in rows)
+    completion_width = max(len(batch.response_ids[r]) for r in rows)
+    prompt_ids = torch.full((len(rows), prompt_width), pad)
+    prompt_mask = torch.zeros(len(rows), prompt_width, dtype=torch.long)
+    completion_ids = torch.full((len(rows), completion_width), pad)
+    completion_mask = torch.zeros(len(rows), completion_width, dtype=torch.long)
+    for i in rows:
+        p, c = batch.prompt_ids[i], batch.response_ids[i]
+        prompt_ids[i, prompt_width - len(p) :] = torch.tensor(p)
+        prompt_mask[i, prompt_width - len(p) :] = 1
+        completion_ids[i, : len(c)] = torch.tensor(c)
+        completion_mask[i, : len(c)] = 1
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_mask, "advantages": advantages, "num_items_in_batch": completion_mask.sum()}
 
 
 def _trl_grpo_trainer(model, tokenizer, samples: int):
@@ -156,13 +155,13 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
 
 
 def update_rows(model_name: str, samples: int, micro: int, repeats: int):
-    naive = in_fresh_process(_update_case, "naive", model_name, samples, micro, repeats)
-    ours = in_fresh_process(_update_case, "ours", model_name, samples, micro, repeats)
-    checkpointed = in_fresh_process(_update_case, "ours-checkpointed", model_name, samples, micro, repeats)
-    lean = in_fresh_process(_update_case, "ours-checkpointed", model_name, samples, max(micro // 2, 1), repeats)
-    compiled = in_fresh_process(_update_case, "ours-compiled", model_name, samples, micro, repeats)
-    bf16 = in_fresh_process(_update_case, "ours-bf16", model_name, samples, micro, repeats)
-    trl = in_fresh_process(_update_case, "trl", model_name, samples, micro, repeats)
+    naive = in_fresh_process(update_case, "naive", model_name, samples, micro, repeats)
+    ours = in_fresh_process(update_case, "ours", model_name, samples, micro, repeats)
+    checkpointed = in_fresh_process(update_case, "ours-checkpointed", model_name, samples, micro, repeats)
+    lean = in_fresh_process(update_case, "ours-checkpointed", model_name, samples, max(micro // 2, 1), repeats)
+    compiled = in_fresh_process(update_case, "ours-compiled", model_name, samples, micro, repeats)
+    bf16 = in_fresh_process(update_case, "ours-bf16", model_name, samples, micro, repeats)
+    trl = in_fresh_process(update_case, "trl", model_name, samples, micro, repeats)
     peak = matmul_peak_flops()
     achieved = 6 * ours["params"] * ours["tokens"] / ours["seconds"]
     return naive, ours, checkpointed, lean, compiled, bf16, trl, peak, achieved
