@@ -116,3 +116,22 @@ def test_a_file_that_is_not_a_record_is_a_one_line_error_naming_it(tmp_path):
     with pytest.raises(RecordError, match=r"run record .*x\.json: not a file written by `epo ablate --records`"):
         read_records(tmp_path)
     assert read_records(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize("name", ["decoy-chain-pilots-sure025", "decoy-chain-pilots-sure0275", "decoy-chain-pilots-sure02625"])
+def test_the_committed_records_are_still_this_codes_experiments(name):
+    """docs/records/NAME holds every child of experiments/sweeps/NAME's file with today's
+    settings: a change of a default that would make them other experiments fails here."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from epo_cli.ablate import _matching_records
+    from epo_cli.sweep import load_sweep, sweep_specs
+
+    root = Path(__file__).parents[1]
+    sweep_file = root / "experiments" / "sweeps" / (name.replace("-", "_") + ".yaml")
+    specs = sweep_specs(load_sweep(sweep_file), {}, [])
+    console = Console(record=True, width=200)
+    matching = _matching_records(root / "docs" / "records" / name, specs, console)
+    assert sorted(matching) == sorted(specs), console.export_text()

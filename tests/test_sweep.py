@@ -217,6 +217,20 @@ def test_the_study_is_one_experiment_on_processors_with_and_without_native_bf16(
         assert (unpinned.model.autocast, unpinned.rollout.dtype, unpinned.algo.tis_cap) == chosen
 
 
+@pytest.mark.parametrize("name", ["decoy_chain_study.yaml", "decoy_chain_pilots_sure02625.yaml"])
+def test_the_decoy_chain_runs_are_one_experiment_on_every_processor_so_their_records_match(name, monkeypatch):
+    from pathlib import Path
+
+    from epo_cli.ablate import experiment_key
+
+    sweep = load_sweep(Path(__file__).parents[1] / "experiments" / "sweeps" / name)
+    keys = {}
+    for native in (True, False):
+        monkeypatch.setattr("epo_cli.precision.native_bf16", lambda native=native: native)
+        keys[native] = {pair: experiment_key(spec) for pair, spec in sweep_specs(sweep, {}, []).items()}
+    assert keys[True] == keys[False] and len(set(keys[True].values())) == len(keys[True])
+
+
 def test_the_rest_of_stage_two_is_the_same_experiment_as_its_missing_children():
     from pathlib import Path
 
