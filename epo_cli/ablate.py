@@ -297,11 +297,12 @@ def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpe
             client.set_terminated(err.run_id, "FAILED")
             console.print(f"[yellow]{label} seed {seed}: {err}; counted as diverged, the sweep goes on[/]")
         done_steps[(label, seed)] = spec.train.steps
-    records = {**recorded, **_store_records(client, parent, specs, recorded, parent_info.name)}
+        if records_dir is not None:  # at once: a sweep stopped later keeps this child's record
+            _write_records(records_dir, _store_records(client, parent, {(label, seed): spec}, recorded, parent_info.name))
+    stored = _store_records(client, parent, specs, recorded, parent_info.name)  # also children finished earlier
+    records = {**recorded, **stored}
     if records_dir is not None:
-        for pair, record in records.items():
-            if pair not in recorded:
-                write_record(records_dir, record)
+        _write_records(records_dir, stored)
         console.print(f"run records: {records_dir} ({len(records)} of {len(specs)} children)", highlight=False, soft_wrap=True)
     rows = _log_summary(parent, specs, records)
     parent.finish("FINISHED")
@@ -316,6 +317,11 @@ def _store_records(client, parent: Tracker, specs: dict, recorded: dict, study: 
         for pair, run in _children(client, parent).items()
         if pair in specs and pair not in recorded and (run.info.status == "FINISHED" or _diverged(run))
     }
+
+
+def _write_records(records_dir: Path, records: dict[tuple[str, int], RunRecord]) -> None:
+    for record in records.values():
+        write_record(records_dir, record)
 
 
 def _log_summary(parent: Tracker, specs: dict, records: dict[tuple[str, int], RunRecord]) -> list[list[str]]:

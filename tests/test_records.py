@@ -135,3 +135,24 @@ def test_the_committed_records_are_still_this_codes_experiments(name):
     console = Console(record=True, width=200)
     matching = _matching_records(root / "docs" / "records" / name, specs, console)
     assert sorted(matching) == sorted(specs), console.export_text()
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_after_a_child_keeps_that_childs_record(tmp_path, monkeypatch):
+    import epo_cli.trainer
+
+    real, calls = epo_cli.trainer.run_training, []
+
+    def stopped_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(epo_cli.trainer, "run_training", stopped_at_the_second)
+    records = tmp_path / "records"
+    uri = f"sqlite:///{tmp_path}/a.db"
+    result = runner.invoke(app, ["ablate", "--sweep", str(_sweep(tmp_path, "[0]", "a.yaml")), "--tracking-uri", uri,
+                                 "--set", f"checkpoint.dir={tmp_path}/ckpt", "--records", str(records)])
+    assert result.exit_code != 0 and "run the same command again" in result.output
+    assert [p.name for p in records.iterdir()] == ["grpo-s0.json"]
