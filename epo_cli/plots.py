@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from itertools import cycle
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 PLOTS = ("entropy", "reward", "success", "corridor", "ablation")
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#e377c2", "#7f7f7f", "#bcbd22")  # cycled past 10 lines
 
 
 class PlotError(ValueError):
@@ -52,7 +53,7 @@ def plot_entropy(client, runs) -> plt.Figure:
     one-turn run has only the all-turns line, which is its turn 0)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = 0
-    for color, run in zip(COLORS, runs):
+    for color, run in zip(cycle(COLORS), runs):
         turns = sorted(int(k.rsplit("_", 1)[1]) for k in run.data.metrics if k.startswith("actor/entropy_turn_"))
         if not turns:
             continue
@@ -71,7 +72,7 @@ def plot_entropy(client, runs) -> plt.Figure:
 def plot_reward(client, runs) -> plt.Figure:
     """Figure 2 (a, d): training reward and success across steps."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for color, run in zip(COLORS, runs):
+    for color, run in zip(cycle(COLORS), runs):
         for ax, key in ((left, "train/reward_mean"), (right, "train/success_rate")):
             steps, values = series(client, run.info.run_id, key)
             ax.plot(steps, values, "-", color=color, marker=".", label=_label(run))
@@ -88,7 +89,7 @@ def plot_success(client, runs, start: tuple[str, dict] | None = None) -> plt.Fig
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     drawn = 0
     for ax, split in zip(axes, ("iid", "ood")):
-        for color, run in zip(COLORS, runs):
+        for color, run in zip(cycle(COLORS), runs):
             steps, values = series(client, run.info.run_id, f"eval/{split}/success_rate")
             if not steps:
                 continue
@@ -116,7 +117,7 @@ def plot_corridor(client, runs) -> plt.Figure:
     """The smoothing corridor ``[kappa_l Hbar, kappa_r Hbar]`` (Eq. 4) and the entropy."""
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = 0
-    for color, run in zip(COLORS, runs):
+    for color, run in zip(cycle(COLORS), runs):
         ref_steps, refs = series(client, run.info.run_id, "epo/entropy_ref")
         steps, entropy = series(client, run.info.run_id, "actor/entropy")
         if not ref_steps:
@@ -185,7 +186,7 @@ def plot_ablation(records, title: str, metric: str = "train/reward_mean", start:
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
     for ax, (panel_title, ylabel, keys) in zip(axes.flat, panels):
-        for color, (variant, runs) in zip(COLORS, by_variant.items()):
+        for color, (variant, runs) in zip(cycle(COLORS), by_variant.items()):
             if keys == ("epo/beta",) and not _smooths(runs[0].params):
                 continue  # beta_k scales L_smooth only
             for key, style in zip(keys, ("-", "--")):

@@ -156,3 +156,12 @@ def test_a_sweep_stopped_after_a_child_keeps_that_childs_record(tmp_path, monkey
                                  "--set", f"checkpoint.dir={tmp_path}/ckpt", "--records", str(records)])
     assert result.exit_code != 0 and "run the same command again" in result.output
     assert [p.name for p in records.iterdir()] == ["grpo-s0.json"]
+
+
+def test_the_figure_draws_every_arm_of_a_study_with_more_arms_than_colors():
+    from epo_cli.plots import COLORS, plot_ablation
+
+    arms = [f"arm{i}" for i in range(len(COLORS) + 2)]
+    figure = plot_ablation([_record(variant=arm) for arm in arms], "study", "train/reward_mean")
+    labels = [line.get_label() for line in figure.axes[0].get_lines()]
+    assert labels == [f"{arm} (n=1)" for arm in arms]
