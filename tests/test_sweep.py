@@ -197,28 +197,9 @@ def test_the_study_sweeps_resolve_every_arm(name):
     assert all(s.tracking.term_grad_norms and s.eval.every == s.train.steps for s in specs.values())
 
 
-@pytest.mark.parametrize(
-    "name", ["cpu_epo_study.yaml", "cpu_epo_study_variants.yaml", "cpu_epo_study_variants_rest.yaml", "cpu_epo_study_grpo.yaml"]
-)
-def test_the_study_is_one_experiment_on_processors_with_and_without_native_bf16(name, monkeypatch):
-    from pathlib import Path
-
-    from epo_cli.ablate import _experiment_json
-
-    sweep = load_sweep(Path(__file__).parents[1] / "experiments" / "sweeps" / name)
-    resolved = {}
-    for native in (True, False):
-        monkeypatch.setattr("epo_cli.precision.native_bf16", lambda native=native: native)
-        resolved[native] = {pair: _experiment_json(spec) for pair, spec in sweep_specs(sweep, {}, []).items()}
-    assert resolved[True] == resolved[False]
-    for native, chosen in ((False, ("none", None, None)), (True, ("bf16", "bfloat16", 2.0))):  # what pinning overrides
-        monkeypatch.setattr("epo_cli.precision.native_bf16", lambda native=native: native)
-        unpinned = resolve_spec(sweep.base, {}, [])
-        assert (unpinned.model.autocast, unpinned.rollout.dtype, unpinned.algo.tis_cap) == chosen
-
-
-@pytest.mark.parametrize("name", ["decoy_chain_study.yaml", "decoy_chain_pilots_sure02625.yaml"])
-def test_the_decoy_chain_runs_are_one_experiment_on_every_processor_so_their_records_match(name, monkeypatch):
+def _keys_on_each_processor(name: str, monkeypatch):
+    """The sweep file ``name`` and its children's experiment keys where the processor has
+    native bf16 (True) and where it has not (False)."""
     from pathlib import Path
 
     from epo_cli.ablate import experiment_key
@@ -228,6 +209,24 @@ def test_the_decoy_chain_runs_are_one_experiment_on_every_processor_so_their_rec
     for native in (True, False):
         monkeypatch.setattr("epo_cli.precision.native_bf16", lambda native=native: native)
         keys[native] = {pair: experiment_key(spec) for pair, spec in sweep_specs(sweep, {}, []).items()}
+    return sweep, keys
+
+
+@pytest.mark.parametrize(
+    "name", ["cpu_epo_study.yaml", "cpu_epo_study_variants.yaml", "cpu_epo_study_variants_rest.yaml", "cpu_epo_study_grpo.yaml"]
+)
+def test_the_study_is_one_experiment_on_processors_with_and_without_native_bf16(name, monkeypatch):
+    sweep, keys = _keys_on_each_processor(name, monkeypatch)
+    assert keys[True] == keys[False]
+    for native, chosen in ((False, ("none", None, None)), (True, ("bf16", "bfloat16", 2.0))):  # what pinning overrides
+        monkeypatch.setattr("epo_cli.precision.native_bf16", lambda native=native: native)
+        unpinned = resolve_spec(sweep.base, {}, [])
+        assert (unpinned.model.autocast, unpinned.rollout.dtype, unpinned.algo.tis_cap) == chosen
+
+
+@pytest.mark.parametrize("name", ["decoy_chain_study.yaml", "decoy_chain_pilots_sure02625.yaml"])
+def test_the_decoy_chain_runs_are_one_experiment_on_every_processor_so_their_records_match(name, monkeypatch):
+    _, keys = _keys_on_each_processor(name, monkeypatch)
     assert keys[True] == keys[False] and len(set(keys[True].values())) == len(keys[True])
 
 
