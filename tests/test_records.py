@@ -118,9 +118,15 @@ def test_a_file_that_is_not_a_record_is_a_one_line_error_naming_it(tmp_path):
     assert read_records(tmp_path / "missing") == []
 
 
-@pytest.mark.parametrize("name", ["decoy-chain-pilots-sure025", "decoy-chain-pilots-sure0275", "decoy-chain-pilots-sure02625"])
-def test_the_committed_records_are_still_this_codes_experiments(name):
-    """docs/records/NAME holds every child of experiments/sweeps/NAME's file with today's
+@pytest.mark.parametrize("sweep, name", [
+    ("decoy_chain_pilots_sure025.yaml", "decoy-chain-pilots-sure025"),
+    ("decoy_chain_pilots_sure0275.yaml", "decoy-chain-pilots-sure0275"),
+    ("decoy_chain_pilots_sure02625.yaml", "decoy-chain-pilots-sure02625"),
+    ("decoy_chain_study.yaml", "decoy-chain-study"),
+    ("decoy_chain_study_quick.yaml", "decoy-chain-study"),  # a subset of the study: its runs, not new ones
+])
+def test_the_committed_records_are_still_this_codes_experiments(sweep, name):
+    """docs/records/NAME holds every child of experiments/sweeps/SWEEP with today's
     settings: a change of a default that would make them other experiments fails here."""
     from pathlib import Path
 
@@ -130,8 +136,7 @@ def test_the_committed_records_are_still_this_codes_experiments(name):
     from epo_cli.sweep import load_sweep, sweep_specs
 
     root = Path(__file__).parents[1]
-    sweep_file = root / "experiments" / "sweeps" / (name.replace("-", "_") + ".yaml")
-    specs = sweep_specs(load_sweep(sweep_file), {}, [])
+    specs = sweep_specs(load_sweep(root / "experiments" / "sweeps" / sweep), {}, [])
     console = Console(record=True, width=200)
     matching = _matching_records(root / "docs" / "records" / name, specs, console)
     assert sorted(matching) == sorted(specs), console.export_text()
