@@ -133,3 +133,4 @@ def test_lora_rows_train_fewer_parameters_and_write_smaller_checkpoints():
     assert 0 < rank["checkpoint_mb"] < full["checkpoint_mb"] / 10
     table = lora.render_lora("tiny", 2, 1, [(None, full), (8, rank)])
     assert "| full fine-tuning (baseline) |" in table and "| LoRA rank 8 |" in table
+    assert f"rank 8 {12 * 16384 / 2**20:,.0f} MB" in table  # gradients + AdamW moments: 12 bytes a trained parameter

@@ -63,7 +63,17 @@ def render_lora(model_name: str, samples: int, micro: int, rows: list[tuple[int 
             f"{result['checkpoint_mb']:.1f} | {full['seconds'] / result['seconds']:.2f}x | "
             f"{result['peak_mb'] / max(full['peak_mb'], 1):.2f}x | {result['checkpoint_mb'] / full['checkpoint_mb']:.3f}x |"
         )
+    state = ", ".join(f"{'full' if rank is None else f'rank {rank}'} {optimizer_state_mb(result['trained']):,.0f} MB"
+                      for rank, result in rows)
+    lines += ["", f"What the adapters save in memory is the trained parameters' gradients and AdamW moments, 12 bytes "
+                  f"each in fp32: {state}. The peak column is the process's RSS high-water mark, which the micro-batch's "
+                  "activations and logits set; it does not show that saving."]
     return "\n".join(lines) + "\n"
+
+
+def optimizer_state_mb(trained: int) -> float:
+    """Gradients and AdamW's two moments of ``trained`` fp32 parameters, in MB."""
+    return 12 * trained / 2**20
 
 
 def measure(args) -> str:
