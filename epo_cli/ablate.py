@@ -298,8 +298,10 @@ def run_children(parent_info: Parent, specs: dict[tuple[str, int], ExperimentSpe
             console.print(f"[yellow]{label} seed {seed}: {err}; counted as diverged, the sweep goes on[/]")
         done_steps[(label, seed)] = spec.train.steps
         if records_dir is not None:  # at once: a sweep stopped later keeps this child's record
-            _write_records(records_dir, _store_records(client, parent, {(label, seed): spec}, recorded, parent_info.name))
-    stored = _store_records(client, parent, specs, recorded, parent_info.name)  # also children finished earlier
+            finished = _store_records(client, parent, {(label, seed): spec}, recorded, parent_info.name)
+            _write_records(records_dir, finished)
+            recorded = {**recorded, **finished}  # written: not read from the store or written again below
+    stored = _store_records(client, parent, specs, recorded, parent_info.name)  # children finished in earlier calls
     records = {**recorded, **stored}
     if records_dir is not None:
         _write_records(records_dir, stored)
